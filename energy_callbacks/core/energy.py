@@ -1,0 +1,277 @@
+"""Energy accounting: M_alpha, M1, M0, the physical limit and the inefficiency.
+
+For every recorded step ``t`` and synapse ``i`` with applied change ``dw``:
+
+- ``M1 = sum |dw|`` (the plasticity energy), ``M_alpha = sum |dw| ** alpha``;
+- ``M0`` = number of (synapse, step) pairs with ``dw != 0``;
+- ``M1_min = sum_i |w_T - w_0|`` and ``M0_min`` = synapses with ``w_T != w_0``;
+- ``inefficiency = M1 / M1_min`` (>= 1 by the triangle inequality).
+
+The net displacement ``w_T - w_0`` is accumulated from the recorded changes in
+float64, so the limit needs no access to the weights and ``inefficiency >= 1``
+holds exactly. It equals ``sum |w_T - w_0|`` whenever every weight change is
+recorded (this costs one float64 copy of the parameters). Totals are float64,
+counts int64, whatever the parameter dtype.
+
+Cost in joules (optional): ``joules = joules_per_unit * (M1 or M0)``. Reference
+points: biological long-term memory costs about :data:`BIOLOGY_JOULES_PER_BIT`
+(10 mJ per bit, Girard, Jiang & van Rossum, arXiv:2301.09565); writing one
+weight to SRAM/DRAM costs on the order of 1e-12 to 1e-9 J, so give your own
+hardware's figure per update with ``cost_basis="m0"``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from .ops import Array, ArrayOps, numpy_ops
+from .topology import TensorSpec
+
+BIOLOGY_JOULES_PER_BIT = 10e-3
+"""About 10 mJ per bit of biological long-term memory (Girard et al. 2023)."""
+
+COST_BASES = ("m1", "m0")
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return math.nan if num == 0 else math.inf
+
+
+@dataclass(frozen=True)
+class LayerEnergy:
+    """Energy figures of one tensor."""
+
+    name: str
+    synapses: int
+    m1: float
+    m0: int
+    m_alpha: float
+    m1_min: float
+    m0_min: int
+
+    @property
+    def inefficiency(self) -> float:
+        """``m1 / m1_min``: NaN when nothing moved, inf when it moved and came back."""
+        return _ratio(self.m1, self.m1_min)
+
+
+@dataclass(frozen=True)
+class EnergyReport:
+    """An immutable snapshot of the energy spent so far, in total and per tensor."""
+
+    m1: float
+    m0: int
+    m1_min: float
+    m0_min: int
+    inefficiency: float
+    per_layer: Mapping[str, LayerEnergy]
+    steps: int
+    samples_seen: int
+    samples_learned: int
+    alpha: float = 1.0
+    m_alpha: float = 0.0
+    skipped_steps: int = 0
+    joules: float | None = None
+
+    def metrics(self, prefix: str = "plasticity", per_layer: bool = False) -> dict[str, float]:
+        """The figures under the logging keys both framework adapters use."""
+        out = {
+            f"{prefix}/energy": self.m1,
+            f"{prefix}/updates": float(self.m0),
+            f"{prefix}/energy_min": self.m1_min,
+            f"{prefix}/updates_min": float(self.m0_min),
+            f"{prefix}/inefficiency": self.inefficiency,
+        }
+        if self.alpha != 1.0:
+            out[f"{prefix}/energy_alpha"] = self.m_alpha
+        if self.joules is not None:
+            out[f"{prefix}/joules"] = self.joules
+        if self.samples_seen:
+            out[f"{prefix}/samples_learned"] = self.samples_learned / self.samples_seen
+        if per_layer:
+            for name, layer in self.per_layer.items():
+                out[f"{prefix}/energy/{name}"] = layer.m1
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            f"M1 {self.m1:.4g}  M0 {self.m0:.4g}  M1_min {self.m1_min:.4g}  "
+            f"M0_min {self.m0_min:.4g}  inefficiency {self.inefficiency:.3g}  steps {self.steps}"
+        ]
+        for layer in self.per_layer.values():
+            lines.append(
+                f"  {layer.name:<24} M1 {layer.m1:.4g}  M0 {layer.m0:.4g}  "
+                f"M1_min {layer.m1_min:.4g}  inefficiency {layer.inefficiency:.3g}"
+            )
+        return "\n".join(lines)
+
+
+class EnergyMeter:
+    """Accumulates the energy of applied updates, per tensor, exactly.
+
+    Call :meth:`record` with one array per tensor (``None`` for a tensor that did
+    not change this step). A step holding a NaN or Inf is not added: it is
+    counted in ``skipped_steps`` and a warning is issued.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[TensorSpec],
+        alpha: float = 1.0,
+        *,
+        joules_per_unit: float | None = None,
+        cost_basis: str = "m1",
+        ops: ArrayOps = numpy_ops,
+    ) -> None:
+        check_alpha(alpha)
+        check_cost(joules_per_unit, cost_basis)
+        self.tensors = tuple(tensors)
+        self.alpha = float(alpha)
+        self.joules_per_unit = joules_per_unit
+        self.cost_basis = cost_basis
+        self.ops = ops
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded; the current weights become ``w_0``."""
+        n = len(self.tensors)
+        self._m1 = np.zeros(n, dtype=np.float64)
+        self._m_alpha = np.zeros(n, dtype=np.float64)
+        self._m0 = np.zeros(n, dtype=np.int64)
+        self._displacement = [self.ops.zeros_f64(t.shape) for t in self.tensors]
+        self.steps = 0
+        self.skipped_steps = 0
+
+    def record(self, updates: Sequence[Array | None], *, check_finite: bool = True) -> bool:
+        """Add one step's applied changes. Returns False if the step was skipped.
+
+        ``check_finite=False`` is for callers that already checked the step.
+        """
+        ops = self.ops
+        if len(updates) != len(self.tensors):
+            raise ValueError(
+                f"EnergyMeter.record: got {len(updates)} arrays for {len(self.tensors)} tensors"
+            )
+        if check_finite and not all(u is None or ops.isfinite_all(u) for u in updates):
+            self.skip_nonfinite()
+            return False
+        for i, u in enumerate(updates):
+            if u is None:
+                continue
+            m1 = ops.total(u)
+            self._m1[i] += m1
+            self._m_alpha[i] += m1 if self.alpha == 1.0 else ops.total(u, self.alpha)
+            self._m0[i] += ops.count_nonzero(u)
+            self._displacement[i] = ops.add_f64(self._displacement[i], u)
+        self.steps += 1
+        return True
+
+    def skip_nonfinite(self) -> None:
+        """Count (and warn about) a step whose updates held NaN or Inf."""
+        self.skipped_steps += 1
+        warnings.warn(
+            f"plasticity: a step's updates hold NaN/Inf; it was skipped and not counted "
+            f"({self.skipped_steps} skipped so far)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def report(self, samples_seen: int = 0, samples_learned: int = 0) -> EnergyReport:
+        ops = self.ops
+        per_layer = {}
+        for i, t in enumerate(self.tensors):
+            d = self._displacement[i]
+            per_layer[t.name] = LayerEnergy(
+                name=t.name,
+                synapses=t.size,
+                m1=float(self._m1[i]),
+                m0=int(self._m0[i]),
+                m_alpha=float(self._m_alpha[i]),
+                m1_min=ops.total(d),
+                m0_min=ops.count_nonzero(d),
+            )
+        m1 = float(self._m1.sum())
+        m0 = int(self._m0.sum())
+        m1_min = math.fsum(layer.m1_min for layer in per_layer.values())
+        joules = None
+        if self.joules_per_unit is not None:
+            joules = self.joules_per_unit * (m1 if self.cost_basis == "m1" else m0)
+        return EnergyReport(
+            m1=m1,
+            m0=m0,
+            m1_min=m1_min,
+            m0_min=sum(layer.m0_min for layer in per_layer.values()),
+            inefficiency=_ratio(m1, m1_min),
+            per_layer=MappingProxyType(per_layer),
+            steps=self.steps,
+            samples_seen=samples_seen,
+            samples_learned=samples_learned,
+            alpha=self.alpha,
+            m_alpha=float(self._m_alpha.sum()),
+            skipped_steps=self.skipped_steps,
+            joules=joules,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain numbers and NumPy arrays only."""
+        return {
+            "names": [t.name for t in self.tensors],
+            "m1": self._m1.copy(),
+            "m_alpha": self._m_alpha.copy(),
+            "m0": self._m0.copy(),
+            "displacement": [self.ops.to_numpy(d).copy() for d in self._displacement],
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        names = [t.name for t in self.tensors]
+        if list(state["names"]) != names:
+            raise ValueError(
+                f"EnergyMeter.load_state_dict: saved tensors {list(state['names'])} do not match "
+                f"this network's {names}"
+            )
+        displacement = []
+        for t, d in zip(self.tensors, state["displacement"], strict=True):
+            d = np.asarray(d, dtype=np.float64)
+            if d.shape != t.shape:
+                raise ValueError(
+                    f"EnergyMeter.load_state_dict: {t.name!r} was saved with shape {d.shape}, "
+                    f"the network has {t.shape}"
+                )
+            displacement.append(
+                self.ops.add_f64(self.ops.zeros_f64(t.shape), self.ops.from_numpy(d))
+            )
+        self._m1 = np.array(state["m1"], dtype=np.float64)
+        self._m_alpha = np.array(state["m_alpha"], dtype=np.float64)
+        self._m0 = np.array(state["m0"], dtype=np.int64)
+        self._displacement = displacement
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+def check_alpha(alpha: float) -> None:
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0 (1 gives M1), got {alpha!r}")
+
+
+def check_cost(joules_per_unit: float | None, cost_basis: str) -> None:
+    if cost_basis not in COST_BASES:
+        raise ValueError(f"cost_basis must be one of {COST_BASES}, got {cost_basis!r}")
+    if joules_per_unit is not None and not (
+        isinstance(joules_per_unit, (int, float))
+        and math.isfinite(joules_per_unit)
+        and joules_per_unit >= 0
+    ):
+        raise ValueError(
+            f"joules_per_unit must be a finite number >= 0 (or None), got {joules_per_unit!r}"
+        )

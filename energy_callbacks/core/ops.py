@@ -1,0 +1,197 @@
+"""The array operations the plasticity rules need, and their NumPy reference.
+
+The rules in :mod:`energy_callbacks.core` are written once against
+:class:`ArrayOps`; each backend hands them its own implementation. The NumPy
+implementation here is the oracle every backend is tested against.
+
+Selection ties are broken by one documented rule everywhere: among entries with
+equal score, **the lower flat (row-major) index wins**. Top-k selection therefore
+always returns exactly ``k`` entries, and the same ones on every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+Array = Any
+"""An array of the backend in use (``np.ndarray`` for :data:`numpy_ops`)."""
+
+
+class ArrayOps(Protocol):
+    """The few array operations the rules use. Masks are boolean arrays."""
+
+    def abs(self, x: Array) -> Array: ...
+
+    def isfinite_all(self, x: Array) -> bool:
+        """True when every entry is finite."""
+        ...
+
+    def total(self, x: Array, alpha: float = 1.0) -> float:
+        """``sum(|x| ** alpha)`` accumulated in float64."""
+        ...
+
+    def count_nonzero(self, x: Array) -> int: ...
+
+    def row_l1(self, x: Array, axis: int) -> Array:
+        """L1 norm of every slice along ``axis`` (float64, shape ``(x.shape[axis],)``)."""
+        ...
+
+    def top_k_mask(self, scores: Array, k: Array | int, largest: bool = True) -> Array:
+        """Mask of the ``k`` largest (or smallest) entries of every row of a 2-D array.
+
+        ``k`` is an int or one int per row. Ties go to the lower column index, so
+        every row keeps exactly ``min(k, n_columns)`` entries.
+        """
+        ...
+
+    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array: ...
+
+    def moveaxis(self, x: Array, source: int, destination: int) -> Array: ...
+
+    def expand_units(self, unit_mask: Array, shape: tuple[int, ...], axis: int) -> Array:
+        """Broadcast a mask over units (1-D) to a tensor whose ``axis`` holds them."""
+        ...
+
+    def logical_and(self, a: Array, b: Array) -> Array: ...
+
+    def logical_or(self, a: Array, b: Array) -> Array: ...
+
+    def ones_mask(self, shape: tuple[int, ...]) -> Array: ...
+
+    def zeros_like(self, x: Array) -> Array: ...
+
+    def where(self, mask: Array, x: Array, y: Array) -> Array: ...
+
+    def greater_equal(self, x: Array, threshold: float) -> Array: ...
+
+    def from_numpy(self, x: np.ndarray) -> Array:
+        """Bring a host array (e.g. a seeded random mask) to the backend."""
+        ...
+
+    def to_numpy(self, x: Array) -> np.ndarray: ...
+
+    def concat(self, xs: list[Array], axis: int) -> Array: ...
+
+    def split(self, x: Array, sizes: list[int], axis: int) -> list[Array]: ...
+
+    def zeros_f64(self, shape: tuple[int, ...]) -> Array:
+        """A float64 accumulator."""
+        ...
+
+    def add_f64(self, acc: Array, x: Array) -> Array:
+        """``acc + x`` in float64 (may update ``acc`` in place and return it)."""
+        ...
+
+    def argmax(self, x: Array) -> Array:
+        """Index of the largest entry of every row (last axis)."""
+        ...
+
+    def class_probability(self, outputs: Array, labels: Array, from_logits: bool) -> Array:
+        """Probability of ``labels[i]`` in row ``i`` (after a softmax when ``from_logits``)."""
+        ...
+
+
+class NumpyOps:
+    """:class:`ArrayOps` on NumPy arrays; the reference implementation."""
+
+    def abs(self, x: Array) -> Array:
+        return np.abs(x)
+
+    def isfinite_all(self, x: Array) -> bool:
+        return bool(np.isfinite(x).all())
+
+    def total(self, x: Array, alpha: float = 1.0) -> float:
+        a = np.abs(np.asarray(x, dtype=np.float64))
+        return float(a.sum() if alpha == 1.0 else (a**alpha).sum())
+
+    def count_nonzero(self, x: Array) -> int:
+        return int(np.count_nonzero(x))
+
+    def row_l1(self, x: Array, axis: int) -> Array:
+        rows = np.moveaxis(np.abs(np.asarray(x, dtype=np.float64)), axis, 0)
+        return rows.reshape(rows.shape[0], -1).sum(axis=1)
+
+    def top_k_mask(self, scores: Array, k: Array | int, largest: bool = True) -> Array:
+        s = np.asarray(scores)
+        if s.ndim != 2:
+            raise ValueError(f"top_k_mask expects a 2-D array, got shape {s.shape}")
+        rows, n = s.shape
+        kk = np.minimum(np.broadcast_to(np.asarray(k, dtype=np.int64), (rows,)), n)
+        if n == 0:
+            return np.zeros(s.shape, dtype=bool)
+        if not largest:
+            s = -s
+        # Cut value per row: the k-th largest entry (k >= 1 rows only).
+        pos = np.clip(n - kk, 0, n - 1)
+        cut = np.take_along_axis(np.partition(s, np.unique(pos), axis=1), pos[:, None], axis=1)
+        above = s > cut
+        tied = s == cut
+        need = kk - above.sum(axis=1)
+        mask = above | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))
+        mask[kk == 0] = False
+        return mask
+
+    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
+        return np.reshape(x, shape)
+
+    def moveaxis(self, x: Array, source: int, destination: int) -> Array:
+        return np.moveaxis(x, source, destination)
+
+    def expand_units(self, unit_mask: Array, shape: tuple[int, ...], axis: int) -> Array:
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        return np.broadcast_to(np.reshape(unit_mask, view), shape)
+
+    def logical_and(self, a: Array, b: Array) -> Array:
+        return np.logical_and(a, b)
+
+    def logical_or(self, a: Array, b: Array) -> Array:
+        return np.logical_or(a, b)
+
+    def ones_mask(self, shape: tuple[int, ...]) -> Array:
+        return np.ones(shape, dtype=bool)
+
+    def zeros_like(self, x: Array) -> Array:
+        return np.zeros_like(x)
+
+    def where(self, mask: Array, x: Array, y: Array) -> Array:
+        return np.where(mask, x, y)
+
+    def greater_equal(self, x: Array, threshold: float) -> Array:
+        return np.greater_equal(x, threshold)
+
+    def from_numpy(self, x: np.ndarray) -> Array:
+        return x
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return np.asarray(x)
+
+    def concat(self, xs: list[Array], axis: int) -> Array:
+        return np.concatenate(xs, axis=axis)
+
+    def split(self, x: Array, sizes: list[int], axis: int) -> list[Array]:
+        return np.split(x, np.cumsum(sizes)[:-1], axis=axis)
+
+    def zeros_f64(self, shape: tuple[int, ...]) -> Array:
+        return np.zeros(shape, dtype=np.float64)
+
+    def add_f64(self, acc: Array, x: Array) -> Array:
+        acc += np.asarray(x, dtype=np.float64)
+        return acc
+
+    def argmax(self, x: Array) -> Array:
+        return np.argmax(x, axis=-1)
+
+    def class_probability(self, outputs: Array, labels: Array, from_logits: bool) -> Array:
+        p = np.asarray(outputs, dtype=np.float64)
+        if from_logits:
+            p = np.exp(p - p.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+        idx = np.asarray(labels, dtype=np.int64)[:, None]
+        return np.take_along_axis(p, idx, axis=-1)[:, 0]
+
+
+numpy_ops: ArrayOps = NumpyOps()
+"""The shared NumPy reference instance."""

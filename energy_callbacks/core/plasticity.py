@@ -1,0 +1,285 @@
+"""Plasticity: one step = proposed updates -> masks -> applied updates + energy.
+
+Example (NumPy, a 3-2 layer)::
+
+    >>> import numpy as np
+    >>> from energy_callbacks import Plasticity
+    >>> from energy_callbacks.core import Topology
+    >>> rule = Plasticity(synapses=0.5).setup(Topology.mlp([3, 2]))
+    >>> dw = [np.array([[0.1, -0.5, 0.2], [0.3, 0.0, -0.1]]), np.array([0.2, 0.1])]
+    >>> step = rule.step(dw)
+    >>> float(step.applied[0].sum()), rule.report().m1
+    (0.0, 1.2)
+
+Order of the rules: the unit rule first, then each synapse rule in turn. Each
+rule ranks the proposals left by the ones before it (dropped entries count as
+zero), and the final mask is the AND of all masks. So ``units=0.5,
+synapses=0.1`` keeps the largest updates *within* the selected units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .energy import EnergyMeter, EnergyReport, check_alpha, check_cost
+from .ops import Array, ArrayOps, numpy_ops
+from .samples import Lazy, MemorizedMistakes, SampleGate
+from .synapses import Masks, SynapseRule, TopFraction
+from .topology import TensorSpec, Topology
+from .units import TopUnits, UnitRule
+
+SAMPLE_SHORTHANDS = {
+    "lazy": Lazy,
+    "mistakes": MemorizedMistakes,
+    "memorized_mistakes": MemorizedMistakes,
+}
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """What :meth:`Plasticity.step` did: the masks (None = kept all), the applied
+    updates (None where nothing was proposed) and whether the step was skipped."""
+
+    masks: Masks
+    applied: list[Array | None]
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """A sample gate's decision for one batch."""
+
+    mask: Array
+    seen: int
+    learned: int
+
+    @property
+    def any(self) -> bool:
+        """False when no sample passed: the caller must skip the whole step."""
+        return self.learned > 0
+
+
+class Plasticity:
+    """Energy-saving plasticity rules plus the energy meter, framework-free.
+
+    Arguments (all optional; none of them means "measure only"):
+
+    - ``synapses``: a :class:`SynapseRule`, a list of them (applied in order),
+      or a float ``p`` meaning ``TopFraction(p)``.
+    - ``units``: a :class:`UnitRule`, or a float ``q`` meaning ``TopUnits(q)``.
+    - ``samples``: a :class:`SampleGate`, or ``"lazy"`` / ``"mistakes"``.
+    - ``alpha``: exponent of ``M_alpha`` (> 0; M1 is always reported too).
+    - ``joules_per_unit`` and ``cost_basis`` (``"m1"`` or ``"m0"``): report a cost.
+
+    Call :meth:`setup` with the network's tensors before the first step.
+    """
+
+    def __init__(
+        self,
+        synapses: SynapseRule | Sequence[SynapseRule] | float | None = None,
+        units: UnitRule | float | None = None,
+        samples: SampleGate | str | None = None,
+        *,
+        alpha: float = 1.0,
+        joules_per_unit: float | None = None,
+        cost_basis: str = "m1",
+        ops: ArrayOps = numpy_ops,
+    ) -> None:
+        check_alpha(alpha)
+        check_cost(joules_per_unit, cost_basis)
+        self.synapses = _synapse_rules(synapses)
+        self.units = _unit_rule(units)
+        self.samples = _sample_gate(samples)
+        self.alpha = float(alpha)
+        self.joules_per_unit = joules_per_unit
+        self.cost_basis = cost_basis
+        self.ops = ops
+        self._topology: Topology | None = None
+        self._meter: EnergyMeter | None = None
+        self.step_count = 0
+        self.samples_seen = 0
+        self.samples_learned = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Plasticity(synapses={self.synapses!r}, units={self.units!r}, "
+            f"samples={self.samples!r}, alpha={self.alpha})"
+        )
+
+    @property
+    def restricts(self) -> bool:
+        """True when a unit or synapse rule masks updates (False: measure only)."""
+        return self.units is not None or bool(self.synapses)
+
+    @property
+    def topology(self) -> Topology:
+        if self._topology is None:
+            raise RuntimeError("Plasticity.setup(tensors) must be called before use")
+        return self._topology
+
+    @property
+    def meter(self) -> EnergyMeter:
+        if self._meter is None:
+            raise RuntimeError("Plasticity.setup(tensors) must be called before use")
+        return self._meter
+
+    def setup(
+        self,
+        tensors: Topology | Sequence[TensorSpec],
+        adjacency: Sequence[tuple[str, str]] | None = None,
+    ) -> Plasticity:
+        """Bind to a network; check every rule against it. Resets the energy totals."""
+        topology = tensors if isinstance(tensors, Topology) else Topology(tensors, adjacency)
+        for rule in self._rules():
+            rule.setup(topology)
+        self._topology = topology
+        self._meter = EnergyMeter(
+            topology.tensors,
+            self.alpha,
+            joules_per_unit=self.joules_per_unit,
+            cost_basis=self.cost_basis,
+            ops=self.ops,
+        )
+        return self
+
+    def _rules(self) -> list[UnitRule | SynapseRule]:
+        return ([self.units] if self.units is not None else []) + list(self.synapses)
+
+    # -- samples -----------------------------------------------------------
+    def gate(self, outputs: Array, targets: Array, sample_ids: Array | None = None) -> GateResult:
+        """Decide which samples of a batch learn, and count them.
+
+        Without a sample gate every sample learns.
+        """
+        n = int(outputs.shape[0])
+        if self.samples is None:
+            mask = self.ops.ones_mask((n,))
+        else:
+            mask = self.samples.gate(outputs, targets, sample_ids, self.ops)
+        learned = self.ops.count_nonzero(mask)
+        self.samples_seen += n
+        self.samples_learned += learned
+        return GateResult(mask, n, learned)
+
+    # -- updates -----------------------------------------------------------
+    def masks(self, proposed: Sequence[Array | None]) -> Masks:
+        """The combined mask per tensor for this step's proposals (None = keep all)."""
+        ops, topology = self.ops, self.topology
+        if len(proposed) != len(topology.tensors):
+            raise ValueError(
+                f"Plasticity: got {len(proposed)} proposed arrays for "
+                f"{len(topology.tensors)} tensors"
+            )
+        combined: Masks = [None] * len(proposed)
+        current = list(proposed)
+        for rule in self._rules():
+            for i, m in enumerate(rule.masks(current, topology, ops, self.step_count)):
+                dw = proposed[i]
+                if m is None or dw is None:
+                    continue
+                prev = combined[i]
+                combined[i] = m if prev is None else ops.logical_and(prev, m)
+                current[i] = ops.where(combined[i], dw, ops.zeros_like(dw))
+        return combined
+
+    def step(self, proposed: Sequence[Array | None]) -> Step:
+        """Mask one step's proposed updates, record the applied ones, return both.
+
+        A step whose proposals hold NaN/Inf is skipped: nothing is applied or
+        counted, a RuntimeWarning is issued and ``report().skipped_steps`` grows.
+        """
+        ops = self.ops
+        if not all(dw is None or ops.isfinite_all(dw) for dw in proposed):
+            self.meter.skip_nonfinite()
+            zeros = [None if dw is None else ops.zeros_like(dw) for dw in proposed]
+            return Step([None] * len(proposed), zeros, skipped=True)
+        masks = self.masks(proposed)
+        applied = [
+            dw if m is None or dw is None else ops.where(m, dw, ops.zeros_like(dw))
+            for dw, m in zip(proposed, masks, strict=True)
+        ]
+        self.step_count += 1
+        self.meter.record(applied, check_finite=False)
+        return Step(masks, applied)
+
+    def record(self, applied: Sequence[Array | None]) -> bool:
+        """Record changes measured elsewhere (``w_after - w_before``) after :meth:`masks`.
+
+        Adapters that apply the masks themselves call this so that the energy is
+        the real weight change. Returns False if the step held NaN/Inf.
+        """
+        self.step_count += 1
+        return self.meter.record(applied)
+
+    def report(self) -> EnergyReport:
+        return self.meter.report(self.samples_seen, self.samples_learned)
+
+    # -- checkpointing -----------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain numbers and NumPy arrays only: safe for ``torch.save(weights_only)``."""
+        return {
+            "version": STATE_VERSION,
+            "step_count": self.step_count,
+            "samples_seen": self.samples_seen,
+            "samples_learned": self.samples_learned,
+            "energy": self.meter.state_dict(),
+            "samples": self.samples.state_dict() if self.samples is not None else {},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state.get("version", -1)) != STATE_VERSION:
+            raise ValueError(
+                f"Plasticity.load_state_dict: state version {state.get('version')!r} is not "
+                f"{STATE_VERSION}; it was written by another energy_callbacks release"
+            )
+        self.meter.load_state_dict(state["energy"])
+        if self.samples is not None:
+            self.samples.load_state_dict(state["samples"])
+        self.step_count = int(state["step_count"])
+        self.samples_seen = int(state["samples_seen"])
+        self.samples_learned = int(state["samples_learned"])
+
+
+def _synapse_rules(value: Any) -> list[SynapseRule]:
+    if value is None:
+        return []
+    if isinstance(value, SynapseRule):
+        return [value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [TopFraction(value)]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, SynapseRule) for v in value):
+        return list(value)
+    raise ValueError(
+        f"synapses must be a fraction in (0, 1] (TopFraction), a SynapseRule such as "
+        f"TopFraction/Threshold/RandomSynapses, or a list of them; got {value!r}"
+    )
+
+
+def _unit_rule(value: Any) -> UnitRule | None:
+    if value is None or isinstance(value, UnitRule):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return TopUnits(value)
+    raise ValueError(
+        f"units must be a fraction in (0, 1] (TopUnits), or a UnitRule such as "
+        f"TopUnits(k=...)/FixedSubnetwork/RandomUnits; got {value!r}"
+    )
+
+
+def _sample_gate(value: Any) -> SampleGate | None:
+    if value is None or isinstance(value, SampleGate):
+        return value
+    if isinstance(value, str):
+        gate: SampleGate
+        key = value.strip().lower().replace("-", "_")
+        if key in SAMPLE_SHORTHANDS:
+            gate = SAMPLE_SHORTHANDS[key]()
+            return gate
+    raise ValueError(
+        f"samples must be one of {sorted(SAMPLE_SHORTHANDS)} or a SampleGate such as "
+        f"Lazy()/Margin(0.9)/MemorizedMistakes(); got {value!r}"
+    )

@@ -1,0 +1,225 @@
+"""Sample gates: which training samples of a batch may cause plasticity.
+
+A gate looks at the network's outputs and the targets (class indices, or
+one-hot/probability rows) and returns a boolean vector over the batch. A caller
+removes the gated-out samples' terms from the loss. A batch where no sample
+passes must change no weight at all (skip the optimizer step).
+
+- :class:`Lazy`: learn only on samples misclassified now (``argmax != target``).
+- :class:`Margin`: also learn on correct samples whose true-class probability
+  is below ``threshold``.
+- :class:`MemorizedMistakes`: learn if wrong now *or* ever wrong before. The
+  flags live in a :class:`MistakeMemory` keyed by sample id (1 bit per sample).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .ops import Array, ArrayOps, numpy_ops
+
+
+class SampleGate(ABC):
+    """Base class: ``gate(outputs, targets, sample_ids) -> bool mask over the batch``."""
+
+    needs_ids = False
+
+    @abstractmethod
+    def gate(
+        self,
+        outputs: Array,
+        targets: Array,
+        sample_ids: Array | None = None,
+        ops: ArrayOps = numpy_ops,
+    ) -> Array:
+        """True for the samples that learn."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - stateless default
+        pass
+
+
+def labels_of(targets: Array, ops: ArrayOps) -> Array:
+    """Class indices from index vectors or one-hot/probability rows."""
+    return ops.argmax(targets) if len(targets.shape) == 2 else targets
+
+
+def mistakes(outputs: Array, targets: Array, ops: ArrayOps) -> Array:
+    """True where ``argmax(outputs)`` differs from the target class."""
+    return ops.argmax(outputs) != labels_of(targets, ops)
+
+
+class Lazy(SampleGate):
+    """Lazy learning: only misclassified samples learn (Pache & van Rossum)."""
+
+    def __repr__(self) -> str:
+        return "Lazy()"
+
+    def gate(
+        self,
+        outputs: Array,
+        targets: Array,
+        sample_ids: Array | None = None,
+        ops: ArrayOps = numpy_ops,
+    ) -> Array:
+        return mistakes(outputs, targets, ops)
+
+
+class Margin(SampleGate):
+    """Learn on mistakes and on correct samples with true-class probability < threshold.
+
+    ``from_logits=True`` applies a softmax to the outputs first.
+    """
+
+    def __init__(self, threshold: float, *, from_logits: bool = True) -> None:
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not (math.isfinite(threshold) and 0 < threshold <= 1)
+        ):
+            raise ValueError(f"Margin.threshold must be a probability in (0, 1], got {threshold!r}")
+        self.threshold = float(threshold)
+        self.from_logits = from_logits
+
+    def __repr__(self) -> str:
+        return f"Margin({self.threshold})"
+
+    def gate(
+        self,
+        outputs: Array,
+        targets: Array,
+        sample_ids: Array | None = None,
+        ops: ArrayOps = numpy_ops,
+    ) -> Array:
+        labels = labels_of(targets, ops)
+        unsure = ops.class_probability(outputs, labels, self.from_logits) < self.threshold
+        return ops.logical_or(ops.argmax(outputs) != labels, unsure)
+
+
+class MistakeMemory:
+    """One persistent bit per sample id: "was misclassified at some presentation".
+
+    Grows with the largest id seen. ``merge`` ORs another memory in (use it to
+    combine data-parallel ranks). ``state_dict`` holds a packed uint8 array.
+    """
+
+    def __init__(self) -> None:
+        self._bits = np.zeros(0, dtype=np.uint8)
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _grow(self, size: int) -> None:
+        if size > self.size:
+            need = (size + 7) // 8
+            if need > self._bits.size:
+                bigger = np.zeros(max(need, 2 * self._bits.size), dtype=np.uint8)
+                bigger[: self._bits.size] = self._bits
+                self._bits = bigger
+            self.size = size
+
+    @staticmethod
+    def _ids(ids: Any) -> np.ndarray:
+        arr: np.ndarray = np.asarray(ids)
+        if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0):
+            raise ValueError(
+                f"MistakeMemory: sample ids must be integers >= 0, got {arr.dtype} {arr.min()}"
+            )
+        return arr.astype(np.int64).ravel()
+
+    def get(self, ids: Any) -> np.ndarray:
+        """The flags of ``ids`` (False for ids never seen)."""
+        ids = self._ids(ids)
+        flags = np.zeros(ids.shape, dtype=bool)
+        known = ids < self.size
+        k = ids[known]
+        flags[known] = (self._bits[k >> 3] >> (k & 7).astype(np.uint8)) & 1 == 1
+        return flags
+
+    def set(self, ids: Any) -> None:
+        """Flag ``ids``."""
+        ids = self._ids(ids)
+        if ids.size == 0:
+            return
+        self._grow(int(ids.max()) + 1)
+        np.bitwise_or.at(self._bits, ids >> 3, (1 << (ids & 7)).astype(np.uint8))
+
+    def count(self) -> int:
+        """How many samples are flagged."""
+        return int(np.unpackbits(self._bits).sum())
+
+    def flagged(self) -> np.ndarray:
+        """The flagged ids: the replay buffer memorized-mistake gating needs."""
+        bits = np.unpackbits(self._bits, bitorder="little")[: self.size]
+        return np.asarray(np.flatnonzero(bits), dtype=np.int64)
+
+    def merge(self, other: MistakeMemory | Mapping[str, Any]) -> None:
+        """OR another memory (or its state_dict) into this one."""
+        if not isinstance(other, MistakeMemory):
+            mem = MistakeMemory()
+            mem.load_state_dict(other)
+            other = mem
+        self._grow(other.size)
+        n = (other.size + 7) // 8
+        self._bits[:n] |= other._bits[:n]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bits": self._bits[: (self.size + 7) // 8].copy(), "size": self.size}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        bits = np.asarray(state["bits"], dtype=np.uint8).ravel()
+        size = int(state["size"])
+        if bits.size != (size + 7) // 8:
+            raise ValueError(f"MistakeMemory: {bits.size} bytes cannot hold size={size} flags")
+        self._bits, self.size = bits.copy(), size
+
+
+class MemorizedMistakes(SampleGate):
+    """Learn if wrong now (per ``base``, default :class:`Lazy`) or flagged before.
+
+    Needs a sample id per sample. Samples that are wrong now get flagged.
+    """
+
+    needs_ids = True
+
+    def __init__(self, base: SampleGate | None = None) -> None:
+        base = Lazy() if base is None else base
+        if isinstance(base, MemorizedMistakes) or not isinstance(base, SampleGate):
+            raise ValueError(f"MemorizedMistakes.base must be Lazy() or Margin(...), got {base!r}")
+        self.base = base
+        self.memory = MistakeMemory()
+
+    def __repr__(self) -> str:
+        return f"MemorizedMistakes({self.base!r})"
+
+    def gate(
+        self,
+        outputs: Array,
+        targets: Array,
+        sample_ids: Array | None = None,
+        ops: ArrayOps = numpy_ops,
+    ) -> Array:
+        if sample_ids is None:
+            raise ValueError(
+                "MemorizedMistakes needs sample ids: give the batch an 'index' entry or pass "
+                "sample_ids= (ids are keys into the mistake memory)"
+            )
+        wrong = self.base.gate(outputs, targets, sample_ids, ops)
+        ids = np.asarray(ops.to_numpy(sample_ids))
+        flagged = ops.from_numpy(self.memory.get(ids))
+        self.memory.set(ids[np.asarray(ops.to_numpy(wrong), dtype=bool)])
+        return ops.logical_or(wrong, flagged)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.memory.load_state_dict(state["memory"])
