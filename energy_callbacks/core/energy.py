@@ -9,7 +9,7 @@ For every recorded step ``t`` and synapse ``i`` with applied change ``dw``:
 
 The net displacement ``w_T - w_0`` is accumulated from the recorded changes in
 float64, so the limit needs no access to the weights and ``inefficiency >= 1``
-holds exactly. It equals ``sum |w_T - w_0|`` whenever every weight change is
+holds (up to float64 rounding). It equals ``sum |w_T - w_0|`` whenever every weight change is
 recorded (this costs one float64 copy of the parameters). Totals are float64,
 counts int64, whatever the parameter dtype.
 
@@ -184,6 +184,10 @@ class EnergyMeter:
             RuntimeWarning,
             stacklevel=3,
         )
+
+    def totals(self) -> tuple[float, int]:
+        """``(M1, M0)`` so far: cheap enough to log every step."""
+        return float(self._m1.sum()), int(self._m0.sum())
 
     def report(self, samples_seen: int = 0, samples_learned: int = 0) -> EnergyReport:
         ops = self.ops

@@ -64,7 +64,9 @@ class ArrayOps(Protocol):
 
     def where(self, mask: Array, x: Array, y: Array) -> Array: ...
 
-    def greater_equal(self, x: Array, threshold: float) -> Array: ...
+    def greater_equal(self, x: Array, threshold: float) -> Array:
+        """``x >= threshold`` exactly as real numbers, whatever the dtype of ``x``."""
+        ...
 
     def from_numpy(self, x: np.ndarray) -> Array:
         """Bring a host array (e.g. a seeded random mask) to the backend."""
@@ -103,11 +105,13 @@ class NumpyOps:
         return bool(np.isfinite(x).all())
 
     def total(self, x: Array, alpha: float = 1.0) -> float:
-        a = np.abs(np.asarray(x, dtype=np.float64))
-        return float(a.sum() if alpha == 1.0 else (a**alpha).sum())
+        if alpha == 1.0:  # abs in the native dtype is exact; the sum runs in float64
+            return float(np.add.reduce(np.abs(x), axis=None, dtype=np.float64))
+        return float((np.abs(np.asarray(x, dtype=np.float64)) ** alpha).sum())
 
     def count_nonzero(self, x: Array) -> int:
-        return int(np.count_nonzero(x))
+        x = np.asarray(x)
+        return int(np.count_nonzero(x if x.dtype == bool else x != 0))
 
     def row_l1(self, x: Array, axis: int) -> Array:
         rows = np.moveaxis(np.abs(np.asarray(x, dtype=np.float64)), axis, 0)
@@ -119,19 +123,13 @@ class NumpyOps:
             raise ValueError(f"top_k_mask expects a 2-D array, got shape {s.shape}")
         rows, n = s.shape
         kk = np.minimum(np.broadcast_to(np.asarray(k, dtype=np.int64), (rows,)), n)
-        if n == 0:
-            return np.zeros(s.shape, dtype=bool)
         if not largest:
             s = -s
-        # Cut value per row: the k-th largest entry (k >= 1 rows only).
-        pos = np.clip(n - kk, 0, n - 1)
-        cut = np.take_along_axis(np.partition(s, np.unique(pos), axis=1), pos[:, None], axis=1)
-        above = s > cut
-        tied = s == cut
-        need = kk - above.sum(axis=1)
-        mask = above | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))
-        mask[kk == 0] = False
-        return mask
+        if rows == 1 and n >= _BRACKET_MIN:
+            mask = _top_k_bracketed(s[0], int(kk[0]))
+            if mask is not None:
+                return mask[None, :]
+        return _top_k_rows(s, kk)
 
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
         return np.reshape(x, shape)
@@ -160,7 +158,13 @@ class NumpyOps:
         return np.where(mask, x, y)
 
     def greater_equal(self, x: Array, threshold: float) -> Array:
-        return np.greater_equal(x, threshold)
+        x = np.asarray(x)
+        # Round the threshold *up* into x's dtype, so the comparison is exact.
+        with np.errstate(over="ignore"):  # beyond the dtype's range: inf, no warning
+            t = np.asarray(threshold, dtype=x.dtype)
+            if float(t) < threshold:
+                t = np.nextafter(t, np.asarray(np.inf, dtype=x.dtype))
+        return np.greater_equal(x, t)
 
     def from_numpy(self, x: np.ndarray) -> Array:
         return x
@@ -191,6 +195,58 @@ class NumpyOps:
             p /= p.sum(axis=-1, keepdims=True)
         idx = np.asarray(labels, dtype=np.int64)[:, None]
         return np.take_along_axis(p, idx, axis=-1)[:, 0]
+
+
+def _top_k_rows(s: np.ndarray, kk: np.ndarray) -> np.ndarray:
+    """Exact top-k per row by a partition at the cut plus a count over the ties."""
+    rows, n = s.shape
+    if n == 0:
+        return np.zeros(s.shape, dtype=bool)
+    pos = np.clip(n - kk, 0, n - 1)
+    cut = np.take_along_axis(np.partition(s, np.unique(pos), axis=1), pos[:, None], axis=1)
+    above = s > cut
+    tied = s == cut
+    need = kk - above.sum(axis=1)
+    mask: np.ndarray = above | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))
+    mask[kk == 0] = False
+    return mask
+
+
+_BRACKET_MIN = 1 << 15
+_BRACKET_SAMPLE = 4096
+
+
+def _top_k_bracketed(s: np.ndarray, k: int) -> np.ndarray | None:
+    """Exact top-k of a long vector without a full partition.
+
+    A strided sample brackets the cut value with a wide safety margin; the
+    entries above the bracket are kept, and the exact selection runs on the few
+    inside it. Returns None (caller falls back) when the bracket misses.
+    """
+    n = s.size
+    if k <= 0 or k >= n:
+        return np.full(n, k > 0, dtype=bool)
+    sample = s[:: max(1, n // _BRACKET_SAMPLE)]
+    m = sample.size
+    j = k * m / n  # expected sample entries above the cut
+    margin = 4.0 * float(np.sqrt(j * (1.0 - k / n))) + 8.0
+    hi_rank, lo_rank = int(j - margin), int(np.ceil(j + margin))
+    if hi_rank < 1 and lo_rank > m:
+        return None
+    ranks = [r for r in (m - hi_rank, m - lo_rank) if 0 <= r < m]
+    part = np.partition(sample, ranks)
+    hi = part[m - hi_rank] if hi_rank >= 1 else None
+    lo = part[m - lo_rank] if lo_rank <= m else None
+    above = s > hi if hi is not None else np.zeros(n, dtype=bool)
+    n_above = int(np.count_nonzero(above))
+    inside = ~above if lo is None else (s >= lo) & ~above
+    idx = np.flatnonzero(inside)
+    need = k - n_above
+    if need < 0 or need > idx.size:
+        return None
+    keep = _top_k_rows(s[idx][None, :], np.array([need]))[0]
+    above[idx[keep]] = True
+    return above
 
 
 numpy_ops: ArrayOps = NumpyOps()

@@ -131,8 +131,15 @@ class Plasticity:
         self,
         tensors: Topology | Sequence[TensorSpec],
         adjacency: Sequence[tuple[str, str]] | None = None,
+        *,
+        ops: ArrayOps | None = None,
     ) -> Plasticity:
-        """Bind to a network; check every rule against it. Resets the energy totals."""
+        """Bind to a network; check every rule against it. Resets the energy totals.
+
+        ``ops`` switches the array backend (an adapter passes its own).
+        """
+        if ops is not None:
+            self.ops = ops
         topology = tensors if isinstance(tensors, Topology) else Topology(tensors, adjacency)
         for rule in self._rules():
             rule.setup(topology)

@@ -179,7 +179,10 @@ class MistakeMemory:
         size = int(state["size"])
         if bits.size != (size + 7) // 8:
             raise ValueError(f"MistakeMemory: {bits.size} bytes cannot hold size={size} flags")
-        self._bits, self.size = bits.copy(), size
+        bits = bits.copy()
+        if size % 8:  # bits past `size` are padding: clear them
+            bits[-1] &= np.uint8((1 << (size % 8)) - 1)
+        self._bits, self.size = bits, size
 
 
 class MemorizedMistakes(SampleGate):
