@@ -12,6 +12,7 @@ of ``energy-callbacks demo``. Weights use the torch layout ``(out, in)``.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,9 +110,10 @@ def train(
     replacement; each sample's id is its row index (for MemorizedMistakes). A
     batch in which no sample passes the gate changes nothing.
 
+    The energy is the real weight change (``Plasticity.step(proposed, weights)``).
     ``on_batch(model, x, y, ids, gate, proposed, step)`` is called for every
-    batch before the weights change (``proposed`` and ``step`` are None for a
-    gated-out batch); tests use it to check each step against the spec.
+    batch, seeing the weights from before the step (``proposed`` and ``step``
+    are None for a gated-out batch); tests use it to check each step.
     """
     n_classes = model.sizes[2]
     max_samples = 5 * len(x_train) if max_samples is None else max_samples
@@ -130,12 +132,13 @@ def train(
         if gate.any:
             weights = None if plasticity.samples is None else gate.mask.astype(x.dtype)
             proposed = [-lr * g for g in model.gradients(x, eye[y], weights)]
-            step = plasticity.step(proposed)
+        if on_batch is not None:  # the callback sees the weights the step started from
+            before = copy.copy(model)
+            before.params = [p.copy() for p in model.params]
+        if proposed is not None:
+            step = plasticity.step(proposed, model.params)
         if on_batch is not None:
-            on_batch(model, x, y, ids, gate, proposed, step)
-        if step is not None:
-            for p, dw in zip(model.params, step.applied, strict=True):
-                p += dw
+            on_batch(before, x, y, ids, gate, proposed, step)
         if seen >= next_eval or seen >= max_samples:
             next_eval += eval_every
             accuracy = model.accuracy(x_test, y_test)

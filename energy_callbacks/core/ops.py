@@ -82,6 +82,10 @@ class ArrayOps(Protocol):
         """A float64 accumulator."""
         ...
 
+    def apply_update(self, w: Array, update: Array) -> Array:
+        """Add ``update`` to ``w`` in place; return the real change ``w_after - w_before``."""
+        ...
+
     def add_f64(self, acc: Array, x: Array) -> Array:
         """``acc + x`` in float64 (may update ``acc`` in place and return it)."""
         ...
@@ -180,6 +184,11 @@ class NumpyOps:
 
     def zeros_f64(self, shape: tuple[int, ...]) -> Array:
         return np.zeros(shape, dtype=np.float64)
+
+    def apply_update(self, w: Array, update: Array) -> Array:
+        before = w.copy()
+        w += update
+        return w - before
 
     def add_f64(self, acc: Array, x: Array) -> Array:
         acc += np.asarray(x, dtype=np.float64)

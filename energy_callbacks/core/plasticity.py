@@ -172,6 +172,11 @@ class Plasticity:
         self.samples_learned += learned
         return GateResult(mask, n, learned)
 
+    def count_samples(self, n: int) -> None:
+        """Count ``n`` samples that all learn (no sample gate, no outputs needed)."""
+        self.samples_seen += n
+        self.samples_learned += n
+
     # -- updates -----------------------------------------------------------
     def masks(self, proposed: Sequence[Array | None]) -> Masks:
         """The combined mask per tensor for this step's proposals (None = keep all)."""
@@ -193,8 +198,15 @@ class Plasticity:
                 current[i] = ops.where(combined[i], dw, ops.zeros_like(dw))
         return combined
 
-    def step(self, proposed: Sequence[Array | None]) -> Step:
+    def step(
+        self, proposed: Sequence[Array | None], weights: Sequence[Array] | None = None
+    ) -> Step:
         """Mask one step's proposed updates, record the applied ones, return both.
+
+        With ``weights`` (one array per tensor) the masked updates are added to
+        them in place and the energy is the real change ``w_after - w_before``,
+        as SCIENCE.md defines it: an update below the weight's precision costs
+        nothing. Without, the masked proposals themselves are recorded.
 
         A step whose proposals hold NaN/Inf is skipped: nothing is applied or
         counted, a RuntimeWarning is issued and ``report().skipped_steps`` grows.
@@ -209,6 +221,11 @@ class Plasticity:
             dw if m is None or dw is None else ops.where(m, dw, ops.zeros_like(dw))
             for dw, m in zip(proposed, masks, strict=True)
         ]
+        if weights is not None:
+            applied = [
+                None if a is None else ops.apply_update(w, a)
+                for w, a in zip(weights, applied, strict=True)
+            ]
         self.step_count += 1
         self.meter.record(applied, check_finite=False)
         return Step(masks, applied)

@@ -1,0 +1,1 @@
+"""ArrayOps for the frameworks. Import the one you need; each imports its framework."""

@@ -1,0 +1,136 @@
+"""ArrayOps on torch tensors, for any device and dtype (bf16, CUDA included).
+
+CPU tensors in a NumPy dtype take the faster route of NumPy views (see
+:func:`ops_for`); this module serves the rest and is tested against the NumPy
+oracle on the same numbers. Selection keeps the core's tie rule: among equal
+scores the lower flat index wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from ..core.ops import Array, ArrayOps, numpy_ops
+
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def ops_for(tensors: Iterable[torch.Tensor]) -> ArrayOps:
+    """NumPy views for CPU tensors of a NumPy dtype, torch ops otherwise."""
+    tensors = list(tensors)
+    if all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in tensors):
+        return numpy_ops
+    return TorchOps(tensors[0].device if tensors else None)
+
+
+class TorchOps:
+    """:class:`~energy_callbacks.core.ops.ArrayOps` on torch tensors of one device."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device if device is not None else "cpu")
+
+    def abs(self, x: Array) -> Array:
+        return x.abs()
+
+    def isfinite_all(self, x: Array) -> bool:
+        return bool(torch.isfinite(x).all())
+
+    def total(self, x: Array, alpha: float = 1.0) -> float:
+        a = x.detach().abs().double()
+        return float(a.sum() if alpha == 1.0 else a.pow(alpha).sum())
+
+    def count_nonzero(self, x: Array) -> int:
+        return int(torch.count_nonzero(x))
+
+    def row_l1(self, x: Array, axis: int) -> Array:
+        rows = x.detach().abs().double().movedim(axis, 0)
+        return rows.reshape(rows.shape[0], -1).sum(1)
+
+    def top_k_mask(self, scores: Array, k: Array | int, largest: bool = True) -> Array:
+        if scores.dim() != 2:
+            raise ValueError(f"top_k_mask expects a 2-D tensor, got shape {tuple(scores.shape)}")
+        rows, n = scores.shape
+        kk = torch.as_tensor(k, dtype=torch.int64, device=scores.device).expand(rows).clamp(max=n)
+        if n == 0:
+            return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        s = scores if largest else -scores
+        # Cut value per row: the k-th largest (rows with k = 0 are cleared below).
+        kth = torch.sort(s, dim=1, descending=True, stable=True).values
+        cut = kth.gather(1, (kk - 1).clamp(min=0)[:, None])
+        above = s > cut
+        tied = s == cut
+        need = kk - above.sum(1)
+        mask = above | (tied & (tied.cumsum(1) <= need[:, None]))
+        mask[kk == 0] = False
+        return mask
+
+    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
+        return x.reshape(shape)
+
+    def moveaxis(self, x: Array, source: int, destination: int) -> Array:
+        return x.movedim(source, destination)
+
+    def expand_units(self, unit_mask: Array, shape: tuple[int, ...], axis: int) -> Array:
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        return unit_mask.reshape(view).expand(shape)
+
+    def logical_and(self, a: Array, b: Array) -> Array:
+        return torch.logical_and(a, b)
+
+    def logical_or(self, a: Array, b: Array) -> Array:
+        return torch.logical_or(a, b)
+
+    def ones_mask(self, shape: tuple[int, ...]) -> Array:
+        return torch.ones(shape, dtype=torch.bool, device=self.device)
+
+    def zeros_like(self, x: Array) -> Array:
+        return torch.zeros_like(x)
+
+    def where(self, mask: Array, x: Array, y: Array) -> Array:
+        return torch.where(mask, x, y)
+
+    def greater_equal(self, x: Array, threshold: float) -> Array:
+        t = torch.tensor(threshold, dtype=x.dtype, device=x.device)
+        if float(t) < threshold:  # round the threshold up into x's dtype: exact compare
+            t = torch.nextafter(t, torch.tensor(float("inf"), dtype=x.dtype, device=x.device))
+        return x >= t
+
+    def from_numpy(self, x: np.ndarray) -> Array:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.cpu().numpy()
+
+    def concat(self, xs: list[Array], axis: int) -> Array:
+        return torch.cat(xs, dim=axis)
+
+    def split(self, x: Array, sizes: list[int], axis: int) -> list[Array]:
+        return list(torch.split(x, sizes, dim=axis))
+
+    def zeros_f64(self, shape: tuple[int, ...]) -> Array:
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def apply_update(self, w: Array, update: Array) -> Array:
+        with torch.no_grad():
+            before = w.detach().clone()
+            w.add_(update)
+            return w.detach() - before
+
+    def add_f64(self, acc: Array, x: Array) -> Array:
+        return acc.add_(x.detach())
+
+    def argmax(self, x: Array) -> Array:
+        return x.argmax(-1)
+
+    def class_probability(self, outputs: Array, labels: Array, from_logits: bool) -> Array:
+        p = outputs.detach().double()
+        if from_logits:
+            p = p.softmax(-1)
+        return p.gather(-1, labels.long().reshape(-1, 1))[:, 0]

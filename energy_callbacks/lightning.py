@@ -1,0 +1,280 @@
+"""PyTorch Lightning callback: energy-saving plasticity and its energy, in one line.
+
+Example::
+
+    trainer = Trainer(callbacks=[PlasticityCallback(synapses=0.1, units=0.5, samples="lazy")])
+
+Logged keys (the Keras adapter uses the same ones):
+
+- ``plasticity/energy`` (M1 so far, in the progress bar) and
+  ``plasticity/updates`` (M0), every ``log_every_n_steps`` steps;
+- ``plasticity/energy_min``, ``plasticity/inefficiency`` and
+  ``plasticity/samples_learned`` (the share of this epoch's samples that
+  passed the gate) at epoch end, with ``plasticity/energy/<tensor>`` when
+  ``per_layer=True``.
+
+The mechanism is :mod:`energy_callbacks.torch`: optimizer step hooks mask the
+real update of any optimizer, and a forward hook gates samples through the
+output gradient. Under DDP the weights, and so the energy, are the same on
+every rank: it is logged once, not summed. Sample counts and the mistake
+memory are combined over ranks at every epoch end. FSDP and DeepSpeed shard
+parameters, so a rank cannot see a whole tensor to rank it; they are refused
+at ``setup``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from .core import EnergyReport, Plasticity
+from .core.samples import SampleGate
+from .core.synapses import SynapseRule
+from .core.units import UnitRule
+from .torch import AttachedPlasticity, attach, describe
+
+TARGET_KEYS = ("y", "label", "labels", "target", "targets")
+ID_KEYS = ("index", "idx", "sample_id")
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def default_targets(batch: Any) -> Any:
+    """``batch[1]`` for tuples/lists; the ``y``/``label(s)``/``target(s)`` key for dicts."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
+            if key in batch:
+                return batch[key]
+    raise ValueError(
+        "PlasticityCallback: cannot find the targets in a batch of type "
+        f"{type(batch).__name__}; use (x, y) tuples, a dict with one of {TARGET_KEYS}, "
+        "or pass targets=<callable batch -> targets>"
+    )
+
+
+def default_sample_ids(batch: Any) -> Any:
+    """The ``index``/``idx``/``sample_id`` entry of a dict batch, else None."""
+    if isinstance(batch, Mapping):
+        for key in ID_KEYS:
+            if key in batch:
+                return batch[key]
+    return None
+
+
+class PlasticityCallback(Callback):
+    """Apply energy-saving plasticity rules to a LightningModule and log the energy.
+
+    Give a :class:`~energy_callbacks.Plasticity` or its shorthands
+    (``synapses=0.1``, ``units=0.5``, ``samples="lazy"``), not both.
+    ``targets``/``outputs``/``sample_ids`` are callables for batches and forward
+    outputs outside the defaults (see :func:`default_targets`,
+    :func:`~energy_callbacks.torch.default_logits`, :func:`default_sample_ids`).
+    ``layers`` names the modules to cover, in forward order.
+    """
+
+    def __init__(
+        self,
+        plasticity: Plasticity | None = None,
+        *,
+        synapses: SynapseRule | Sequence[SynapseRule] | float | None = None,
+        units: UnitRule | float | None = None,
+        samples: SampleGate | str | None = None,
+        alpha: float = 1.0,
+        targets: Callable[[Any], Any] | None = None,
+        outputs: Callable[[Any], torch.Tensor] | None = None,
+        sample_ids: Callable[[Any], Any] | None = None,
+        layers: Sequence[str] | None = None,
+        log_every_n_steps: int | None = None,
+        per_layer: bool = False,
+    ) -> None:
+        shorthand = synapses is not None or units is not None or samples is not None
+        if plasticity is not None and (shorthand or alpha != 1.0):
+            raise ValueError(
+                "PlasticityCallback: give plasticity=Plasticity(...) or the shorthands "
+                "synapses=/units=/samples=/alpha=, not both"
+            )
+        for name, fn in (("targets", targets), ("outputs", outputs), ("sample_ids", sample_ids)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"PlasticityCallback.{name} must be a callable, got {fn!r}")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"PlasticityCallback.log_every_n_steps must be an int >= 1 or None, "
+                f"got {log_every_n_steps!r}"
+            )
+        self.plasticity = plasticity or Plasticity(synapses, units, samples, alpha=alpha)
+        self.targets = targets or default_targets
+        self.outputs = outputs
+        self.sample_ids = sample_ids or default_sample_ids
+        self.layers = list(layers) if layers is not None else None
+        self.log_every_n_steps = log_every_n_steps
+        self.per_layer = per_layer
+        self._handle: AttachedPlasticity | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._epoch_start = (0, 0)
+        self._batches = 0
+
+    # -- set-up ----------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if strategy in SHARDED_STRATEGIES:
+            raise ValueError(
+                f"PlasticityCallback does not support {strategy}: sharded parameters cannot be "
+                "ranked whole on one rank. Use strategy='ddp' (or a single device)."
+            )
+        specs, _ = describe(pl_module, layers=self.layers)
+        if not specs:
+            raise ValueError("PlasticityCallback: the LightningModule has no trainable parameter")
+        # Check the rules against the model now, so that a misfit fails before training.
+        Plasticity(self.plasticity.synapses, self.plasticity.units).setup(specs)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._handle = attach(
+            pl_module, trainer.optimizers, self.plasticity, layers=self.layers, outputs=self.outputs
+        )
+        if self._pending_state is not None:
+            self.plasticity.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._handle is not None:
+            self._handle.detach()
+            self._handle = None
+
+    # -- batches -----------------------------------------------------------------
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._handle is None:
+            return
+        if self._handle.gate is not None:
+            self._handle.gate_batch(self.targets(batch), self.sample_ids(batch))
+        else:
+            try:
+                n = len(self.targets(batch))
+            except (ValueError, TypeError):
+                return  # batches without visible targets: samples are not counted
+            self.plasticity.count_samples(n)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        handle = self._handle
+        if handle is not None and handle.gate is not None and handle.gate.armed:
+            raise RuntimeError(
+                "PlasticityCallback: the sample gate saw no forward pass of the LightningModule "
+                "in training_step. Call self(x) (the module's forward) there, or use "
+                "samples=None."
+            )
+        self._batches += 1
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if self._batches % every == 0:
+            m1, m0 = self.plasticity.meter.totals()
+            pl_module.log("plasticity/energy", m1, prog_bar=True, on_step=True, on_epoch=False)
+            pl_module.log("plasticity/updates", float(m0), on_step=True, on_epoch=False)
+
+    # -- epochs ------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = (self.plasticity.samples_seen, self.plasticity.samples_learned)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _world_size() > 1:
+            self._sync_ranks(pl_module.device)
+        report = self.plasticity.report()
+        seen = report.samples_seen - self._epoch_start[0]
+        learned = report.samples_learned - self._epoch_start[1]
+        metrics = {
+            "plasticity/energy_min": report.m1_min,
+            "plasticity/inefficiency": report.inefficiency,
+        }
+        if seen:
+            metrics["plasticity/samples_learned"] = learned / seen
+        if self.per_layer:
+            metrics.update(
+                {f"plasticity/energy/{name}": e.m1 for name, e in report.per_layer.items()}
+            )
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True)
+
+    def _sync_ranks(self, device: torch.device) -> None:
+        """Sum this epoch's sample counts over ranks; OR the mistake memories."""
+        p = self.plasticity
+        delta = torch.tensor(
+            [p.samples_seen - self._epoch_start[0], p.samples_learned - self._epoch_start[1]],
+            dtype=torch.int64,
+            device=device,
+        )
+        torch.distributed.all_reduce(delta)
+        p.samples_seen = self._epoch_start[0] + int(delta[0])
+        p.samples_learned = self._epoch_start[1] + int(delta[1])
+        memory = getattr(p.samples, "memory", None)
+        if memory is not None:
+            size = torch.tensor([memory.size], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
+            flags = np.zeros(int(size), dtype=np.uint8)
+            flags[memory.flagged()] = 1
+            shared = torch.from_numpy(flags).to(device)
+            torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+            memory.set(np.flatnonzero(shared.cpu().numpy()))
+
+    # -- state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self._handle is None and self._pending_state is not None:
+            return _to_torch(self._pending_state)
+        return _to_torch(self.plasticity.state_dict()) if self._handle is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        state = _from_torch(state_dict)
+        if self._handle is not None:
+            self.plasticity.load_state_dict(state)
+        else:
+            self._pending_state = state
+
+    def report(self) -> EnergyReport:
+        """The energy spent so far (the core's immutable EnergyReport)."""
+        return self.plasticity.report()
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _to_torch(value: Any) -> Any:
+    """NumPy arrays -> tensors, so checkpoints load with ``weights_only=True``."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, dict):
+        return {k: _to_torch(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_torch(v) for v in value]
+    return value
+
+
+def _from_torch(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu().numpy()
+    if isinstance(value, dict):
+        return {k: _from_torch(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_torch(v) for v in value]
+    return value
