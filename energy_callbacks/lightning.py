@@ -235,9 +235,9 @@ class PlasticityCallback(Callback):
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self._handle is None and self._pending_state is not None:
+        if self._pending_state is not None:
             return _to_torch(self._pending_state)
-        return _to_torch(self.plasticity.state_dict()) if self._handle is not None else {}
+        return _to_torch(self.plasticity.state_dict()) if self.plasticity.is_setup else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

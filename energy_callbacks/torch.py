@@ -106,7 +106,10 @@ class _Snapshot:
         self.use_numpy = use_numpy
         if use_numpy:
             self.before = [np.empty(tuple(p.shape), _np_dtype(p)) for p in params]
-            self.delta = [np.empty(tuple(p.shape), _np_dtype(p)) for p in params]
+            # 16-bit differences round; float32 holds them exactly.
+            self.delta = [
+                np.empty(tuple(p.shape), np.promote_types(_np_dtype(p), np.float32)) for p in params
+            ]
         else:
             self.before = [
                 torch.empty_like(p, memory_format=torch.contiguous_format) for p in params
@@ -131,7 +134,8 @@ class _Snapshot:
             elif self.use_numpy:
                 out.append(np.subtract(self.view(p), self.before[i], out=self.delta[i]))
             else:
-                out.append(p.detach() - self.before[i])
+                wide = torch.promote_types(p.dtype, torch.float32)  # exact 16-bit differences
+                out.append(p.detach().to(wide) - self.before[i].to(wide))
         return out
 
     def restore(self, i: int, keep: Any | None) -> None:
@@ -352,9 +356,9 @@ def _skip_empty_steps(opt: torch.optim.Optimizer, gate: OutputGate) -> Callable[
 
         if gate.decided == 0:
             raise RuntimeError(
-                "sample gate: no batch was gated before optimizer.step(); call "
-                "handle.gate_batch(targets) before the forward pass, and make sure the "
-                "forward pass goes through the attached model"
+                "sample gate: no forward pass of the attached model was gated before "
+                "optimizer.step(). Plain PyTorch: call handle.gate_batch(targets) before "
+                "model(x). Lightning: training_step must call self(x), the module's forward."
             )
         if gate.learned == 0:
             gate.step_done()

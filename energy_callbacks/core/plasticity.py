@@ -116,6 +116,11 @@ class Plasticity:
         return self.units is not None or bool(self.synapses)
 
     @property
+    def is_setup(self) -> bool:
+        """True once :meth:`setup` has bound the rules to a network."""
+        return self._topology is not None
+
+    @property
     def topology(self) -> Topology:
         if self._topology is None:
             raise RuntimeError("Plasticity.setup(tensors) must be called before use")

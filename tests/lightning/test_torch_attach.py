@@ -1,0 +1,224 @@
+"""Plain PyTorch: attach() gates the real update of any optimizer, exactly like the oracle."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from energy_callbacks import Plasticity, TopFraction, TopUnits
+from energy_callbacks.backends.torch_ops import TorchOps
+from energy_callbacks.core import keep_count
+from energy_callbacks.torch import attach, describe
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),
+    "sgd-momentum-wd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+    "lbfgs": lambda ps: torch.optim.LBFGS(ps, lr=0.5, max_iter=3),
+    "param-groups": lambda ps: torch.optim.Adam(
+        [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "lr": 1e-3}]
+    ),
+}
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def batches(n: int = 12, size: int = 8):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        x = torch.randn(size, 12, generator=g)
+        yield x, (x[:, :5] * 3).argmax(1)
+
+
+def rule() -> Plasticity:
+    return Plasticity(units=TopUnits(0.5, path=True), synapses=TopFraction(0.3))
+
+
+def run_attached(make_opt):
+    model = mlp()
+    opt = make_opt(list(model.parameters()))
+    handle = attach(model, opt, rule())
+    for x, y in batches():
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return model, handle.report()
+
+
+def run_by_hand(make_opt):
+    """Same optimizer; the NumPy oracle masks the real proposal; put back what it drops."""
+    model = mlp()
+    params = list(model.parameters())
+    opt = make_opt(params)
+    specs, _ = describe(model)
+    oracle = rule().setup(specs)
+    for x, y in batches():
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        before = [p.detach().clone() for p in params]
+        opt.step(closure)
+        masks = oracle.masks([(p.detach() - b).numpy() for p, b in zip(params, before)])
+        with torch.no_grad():
+            for p, b, m in zip(params, before, masks):
+                if m is not None:
+                    p.copy_(torch.where(torch.from_numpy(np.asarray(m)), p, b))
+        oracle.record([(p.detach() - b).numpy() for p, b in zip(params, before)])
+    return model, oracle.report()
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_any_optimizer_gets_exactly_the_oracle_masks(name):
+    model, got = run_attached(OPTIMIZERS[name])
+    twin, want = run_by_hand(OPTIMIZERS[name])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert got.steps == want.steps == 12
+    assert got.m0 == want.m0 and got.m0_min == want.m0_min
+    assert got.m1 == pytest.approx(want.m1, rel=1e-12)
+    assert got.m1_min == pytest.approx(want.m1_min, rel=1e-12)
+    # The rule restricted: at most k = round(0.3 n) entries per tensor and step.
+    assert got.m0 <= sum(keep_count(0.3, p.numel()) for p in model.parameters()) * got.steps
+
+
+def test_two_optimizers_each_step_their_own_tensors():
+    model = mlp()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opts = [torch.optim.SGD(first, lr=0.1), torch.optim.Adam(second, lr=1e-2)]
+    handle = attach(model, opts, Plasticity(synapses=0.25))
+    moved = {n: 0.0 for n, _ in model.named_parameters()}
+    for x, y in batches(4):
+        for opt in opts:
+            opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for opt in opts:
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.step()
+            for n, p in model.named_parameters():
+                changed = (p.detach() != before[n]).sum().item()
+                assert changed <= max(1, round(0.25 * p.numel()))
+                moved[n] += (p.detach() - before[n]).abs().double().sum().item()
+    report = handle.report()
+    assert report.steps == 8  # one plasticity step per optimizer step
+    for name, energy in moved.items():
+        assert report.per_layer[name].m1 == pytest.approx(energy, rel=1e-9)
+
+
+def test_skipped_amp_step_costs_nothing():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach(model, opt, Plasticity(synapses=0.5))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(batches(1))
+    loss = nn.functional.cross_entropy(model(x), y) * float("inf")
+    scaler.scale(loss).backward()
+    scaler.step(opt)  # inf gradients: the scaler skips optimizer.step
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    report = handle.report()
+    assert report.steps == 0 and report.m1 == 0.0 and report.m0 == 0
+
+
+def test_nonfinite_update_is_undone_and_not_counted():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach(model, opt, Plasticity())
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(batches(1))
+    (nn.functional.cross_entropy(model(x), y) * float("nan")).backward()
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert handle.report().skipped_steps == 1 and handle.report().m1 == 0.0
+
+
+def test_detach_restores_the_optimizer():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = opt.step
+    handle = attach(model, opt, Plasticity(synapses=0.1, samples="lazy"))
+    assert opt.step is not step
+    handle.detach()
+    assert opt.step == step and "step" not in opt.__dict__
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not model._forward_hooks
+
+
+def test_attach_errors():
+    model = mlp()
+    other = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="none of the model's trainable parameters"):
+        attach(model, torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="does not have"):
+        attach(model, torch.optim.SGD(model.parameters(), lr=0.1), layers=["nope"])
+    handle = attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="no sample gate"):
+        handle.gate_batch(torch.zeros(3))
+
+
+def test_layers_pick_modules_in_forward_order():
+    model = mlp()
+    specs, params = describe(model, layers=["2", "0"])
+    assert [s.name for s in specs] == ["2.weight", "2.bias", "0.weight", "0.bias"]
+    specs, _ = describe(model, layers=[""])  # the root: everything
+    assert [s.layer for s in specs] == ["0", "0", "2", "2"]
+
+
+def test_torch_ops_match_the_numpy_oracle():
+    """The torch-native ops (used off-CPU and for bf16) select what NumPy selects."""
+    from energy_callbacks.core import numpy_ops
+
+    rng = np.random.default_rng(0)
+    ops = TorchOps("cpu")
+    for _ in range(30):
+        rows, n = rng.integers(1, 5), rng.integers(1, 300)
+        x = (rng.integers(0, 6, (rows, n)) * 0.25).astype(np.float32)  # many ties
+        k = rng.integers(0, n + 1, rows)
+        for largest in (True, False):
+            want = numpy_ops.top_k_mask(x, k, largest)
+            got = ops.top_k_mask(torch.from_numpy(x), torch.from_numpy(k), largest).numpy()
+            np.testing.assert_array_equal(got, want)
+    x = torch.randn(7, 4, 3)
+    assert ops.total(x) == pytest.approx(numpy_ops.total(x.numpy()), rel=1e-12)
+    assert ops.count_nonzero(x) == numpy_ops.count_nonzero(x.numpy())
+    np.testing.assert_allclose(ops.row_l1(x, 1).numpy(), numpy_ops.row_l1(x.numpy(), 1))
+    t16 = torch.tensor([0.0999755859375, 0.10009765625], dtype=torch.float16)
+    assert ops.greater_equal(t16, 0.1).tolist() == [False, True]
+
+
+def test_bf16_parameters_use_torch_ops():
+    model = copy.deepcopy(mlp()).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach(model, opt, Plasticity(synapses=0.5))
+    assert isinstance(handle.ops, TorchOps)
+    x, y = next(batches(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+    opt.step()
+    real = sum(
+        (p.detach().double() - b.double()).abs().sum().item()
+        for p, b in zip(model.parameters(), before)
+    )
+    report = handle.report()
+    assert isinstance(report.m1, float) and report.m1 == pytest.approx(real, rel=1e-12)
+    for p, b in zip(model.parameters(), before):
+        assert (p != b).sum() <= keep_count(0.5, p.numel())
