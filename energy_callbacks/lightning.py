@@ -144,7 +144,7 @@ class PlasticityCallback(Callback):
             pl_module, trainer.optimizers, self.plasticity, layers=self.layers, outputs=self.outputs
         )
         if self._pending_state is not None:
-            self.plasticity.load_state_dict(self._pending_state)
+            self._handle.load_state_dict(self._pending_state)
             self._pending_state = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -196,7 +196,7 @@ class PlasticityCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _world_size() > 1:
             self._sync_ranks(pl_module.device)
-        report = self.plasticity.report()
+        report = self.report()
         seen = report.samples_seen - self._epoch_start[0]
         learned = report.samples_learned - self._epoch_start[1]
         metrics = {
@@ -237,6 +237,8 @@ class PlasticityCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._pending_state is not None:
             return _to_torch(self._pending_state)
+        if self._handle is not None:
+            return _to_torch(self._handle.state_dict())
         return _to_torch(self.plasticity.state_dict()) if self.plasticity.is_setup else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -244,13 +246,13 @@ class PlasticityCallback(Callback):
             return
         state = _from_torch(state_dict)
         if self._handle is not None:
-            self.plasticity.load_state_dict(state)
+            self._handle.load_state_dict(state)
         else:
             self._pending_state = state
 
     def report(self) -> EnergyReport:
         """The energy spent so far (the core's immutable EnergyReport)."""
-        return self.plasticity.report()
+        return self._handle.report() if self._handle is not None else self.plasticity.report()
 
 
 def _world_size() -> int:

@@ -35,7 +35,7 @@ NumPy views; other devices and dtypes use torch ops.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from torch import nn
 
 from .backends.torch_ops import ops_for
 from .core import EnergyReport, GateResult, Plasticity, TensorSpec
-from .core.ops import numpy_ops
+from .core.ops import NumpyOps
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Modules whose ``weight`` holds (units, inputs, ...) and whose bias follows units."""
@@ -83,45 +83,55 @@ def describe(
     seen: set[int] = set()
     for mname in names:
         module = modules[mname]
-        for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen or (wanted is not None and id(p) not in wanted):
+        own = dict(module.named_parameters(recurse=False))
+        kernel = own.get("weight") if isinstance(module, LAYER_TYPES) else None
+        # A layer exists only if its own kernel is covered here (not frozen, not tied to an
+        # earlier module); otherwise its bias is a tensor of its own.
+        is_layer = kernel is not None and _covered(kernel, seen, wanted)
+        for pname, p in own.items():
+            if not _covered(p, seen, wanted):
                 continue
             seen.add(id(p))
             full = f"{mname}.{pname}" if mname else pname
-            if isinstance(module, LAYER_TYPES) and pname == "weight":
+            if is_layer and pname == "weight":
                 specs.append(TensorSpec(full, tuple(p.shape), 0, 1, mname))
-            elif isinstance(module, LAYER_TYPES) and pname == "bias":
+            elif is_layer and pname == "bias":
                 specs.append(TensorSpec(full, tuple(p.shape), 0, None, mname))
+            elif isinstance(module, LAYER_TYPES) and pname == "bias":
+                specs.append(TensorSpec(full, tuple(p.shape), 0))
             else:
                 specs.append(TensorSpec(full, tuple(p.shape), None))
             found.append(p)
     return specs, found
 
 
+def _covered(p: nn.Parameter, seen: set[int], wanted: set[int] | None) -> bool:
+    return p.requires_grad and id(p) not in seen and (wanted is None or id(p) in wanted)
+
+
 class _Snapshot:
-    """Before/after buffers of the parameters one optimizer steps."""
+    """Before/delta buffers of the parameters one optimizer steps (no per-step allocation)."""
 
     def __init__(self, params: list[nn.Parameter], use_numpy: bool) -> None:
         self.params = params
         self.use_numpy = use_numpy
         if use_numpy:
-            self.before = [np.empty(tuple(p.shape), _np_dtype(p)) for p in params]
+            self.before: list[Any] = [np.empty(tuple(p.shape), _np_dtype(p)) for p in params]
             # 16-bit differences round; float32 holds them exactly.
-            self.delta = [
+            self.delta: list[Any] = [
                 np.empty(tuple(p.shape), np.promote_types(_np_dtype(p), np.float32)) for p in params
             ]
+            self.dropped = [np.empty(tuple(p.shape), bool) for p in params]
         else:
             self.before = [
                 torch.empty_like(p, memory_format=torch.contiguous_format) for p in params
             ]
-
-    def view(self, p: nn.Parameter) -> Any:
-        return p.detach().numpy() if self.use_numpy else p.detach()
+            self.delta = [None] * len(params)
 
     def take(self) -> None:
         for p, b in zip(self.params, self.before, strict=True):
             if self.use_numpy:
-                np.copyto(b, self.view(p))
+                np.copyto(b, _view(p))
             else:
                 b.copy_(p.detach())
 
@@ -132,21 +142,38 @@ class _Snapshot:
             if p.grad is None:
                 out.append(None)
             elif self.use_numpy:
-                out.append(np.subtract(self.view(p), self.before[i], out=self.delta[i]))
+                out.append(np.subtract(_view(p), self.before[i], out=self.delta[i]))
             else:
                 wide = torch.promote_types(p.dtype, torch.float32)  # exact 16-bit differences
-                out.append(p.detach().to(wide) - self.before[i].to(wide))
+                self.delta[i] = p.detach().to(wide) - self.before[i].to(wide)
+                out.append(self.delta[i])
         return out
 
-    def restore(self, i: int, keep: Any | None) -> None:
-        """Put back the entries of parameter ``i`` outside ``keep`` (all if None)."""
-        p, b = self.params[i], self.before[i]
+    def drop(self, i: int, keep: Any) -> None:
+        """Undo parameter ``i``'s update outside ``keep``, and zero its delta there."""
+        p, b, d = self.params[i], self.before[i], self.delta[i]
         if self.use_numpy:
-            w = self.view(p)
-            np.copyto(w, b, where=True if keep is None else np.logical_not(keep))
+            dropped = np.logical_not(keep, out=self.dropped[i])
+            np.copyto(_view(p), b, where=dropped)
+            np.copyto(d, 0, where=dropped)
         else:
             with torch.no_grad():
-                p.copy_(b if keep is None else torch.where(keep, p, b))
+                p.copy_(torch.where(keep, p, b))
+            d.masked_fill_(~keep, 0)
+
+    def undo(self) -> None:
+        """Put every parameter back to its value before the step."""
+        with torch.no_grad():
+            for p, b in zip(self.params, self.before, strict=True):
+                if self.use_numpy:
+                    np.copyto(_view(p), b)
+                else:
+                    p.copy_(b)
+
+
+def _view(p: torch.Tensor) -> np.ndarray:
+    """A zero-copy NumPy view of a CPU tensor's storage (writes go to the tensor)."""
+    return p.detach().numpy()
 
 
 def _np_dtype(p: torch.Tensor) -> np.dtype:
@@ -178,7 +205,9 @@ class AttachedPlasticity:
         self.params = params
         self.ops = ops_for(params)
         plasticity.setup(specs, adjacency, ops=self.ops)
-        self._use_numpy = self.ops is numpy_ops
+        self._use_numpy = isinstance(self.ops, NumpyOps)
+        # w_T - w_0 is folded into the meter lazily from this reference copy.
+        self._reference = [p.detach().clone() for p in params]
         index = {id(p): i for i, p in enumerate(params)}
         self._removers: list[Callable[[], None]] = []
         self._optimizers = opts
@@ -200,17 +229,35 @@ class AttachedPlasticity:
 
     # -- the step ----------------------------------------------------------
     def _after(self, snap: _Snapshot, mine: list[int]) -> None:
+        plasticity, ops = self.plasticity, self.ops
         proposed: list[Any] = [None] * len(self.params)
         for i, dw in zip(mine, snap.deltas(), strict=True):
             proposed[i] = dw
-        step = self.plasticity.step(proposed)
-        for j, i in enumerate(mine):
-            if proposed[i] is None:
-                continue
-            if step.skipped:
-                snap.restore(j, None)
-            elif step.masks[i] is not None:
-                snap.restore(j, step.masks[i])
+        restricts = plasticity.restricts
+        if restricts:
+            if not all(dw is None or ops.isfinite_all(dw) for dw in proposed):
+                snap.undo()
+                plasticity.meter.skip_nonfinite()
+                return
+            masks = plasticity.masks(proposed)
+            for j, i in enumerate(mine):
+                if proposed[i] is not None and masks[i] is not None:
+                    snap.drop(j, masks[i])
+        # The deltas now hold the real applied change: mask * dw.
+        if not plasticity.record(proposed, check_finite=not restricts, displacement=False):
+            snap.undo()
+
+    def sync(self) -> None:
+        """Fold the weights' net change since the last sync into ``w_T - w_0``."""
+        meter = self.plasticity.meter
+        with torch.no_grad():
+            for i, (p, ref) in enumerate(zip(self.params, self._reference, strict=True)):
+                if self._use_numpy:
+                    delta = np.subtract(_view(p), _view(ref), dtype=np.float64)
+                else:
+                    delta = p.detach().double() - ref.double()
+                meter.add_displacement(i, delta)
+                ref.copy_(p.detach())
 
     # -- public --------------------------------------------------------------
     def gate_batch(self, targets: Any, sample_ids: Any = None) -> None:
@@ -220,10 +267,24 @@ class AttachedPlasticity:
         self.gate.arm(targets, sample_ids)
 
     def report(self) -> EnergyReport:
+        self.sync()
         return self.plasticity.report()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plasticity state (energy totals, counters, mistake memory), plain data."""
+        self.sync()
+        return self.plasticity.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state; the current weights become the reference for what follows."""
+        self.plasticity.load_state_dict(state)
+        with torch.no_grad():
+            for p, ref in zip(self.params, self._reference, strict=True):
+                ref.copy_(p.detach())
 
     def detach(self) -> None:
         """Remove every hook and wrapper; the model and optimizers are as before."""
+        self.sync()
         for remove in reversed(self._removers):
             remove()
         self._removers = []
@@ -274,8 +335,8 @@ class OutputGate:
         self.plasticity = plasticity
         self.outputs = outputs or default_logits
         self._armed: tuple[Any, Any] | None = None
-        self.decided = 0  # batches gated since the last optimizer step
-        self.learned = 0  # samples that passed since the last step (summed over ranks)
+        self.decided = 0  # forward passes gated so far
+        self.learned = 0  # samples that passed so far (summed over ranks)
         self.last: GateResult | None = None
         self._hook = module.register_forward_hook(self._on_forward)
 
@@ -289,9 +350,6 @@ class OutputGate:
     def remove(self) -> None:
         self._hook.remove()
 
-    def step_done(self) -> None:
-        self.decided = self.learned = 0
-
     def _on_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self._armed is None or not torch.is_grad_enabled():
             return None
@@ -299,7 +357,7 @@ class OutputGate:
         self._armed = None
         logits = self.outputs(output)
         ops = self.plasticity.ops
-        if ops is numpy_ops:
+        if isinstance(ops, NumpyOps):
             result = self.plasticity.gate(
                 _host(logits), _host(targets), None if ids is None else _host(ids)
             )
@@ -337,9 +395,11 @@ def _host(x: Any) -> np.ndarray:
 
 
 def _skip_empty_steps(opt: torch.optim.Optimizer, gate: OutputGate) -> Callable[[], None]:
-    """Wrap ``opt.step`` so that it does nothing when no sample passed the gate."""
+    """Wrap ``opt.step`` so that it does nothing when no sample passed the gate since its
+    last step (several optimizers may step after one gated forward pass)."""
     inner = opt.step
     had_attr = "step" in opt.__dict__
+    last = [gate.decided, gate.learned]
 
     def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         loss = None
@@ -354,16 +414,16 @@ def _skip_empty_steps(opt: torch.optim.Optimizer, gate: OutputGate) -> Callable[
                     return loss
                 return closure()
 
-        if gate.decided == 0:
+        if gate.decided == last[0]:
             raise RuntimeError(
                 "sample gate: no forward pass of the attached model was gated before "
                 "optimizer.step(). Plain PyTorch: call handle.gate_batch(targets) before "
                 "model(x). Lightning: training_step must call self(x), the module's forward."
             )
-        if gate.learned == 0:
-            gate.step_done()
+        learned = gate.learned - last[1]
+        last[:] = [gate.decided, gate.learned]
+        if learned == 0:
             return loss
-        gate.step_done()
         return inner(again, **kwargs) if closure is not None else inner(**kwargs)
 
     opt.step = step  # type: ignore[method-assign]

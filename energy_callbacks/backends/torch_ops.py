@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from ..core.ops import Array, ArrayOps, numpy_ops
+from ..core.ops import Array, ArrayOps, NumpyOps
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -22,7 +22,7 @@ def ops_for(tensors: Iterable[torch.Tensor]) -> ArrayOps:
     """NumPy views for CPU tensors of a NumPy dtype, torch ops otherwise."""
     tensors = list(tensors)
     if all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in tensors):
-        return numpy_ops
+        return NumpyOps()  # its own scratch buffers
     return TorchOps(tensors[0].device if tensors else None)
 
 
@@ -92,6 +92,9 @@ class TorchOps:
 
     def where(self, mask: Array, x: Array, y: Array) -> Array:
         return torch.where(mask, x, y)
+
+    def keep(self, x: Array, mask: Array) -> Array:
+        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def greater_equal(self, x: Array, threshold: float) -> Array:
         t = torch.tensor(threshold, dtype=x.dtype, device=x.device)

@@ -151,29 +151,44 @@ class EnergyMeter:
         self.steps = 0
         self.skipped_steps = 0
 
-    def record(self, updates: Sequence[Array | None], *, check_finite: bool = True) -> bool:
+    def record(
+        self,
+        updates: Sequence[Array | None],
+        *,
+        check_finite: bool = True,
+        displacement: bool = True,
+    ) -> bool:
         """Add one step's applied changes. Returns False if the step was skipped.
 
-        ``check_finite=False`` is for callers that already checked the step.
+        Finiteness is read off the step's M1 (NaN/Inf make it non-finite), so it
+        costs no extra pass; ``check_finite=False`` skips even that. With
+        ``displacement=False`` the caller supplies ``w_T - w_0`` itself through
+        :meth:`add_displacement` (adapters fold it in lazily from the weights).
         """
         ops = self.ops
         if len(updates) != len(self.tensors):
             raise ValueError(
                 f"EnergyMeter.record: got {len(updates)} arrays for {len(self.tensors)} tensors"
             )
-        if check_finite and not all(u is None or ops.isfinite_all(u) for u in updates):
+        m1 = [None if u is None else ops.total(u) for u in updates]
+        if check_finite and not all(v is None or math.isfinite(v) for v in m1):
             self.skip_nonfinite()
             return False
         for i, u in enumerate(updates):
-            if u is None:
+            v = m1[i]
+            if u is None or v is None:
                 continue
-            m1 = ops.total(u)
-            self._m1[i] += m1
-            self._m_alpha[i] += m1 if self.alpha == 1.0 else ops.total(u, self.alpha)
+            self._m1[i] += v
+            self._m_alpha[i] += v if self.alpha == 1.0 else ops.total(u, self.alpha)
             self._m0[i] += ops.count_nonzero(u)
-            self._displacement[i] = ops.add_f64(self._displacement[i], u)
+            if displacement:
+                self._displacement[i] = ops.add_f64(self._displacement[i], u)
         self.steps += 1
         return True
+
+    def add_displacement(self, index: int, delta: Array) -> None:
+        """Add a change of tensor ``index`` to its net displacement only (not to M1/M0)."""
+        self._displacement[index] = self.ops.add_f64(self._displacement[index], delta)
 
     def skip_nonfinite(self) -> None:
         """Count (and warn about) a step whose updates held NaN or Inf."""

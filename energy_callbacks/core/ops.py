@@ -64,6 +64,10 @@ class ArrayOps(Protocol):
 
     def where(self, mask: Array, x: Array, y: Array) -> Array: ...
 
+    def keep(self, x: Array, mask: Array) -> Array:
+        """``x`` where ``mask``, zero elsewhere (a new array)."""
+        ...
+
     def greater_equal(self, x: Array, threshold: float) -> Array:
         """``x >= threshold`` exactly as real numbers, whatever the dtype of ``x``."""
         ...
@@ -100,22 +104,45 @@ class ArrayOps(Protocol):
 
 
 class NumpyOps:
-    """:class:`ArrayOps` on NumPy arrays; the reference implementation."""
+    """:class:`ArrayOps` on NumPy arrays; the reference implementation.
+
+    The reductions (``total``, ``count_nonzero``, ``isfinite_all``) reuse scratch
+    buffers instead of allocating a temporary per call: inside a training loop a
+    fresh multi-megabyte temporary costs page faults that tripled their time. An
+    instance is therefore not thread-safe; adapters make their own.
+    """
+
+    def __init__(self) -> None:
+        self._scratch: dict[tuple[tuple[int, ...], np.dtype], np.ndarray] = {}
+
+    def _buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        key = (shape, np.dtype(dtype))
+        buf = self._scratch.get(key)
+        if buf is None:
+            if len(self._scratch) > 64:
+                self._scratch.clear()
+            buf = self._scratch[key] = np.empty(shape, dtype)
+        return buf
 
     def abs(self, x: Array) -> Array:
         return np.abs(x)
 
     def isfinite_all(self, x: Array) -> bool:
-        return bool(np.isfinite(x).all())
+        x = np.asarray(x)
+        return bool(np.isfinite(x, out=self._buffer(x.shape, bool)).all())
 
     def total(self, x: Array, alpha: float = 1.0) -> float:
+        x = np.asarray(x)
         if alpha == 1.0:  # abs in the native dtype is exact; the sum runs in float64
-            return float(np.add.reduce(np.abs(x), axis=None, dtype=np.float64))
+            a = np.abs(x, out=self._buffer(x.shape, x.dtype))
+            return float(np.add.reduce(a, axis=None, dtype=np.float64))
         return float((np.abs(np.asarray(x, dtype=np.float64)) ** alpha).sum())
 
     def count_nonzero(self, x: Array) -> int:
         x = np.asarray(x)
-        return int(np.count_nonzero(x if x.dtype == bool else x != 0))
+        if x.dtype != bool:
+            x = np.not_equal(x, 0, out=self._buffer(x.shape, bool))
+        return int(np.count_nonzero(x))
 
     def row_l1(self, x: Array, axis: int) -> Array:
         rows = np.moveaxis(np.abs(np.asarray(x, dtype=np.float64)), axis, 0)
@@ -127,6 +154,10 @@ class NumpyOps:
             raise ValueError(f"top_k_mask expects a 2-D array, got shape {s.shape}")
         rows, n = s.shape
         kk = np.minimum(np.broadcast_to(np.asarray(k, dtype=np.int64), (rows,)), n)
+        if s.dtype == np.float16:
+            # NumPy 2.4 mis-sorts negative float16 on some x86 CPUs (AVX-512 sort
+            # kernels); float32 holds every float16 exactly and sorts correctly.
+            s = s.astype(np.float32)
         if not largest:
             s = -s
         if rows == 1 and n >= _BRACKET_MIN:
@@ -161,6 +192,9 @@ class NumpyOps:
     def where(self, mask: Array, x: Array, y: Array) -> Array:
         return np.where(mask, x, y)
 
+    def keep(self, x: Array, mask: Array) -> Array:
+        return np.where(mask, x, x.dtype.type(0))
+
     def greater_equal(self, x: Array, threshold: float) -> Array:
         x = np.asarray(x)
         # Round the threshold *up* into x's dtype, so the comparison is exact.
@@ -191,8 +225,7 @@ class NumpyOps:
         return w - before
 
     def add_f64(self, acc: Array, x: Array) -> Array:
-        acc += np.asarray(x, dtype=np.float64)
-        return acc
+        return np.add(acc, x, out=acc)  # casts chunk by chunk, no float64 copy of x
 
     def argmax(self, x: Array) -> Array:
         return np.argmax(x, axis=-1)
@@ -207,12 +240,16 @@ class NumpyOps:
 
 
 def _top_k_rows(s: np.ndarray, kk: np.ndarray) -> np.ndarray:
-    """Exact top-k per row by a partition at the cut plus a count over the ties."""
+    """Exact top-k per row: the cut from a sort, then a count over the tied entries.
+
+    A sort, not ``np.partition``: partition slows down 20x on rows full of equal
+    values (masked-out zeros), which are common here.
+    """
     rows, n = s.shape
     if n == 0:
         return np.zeros(s.shape, dtype=bool)
     pos = np.clip(n - kk, 0, n - 1)
-    cut = np.take_along_axis(np.partition(s, np.unique(pos), axis=1), pos[:, None], axis=1)
+    cut = np.take_along_axis(np.sort(s, axis=1), pos[:, None], axis=1)
     above = s > cut
     tied = s == cut
     need = kk - above.sum(axis=1)
@@ -221,16 +258,20 @@ def _top_k_rows(s: np.ndarray, kk: np.ndarray) -> np.ndarray:
     return mask
 
 
-_BRACKET_MIN = 1 << 15
-_BRACKET_SAMPLE = 4096
+_BRACKET_MIN = 1 << 14
+_BRACKET_SAMPLE = 16384
+_CHUNK = 1 << 16
 
 
 def _top_k_bracketed(s: np.ndarray, k: int) -> np.ndarray | None:
-    """Exact top-k of a long vector without a full partition.
+    """Exact top-k of a long vector in a few linear passes.
 
-    A strided sample brackets the cut value with a wide safety margin; the
-    entries above the bracket are kept, and the exact selection runs on the few
-    inside it. Returns None (caller falls back) when the bracket misses.
+    A strided sample brackets the cut value ``[lo, hi]`` with a wide safety
+    margin. Entries above ``hi`` are kept. If the entries strictly between fit,
+    they are kept too and the rest comes from the entries equal to ``lo``, lowest
+    index first (this is the case of many tied values, such as masked-out
+    zeros); otherwise the exact selection runs on the few entries in between.
+    Returns None (the caller falls back) when the bracket misses the cut.
     """
     n = s.size
     if k <= 0 or k >= n:
@@ -240,22 +281,42 @@ def _top_k_bracketed(s: np.ndarray, k: int) -> np.ndarray | None:
     j = k * m / n  # expected sample entries above the cut
     margin = 4.0 * float(np.sqrt(j * (1.0 - k / n))) + 8.0
     hi_rank, lo_rank = int(j - margin), int(np.ceil(j + margin))
-    if hi_rank < 1 and lo_rank > m:
+    if lo_rank > m:
         return None
-    ranks = [r for r in (m - hi_rank, m - lo_rank) if 0 <= r < m]
-    part = np.partition(sample, ranks)
-    hi = part[m - hi_rank] if hi_rank >= 1 else None
-    lo = part[m - lo_rank] if lo_rank <= m else None
-    above = s > hi if hi is not None else np.zeros(n, dtype=bool)
-    n_above = int(np.count_nonzero(above))
-    inside = ~above if lo is None else (s >= lo) & ~above
-    idx = np.flatnonzero(inside)
-    need = k - n_above
-    if need < 0 or need > idx.size:
+    ranks = sorted({r for r in (m - hi_rank, m - lo_rank) if 0 <= r < m})
+    part = np.partition(sample, ranks) if len(ranks) > 0 else sample
+    lo = part[m - lo_rank]
+    above = s > part[m - hi_rank] if hi_rank >= 1 else np.zeros(n, dtype=bool)
+    need = k - int(np.count_nonzero(above))
+    if need < 0:
         return None
-    keep = _top_k_rows(s[idx][None, :], np.array([need]))[0]
-    above[idx[keep]] = True
+    between = (s > lo) & ~above
+    n_between = int(np.count_nonzero(between))
+    if n_between <= need:
+        equal = _first_true(s == lo, need - n_between)
+        if equal is None:
+            return None
+        return above | between | equal
+    idx = np.flatnonzero(between)
+    above[idx[_top_k_rows(s[idx][None, :], np.array([need]))[0]]] = True
     return above
+
+
+def _first_true(mask: np.ndarray, r: int) -> np.ndarray | None:
+    """``mask`` with only its first ``r`` True entries left (None if it has fewer)."""
+    out = np.zeros_like(mask)
+    if r == 0:
+        return out
+    for start in range(0, mask.size, _CHUNK):
+        chunk = mask[start : start + _CHUNK]
+        c = int(np.count_nonzero(chunk))
+        if c < r:
+            out[start : start + _CHUNK] = chunk
+            r -= c
+            continue
+        out[start + np.flatnonzero(chunk)[:r]] = True
+        return out
+    return None
 
 
 numpy_ops: ArrayOps = NumpyOps()

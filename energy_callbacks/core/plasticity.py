@@ -193,14 +193,16 @@ class Plasticity:
             )
         combined: Masks = [None] * len(proposed)
         current = list(proposed)
-        for rule in self._rules():
+        rules = self._rules()
+        for r, rule in enumerate(rules):
             for i, m in enumerate(rule.masks(current, topology, ops, self.step_count)):
                 dw = proposed[i]
                 if m is None or dw is None:
                     continue
                 prev = combined[i]
                 combined[i] = m if prev is None else ops.logical_and(prev, m)
-                current[i] = ops.where(combined[i], dw, ops.zeros_like(dw))
+                if r + 1 < len(rules):  # the next rule ranks what this one left
+                    current[i] = ops.keep(dw, combined[i])
         return combined
 
     def step(
@@ -223,7 +225,7 @@ class Plasticity:
             return Step([None] * len(proposed), zeros, skipped=True)
         masks = self.masks(proposed)
         applied = [
-            dw if m is None or dw is None else ops.where(m, dw, ops.zeros_like(dw))
+            dw if m is None or dw is None else ops.keep(dw, m)
             for dw, m in zip(proposed, masks, strict=True)
         ]
         if weights is not None:
@@ -235,14 +237,21 @@ class Plasticity:
         self.meter.record(applied, check_finite=False)
         return Step(masks, applied)
 
-    def record(self, applied: Sequence[Array | None]) -> bool:
+    def record(
+        self,
+        applied: Sequence[Array | None],
+        *,
+        check_finite: bool = True,
+        displacement: bool = True,
+    ) -> bool:
         """Record changes measured elsewhere (``w_after - w_before``) after :meth:`masks`.
 
         Adapters that apply the masks themselves call this so that the energy is
-        the real weight change. Returns False if the step held NaN/Inf.
+        the real weight change. Returns False if the step held NaN/Inf. See
+        :meth:`EnergyMeter.record` for ``check_finite`` and ``displacement``.
         """
         self.step_count += 1
-        return self.meter.record(applied)
+        return self.meter.record(applied, check_finite=check_finite, displacement=displacement)
 
     def report(self) -> EnergyReport:
         return self.meter.report(self.samples_seen, self.samples_learned)

@@ -101,7 +101,7 @@ def test_lightning_matches_numpy_oracle_batch_1_sgd(digits, name):
     assert got.steps == want.steps
     assert got.m0 == want.m0 and got.m0_min == want.m0_min
     assert got.m1 == pytest.approx(want.m1, rel=1e-12)
-    assert got.m1_min == pytest.approx(want.m1_min, rel=1e-12)
+    assert got.m1_min == pytest.approx(want.m1_min, rel=1e-9)  # w_T - w_0 vs summed deltas
     assert got.samples_seen == want.samples_seen == len(order)
     assert got.samples_learned == want.samples_learned
     if "mistakes" in name or "lazy" in name:

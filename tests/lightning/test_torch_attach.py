@@ -94,7 +94,9 @@ def test_any_optimizer_gets_exactly_the_oracle_masks(name):
     assert got.steps == want.steps == 12
     assert got.m0 == want.m0 and got.m0_min == want.m0_min
     assert got.m1 == pytest.approx(want.m1, rel=1e-12)
-    assert got.m1_min == pytest.approx(want.m1_min, rel=1e-12)
+    # The adapter folds w_T - w_0 exactly; the replay sums float32 deltas, which round
+    # when a step moves a weight by more than its own size (LBFGS).
+    assert got.m1_min == pytest.approx(want.m1_min, rel=1e-6)
     # The rule restricted: at most k = round(0.3 n) entries per tensor and step.
     assert got.m0 <= sum(keep_count(0.3, p.numel()) for p in model.parameters()) * got.steps
 
