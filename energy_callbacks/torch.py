@@ -121,7 +121,9 @@ class _Snapshot:
             self.delta: list[Any] = [
                 np.empty(tuple(p.shape), np.promote_types(_np_dtype(p), np.float32)) for p in params
             ]
-            self.dropped = [np.empty(tuple(p.shape), bool) for p in params]
+            # Bit masks for the branch-free blend in drop(): 4x faster than copyto(where=).
+            self.bits = [np.empty(tuple(p.shape), _uint(p)) for p in params]
+            self.xor = [np.empty(tuple(p.shape), _uint(p)) for p in params]
         else:
             self.before = [
                 torch.empty_like(p, memory_format=torch.contiguous_format) for p in params
@@ -153,9 +155,17 @@ class _Snapshot:
         """Undo parameter ``i``'s update outside ``keep``, and zero its delta there."""
         p, b, d = self.params[i], self.before[i], self.delta[i]
         if self.use_numpy:
-            dropped = np.logical_not(keep, out=self.dropped[i])
-            np.copyto(_view(p), b, where=dropped)
-            np.copyto(d, 0, where=dropped)
+            bits, x = self.bits[i], self.xor[i]
+            np.copyto(bits, keep, casting="unsafe")
+            np.negative(bits, out=bits)  # all ones where kept, zero where dropped
+            w, u = _view(p).view(bits.dtype), b.view(bits.dtype)
+            np.bitwise_xor(w, u, out=x)
+            np.bitwise_and(x, bits, out=x)
+            np.bitwise_xor(u, x, out=w)  # kept: the new value; dropped: the old, bit for bit
+            if d.itemsize == bits.itemsize:
+                np.bitwise_and(d.view(bits.dtype), bits, out=d.view(bits.dtype))
+            else:
+                np.multiply(d, keep, out=d)
         else:
             with torch.no_grad():
                 p.copy_(torch.where(keep, p, b))
@@ -174,6 +184,10 @@ class _Snapshot:
 def _view(p: torch.Tensor) -> np.ndarray:
     """A zero-copy NumPy view of a CPU tensor's storage (writes go to the tensor)."""
     return p.detach().numpy()
+
+
+def _uint(p: torch.Tensor) -> np.dtype:
+    return np.dtype(f"u{p.element_size()}")
 
 
 def _np_dtype(p: torch.Tensor) -> np.dtype:

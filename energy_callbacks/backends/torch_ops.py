@@ -35,6 +35,9 @@ class TorchOps:
     def abs(self, x: Array) -> Array:
         return x.abs()
 
+    def magnitude(self, x: Array) -> Array:
+        return x.abs()
+
     def isfinite_all(self, x: Array) -> bool:
         return bool(torch.isfinite(x).all())
 
@@ -93,8 +96,10 @@ class TorchOps:
     def where(self, mask: Array, x: Array, y: Array) -> Array:
         return torch.where(mask, x, y)
 
-    def keep(self, x: Array, mask: Array) -> Array:
-        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
+        if out is None:
+            return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return torch.mul(x, mask, out=out)
 
     def greater_equal(self, x: Array, threshold: float) -> Array:
         t = torch.tensor(threshold, dtype=x.dtype, device=x.device)

@@ -11,6 +11,7 @@ always returns exactly ``k`` entries, and the same ones on every backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,6 +24,10 @@ class ArrayOps(Protocol):
     """The few array operations the rules use. Masks are boolean arrays."""
 
     def abs(self, x: Array) -> Array: ...
+
+    def magnitude(self, x: Array) -> Array:
+        """``|x|`` for immediate use: valid only until the next call (may reuse a buffer)."""
+        ...
 
     def isfinite_all(self, x: Array) -> bool:
         """True when every entry is finite."""
@@ -64,8 +69,8 @@ class ArrayOps(Protocol):
 
     def where(self, mask: Array, x: Array, y: Array) -> Array: ...
 
-    def keep(self, x: Array, mask: Array) -> Array:
-        """``x`` where ``mask``, zero elsewhere (a new array)."""
+    def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
+        """``x`` where ``mask``, zero elsewhere (into ``out`` when given)."""
         ...
 
     def greater_equal(self, x: Array, threshold: float) -> Array:
@@ -127,6 +132,10 @@ class NumpyOps:
     def abs(self, x: Array) -> Array:
         return np.abs(x)
 
+    def magnitude(self, x: Array) -> Array:
+        x = np.asarray(x)
+        return np.abs(x, out=self._buffer(x.shape, x.dtype))
+
     def isfinite_all(self, x: Array) -> bool:
         x = np.asarray(x)
         return bool(np.isfinite(x, out=self._buffer(x.shape, bool)).all())
@@ -145,8 +154,10 @@ class NumpyOps:
         return int(np.count_nonzero(x))
 
     def row_l1(self, x: Array, axis: int) -> Array:
-        rows = np.moveaxis(np.abs(np.asarray(x, dtype=np.float64)), axis, 0)
-        return rows.reshape(rows.shape[0], -1).sum(axis=1)
+        a = self.magnitude(x)
+        others = tuple(d for d in range(a.ndim) if d != axis)
+        out: np.ndarray = np.add.reduce(a, axis=others, dtype=np.float64)
+        return out
 
     def top_k_mask(self, scores: Array, k: Array | int, largest: bool = True) -> Array:
         s = np.asarray(scores)
@@ -161,7 +172,7 @@ class NumpyOps:
         if not largest:
             s = -s
         if rows == 1 and n >= _BRACKET_MIN:
-            mask = _top_k_bracketed(s[0], int(kk[0]))
+            mask = _top_k_bracketed(s[0], int(kk[0]), self._buffer)
             if mask is not None:
                 return mask[None, :]
         return _top_k_rows(s, kk)
@@ -192,8 +203,10 @@ class NumpyOps:
     def where(self, mask: Array, x: Array, y: Array) -> Array:
         return np.where(mask, x, y)
 
-    def keep(self, x: Array, mask: Array) -> Array:
-        return np.where(mask, x, x.dtype.type(0))
+    def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
+        if out is None:
+            return np.where(mask, x, x.dtype.type(0))
+        return np.multiply(x, mask, out=out)
 
     def greater_equal(self, x: Array, threshold: float) -> Array:
         x = np.asarray(x)
@@ -263,7 +276,9 @@ _BRACKET_SAMPLE = 16384
 _CHUNK = 1 << 16
 
 
-def _top_k_bracketed(s: np.ndarray, k: int) -> np.ndarray | None:
+def _top_k_bracketed(
+    s: np.ndarray, k: int, scratch: Callable[[tuple[int, ...], Any], np.ndarray]
+) -> np.ndarray | None:
     """Exact top-k of a long vector in a few linear passes.
 
     A strided sample brackets the cut value ``[lo, hi]`` with a wide safety
@@ -286,37 +301,37 @@ def _top_k_bracketed(s: np.ndarray, k: int) -> np.ndarray | None:
     ranks = sorted({r for r in (m - hi_rank, m - lo_rank) if 0 <= r < m})
     part = np.partition(sample, ranks) if len(ranks) > 0 else sample
     lo = part[m - lo_rank]
-    above = s > part[m - hi_rank] if hi_rank >= 1 else np.zeros(n, dtype=bool)
+    above: np.ndarray = s > part[m - hi_rank] if hi_rank >= 1 else np.zeros(n, dtype=bool)
     need = k - int(np.count_nonzero(above))
     if need < 0:
         return None
-    between = (s > lo) & ~above
+    between = np.greater(s, lo, out=scratch((n,), bool))
+    between &= np.logical_not(above, out=scratch((n, 1), bool)[:, 0])
     n_between = int(np.count_nonzero(between))
     if n_between <= need:
-        equal = _first_true(s == lo, need - n_between)
+        equal = _first_true(np.equal(s, lo, out=scratch((1, n), bool)[0]), need - n_between)
         if equal is None:
             return None
-        return above | between | equal
+        above |= between
+        above |= equal
+        return above
     idx = np.flatnonzero(between)
     above[idx[_top_k_rows(s[idx][None, :], np.array([need]))[0]]] = True
     return above
 
 
 def _first_true(mask: np.ndarray, r: int) -> np.ndarray | None:
-    """``mask`` with only its first ``r`` True entries left (None if it has fewer)."""
-    out = np.zeros_like(mask)
-    if r == 0:
-        return out
+    """Clear all but the first ``r`` True entries of ``mask`` in place (None if fewer)."""
     for start in range(0, mask.size, _CHUNK):
         chunk = mask[start : start + _CHUNK]
         c = int(np.count_nonzero(chunk))
         if c < r:
-            out[start : start + _CHUNK] = chunk
             r -= c
             continue
-        out[start + np.flatnonzero(chunk)[:r]] = True
-        return out
-    return None
+        chunk[np.flatnonzero(chunk)[r:]] = False
+        mask[start + _CHUNK :] = False
+        return mask
+    return None if r > 0 else mask
 
 
 numpy_ops: ArrayOps = NumpyOps()

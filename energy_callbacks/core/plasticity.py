@@ -100,6 +100,7 @@ class Plasticity:
         self.ops = ops
         self._topology: Topology | None = None
         self._meter: EnergyMeter | None = None
+        self._ranked_buffers: dict[int, Array] = {}
         self.step_count = 0
         self.samples_seen = 0
         self.samples_learned = 0
@@ -149,6 +150,7 @@ class Plasticity:
         for rule in self._rules():
             rule.setup(topology)
         self._topology = topology
+        self._ranked_buffers = {}
         self._meter = EnergyMeter(
             topology.tensors,
             self.alpha,
@@ -202,8 +204,15 @@ class Plasticity:
                 prev = combined[i]
                 combined[i] = m if prev is None else ops.logical_and(prev, m)
                 if r + 1 < len(rules):  # the next rule ranks what this one left
-                    current[i] = ops.keep(dw, combined[i])
+                    current[i] = ops.keep(dw, combined[i], out=self._ranked(i, dw))
         return combined
+
+    def _ranked(self, i: int, like: Array) -> Array:
+        """A reusable buffer for tensor ``i``'s proposals as the next rule ranks them."""
+        buf = self._ranked_buffers.get(i)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = self._ranked_buffers[i] = self.ops.zeros_like(like)
+        return buf
 
     def step(
         self, proposed: Sequence[Array | None], weights: Sequence[Array] | None = None

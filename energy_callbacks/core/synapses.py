@@ -213,7 +213,7 @@ class RandomSynapses(SynapseRule):
 
 
 def _top_k(dw: Array, t: TensorSpec, k: int, ops: ArrayOps, largest: bool) -> Array:
-    flat = ops.reshape(ops.abs(dw), (1, t.size))
+    flat = ops.reshape(ops.magnitude(dw), (1, t.size))
     return ops.reshape(ops.top_k_mask(flat, k, largest), t.shape)
 
 
