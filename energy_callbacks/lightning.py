@@ -140,6 +140,9 @@ class PlasticityCallback(Callback):
         Plasticity(self.plasticity.synapses, self.plasticity.units).setup(specs)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A second fit() with this callback continues its totals (attach() starts afresh).
+        if self._pending_state is None and self.plasticity.is_setup:
+            self._pending_state = self.plasticity.state_dict()
         self._handle = attach(
             pl_module, trainer.optimizers, self.plasticity, layers=self.layers, outputs=self.outputs
         )
@@ -209,8 +212,10 @@ class PlasticityCallback(Callback):
             metrics.update(
                 {f"plasticity/energy/{name}": e.m1 for name, e in report.per_layer.items()}
             )
+        # The values are equal on every rank by now; the mean over ranks keeps them.
+        sync = _world_size() > 1
         for key, value in metrics.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True)
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
 
     def _sync_ranks(self, device: torch.device) -> None:
         """Sum this epoch's sample counts over ranks; OR the mistake memories."""

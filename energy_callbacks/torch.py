@@ -133,7 +133,7 @@ class _Snapshot:
     def take(self) -> None:
         for p, b in zip(self.params, self.before, strict=True):
             if self.use_numpy:
-                np.copyto(b, _view(p))
+                torch.from_numpy(b).copy_(p.detach())  # torch copies with all threads
             else:
                 b.copy_(p.detach())
 
@@ -144,7 +144,12 @@ class _Snapshot:
             if p.grad is None:
                 out.append(None)
             elif self.use_numpy:
-                out.append(np.subtract(_view(p), self.before[i], out=self.delta[i]))
+                d = self.delta[i]
+                if d.dtype == self.before[i].dtype:
+                    torch.sub(p.detach(), torch.from_numpy(self.before[i]), out=torch.from_numpy(d))
+                else:  # 16-bit weights: subtract in float32, where the difference is exact
+                    np.subtract(_view(p), self.before[i], out=d, dtype=d.dtype)
+                out.append(d)
             else:
                 wide = torch.promote_types(p.dtype, torch.float32)  # exact 16-bit differences
                 self.delta[i] = p.detach().to(wide) - self.before[i].to(wide)

@@ -51,3 +51,13 @@ def test_two_epochs_straight_equal_one_plus_resumed_one(tmp_path, data):
     np.testing.assert_array_equal(resumed.flagged(), straight.flagged())
     assert resumed.count() > 0
     assert resumed_callback.report().samples_seen == 2 * 256
+
+
+def test_a_second_fit_continues_the_totals(tmp_path, data):
+    module, callback = make(tmp_path)
+    trainer(max_epochs=1, callbacks=[callback]).fit(module, data)
+    first = callback.report()
+    trainer(max_epochs=1, callbacks=[callback]).fit(module, data)
+    second = callback.report()
+    assert second.samples_seen == 2 * first.samples_seen
+    assert second.steps > first.steps and second.m1 > first.m1

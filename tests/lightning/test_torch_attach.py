@@ -224,3 +224,18 @@ def test_bf16_parameters_use_torch_ops():
     assert isinstance(report.m1, float) and report.m1 == pytest.approx(real, rel=1e-12)
     for p, b in zip(model.parameters(), before):
         assert (p != b).sum() <= keep_count(0.5, p.numel())
+
+
+def test_float16_parameters_record_exact_differences():
+    """16-bit weights: the difference is taken in float32, where it is exact."""
+    model = mlp().to(torch.float16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    handle = attach(model, opt, Plasticity())
+    before = [p.detach().double() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    opt.step()
+    real = sum(
+        (p.detach().double() - b).abs().sum().item() for p, b in zip(model.parameters(), before)
+    )
+    assert handle.report().m1 == pytest.approx(real, rel=1e-12)
