@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import IndexedData, PaperModule, trainer
+from conftest import IndexedData, PaperModule, oracle_step, trainer
 
 from energy_callbacks import (
     FixedSubnetwork,
@@ -78,15 +78,7 @@ def replay(rule, x, y, order, batch_size, ref, **module_kwargs):
         out.register_hook(lambda g, keep=keep: g * keep)
         opt.zero_grad()
         (0.5 * ((out - eye[yb]) ** 2).sum(1).mean()).backward()
-        before = [p.detach().clone() for p in params]
-        opt.step()
-        proposed = [(p.detach() - b).numpy() for p, b in zip(params, before)]
-        masks = oracle.masks(proposed)
-        with torch.no_grad():  # keep the optimizer's new value where the oracle's mask says so
-            for p, b, m in zip(params, before, masks):
-                if m is not None:
-                    p.copy_(torch.where(torch.from_numpy(np.asarray(m)), p, b))
-        oracle.record([(p.detach() - b).numpy() for p, b in zip(params, before)])
+        oracle_step(oracle, params, opt.step)
     return twin, oracle.report()
 
 

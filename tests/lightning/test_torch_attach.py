@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import oracle_step
 from torch import nn
 
 from energy_callbacks import Plasticity, TopFraction, TopUnits
@@ -74,14 +75,7 @@ def run_by_hand(make_opt):
             loss.backward()
             return loss
 
-        before = [p.detach().clone() for p in params]
-        opt.step(closure)
-        masks = oracle.masks([(p.detach() - b).numpy() for p, b in zip(params, before)])
-        with torch.no_grad():
-            for p, b, m in zip(params, before, masks):
-                if m is not None:
-                    p.copy_(torch.where(torch.from_numpy(np.asarray(m)), p, b))
-        oracle.record([(p.detach() - b).numpy() for p, b in zip(params, before)])
+        oracle_step(oracle, params, lambda closure=closure: opt.step(closure))
     return model, oracle.report()
 
 
