@@ -32,6 +32,9 @@ CONFIGS = {
     "plain": None,
     "tracking only": lambda: PlasticityCallback(),
     "TopFraction(0.1)": lambda: PlasticityCallback(synapses=TopFraction(0.1)),
+    "TopFraction(0.1, approximate=True)": lambda: PlasticityCallback(
+        synapses=TopFraction(0.1, approximate=True)
+    ),
     "combined (path 10% units + top 10%)": lambda: PlasticityCallback(
         units=TopUnits(0.1, path=True), synapses=0.1
     ),

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from ..core.ops import Array, ArrayOps, NumpyOps
+from ..core.ops import APPROX_SAMPLE, Array, ArrayOps, NumpyOps
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -69,6 +69,16 @@ class TorchOps:
         mask = above | (tied & (tied.cumsum(1) <= need[:, None]))
         mask[kk == 0] = False
         return mask
+
+    def approx_top_mask(self, scores: Array, k: int) -> Array:
+        n = scores.numel()
+        if n <= APPROX_SAMPLE or k <= 0 or k >= n:
+            return self.top_k_mask(scores.reshape(1, n), k)[0]
+        sample = scores.reshape(-1)[:: n // APPROX_SAMPLE]
+        m = sample.numel()
+        r = min(m - 1, max(0, m - round(k * m / n)))
+        t = torch.kthvalue(sample.float(), r + 1).values.to(scores.dtype)
+        return scores > 0 if float(t) <= 0 else scores >= t
 
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
         return x.reshape(shape)

@@ -51,6 +51,15 @@ class ArrayOps(Protocol):
         """
         ...
 
+    def approx_top_mask(self, scores: Array, k: int) -> Array:
+        """About the ``k`` largest entries of a 1-D array of scores ``>= 0``, in one pass.
+
+        Keeps ``scores >= t``, where ``t`` is the matching order statistic of a
+        strided sample of :data:`APPROX_SAMPLE` entries (``> 0`` when ``t`` is 0,
+        so that zero scores never count). Exact below that many entries.
+        """
+        ...
+
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array: ...
 
     def moveaxis(self, x: Array, source: int, destination: int) -> Array: ...
@@ -177,6 +186,18 @@ class NumpyOps:
                 return mask[None, :]
         return _top_k_rows(s, kk)
 
+    def approx_top_mask(self, scores: Array, k: int) -> Array:
+        s = np.asarray(scores)
+        n = s.size
+        if n <= APPROX_SAMPLE or k <= 0 or k >= n:
+            return self.top_k_mask(s[None, :], k)[0]
+        sample = s[:: n // APPROX_SAMPLE]
+        m = sample.size
+        r = min(m - 1, max(0, m - round(k * m / n)))
+        t = np.partition(sample, r)[r]
+        out: np.ndarray = s > 0 if t <= 0 else s >= t
+        return out
+
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
         return np.reshape(x, shape)
 
@@ -270,6 +291,9 @@ def _top_k_rows(s: np.ndarray, kk: np.ndarray) -> np.ndarray:
     mask[kk == 0] = False
     return mask
 
+
+APPROX_SAMPLE = 1 << 14
+"""Sample size of :meth:`ArrayOps.approx_top_mask`."""
 
 _BRACKET_MIN = 1 << 14
 _BRACKET_SAMPLE = 16384
