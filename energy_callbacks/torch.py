@@ -375,6 +375,11 @@ class OutputGate:
         targets, ids = self._armed
         self._armed = None
         logits = self.outputs(output)
+        if logits.dim() != 2:
+            raise ValueError(
+                f"sample gate: logits of shape {tuple(logits.shape)}; the gates judge one "
+                "prediction per sample, shape (batch, classes). Pass outputs= to pick them."
+            )
         ops = self.plasticity.ops
         if isinstance(ops, NumpyOps):
             result = self.plasticity.gate(

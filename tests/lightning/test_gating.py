@@ -199,3 +199,12 @@ def test_lightning_skips_empty_batches_and_logs_the_share_learned():
     assert 0 <= share < 1
     assert float(t.callback_metrics["plasticity/energy"]) == pytest.approx(report.m1, rel=1e-6)
     assert np.isfinite(float(t.callback_metrics["plasticity/inefficiency"]))
+
+
+def test_gate_needs_one_prediction_per_sample():
+    model = nn.Sequential(nn.Linear(6, 12), nn.Unflatten(1, (4, 3)))  # (batch, 4 tokens, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach(model, opt, Plasticity(samples="lazy"))
+    handle.gate_batch(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(batch, classes\)"):
+        model(torch.randn(2, 6))
