@@ -35,6 +35,7 @@ NumPy views; other devices and dtypes use torch ops.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backends import fused
 from .backends.torch_ops import ops_for
 from .core import EnergyReport, Plasticity, TensorSpec
 from .core.ops import NumpyOps
@@ -132,6 +134,10 @@ class _Snapshot:
                 torch.empty_like(p, memory_format=torch.contiguous_format) for p in params
             ]
             self.delta = [None] * len(params)
+        # One fused pass per tensor where numba can do it (float32/64 on the CPU).
+        self.fused = [
+            use_numpy and fused.AVAILABLE and _np_dtype(p) in fused.FUSED_DTYPES for p in params
+        ]
 
     def take(self) -> None:
         for p, b in zip(self.params, self.before, strict=True):
@@ -140,15 +146,19 @@ class _Snapshot:
             else:
                 b.copy_(p.detach())
 
-    def deltas(self) -> list[Any]:
-        """``w_after - w_before`` per parameter (None where the parameter had no grad)."""
+    def deltas(self) -> tuple[list[Any], list[tuple[float, int] | None]]:
+        """``w_after - w_before`` per parameter (None where the parameter had no grad),
+        and ``(sum |delta|, count(delta != 0))`` where a fused kernel computed them."""
         out: list[Any] = []
+        stats: list[tuple[float, int] | None] = [None] * len(self.params)
         for i, p in enumerate(self.params):
             if p.grad is None:
                 out.append(None)
             elif self.use_numpy:
                 d = self.delta[i]
-                if d.dtype == self.before[i].dtype:
+                if self.fused[i]:
+                    stats[i] = fused.diff_stats(_view(p), self.before[i], d)
+                elif d.dtype == self.before[i].dtype:
                     torch.sub(p.detach(), torch.from_numpy(self.before[i]), out=torch.from_numpy(d))
                 else:  # 16-bit weights: subtract in float32, where the difference is exact
                     np.subtract(_view(p), self.before[i], out=d, dtype=d.dtype)
@@ -157,11 +167,16 @@ class _Snapshot:
                 wide = torch.promote_types(p.dtype, torch.float32)  # exact 16-bit differences
                 self.delta[i] = p.detach().to(wide) - self.before[i].to(wide)
                 out.append(self.delta[i])
-        return out
+        return out, stats
 
-    def drop(self, i: int, keep: Any) -> None:
-        """Undo parameter ``i``'s update outside ``keep``, and zero its delta there."""
+    def drop(self, i: int, keep: Any) -> tuple[float, int] | None:
+        """Undo parameter ``i``'s update outside ``keep``, and zero its delta there.
+
+        Returns the applied change's ``(sum |delta|, count)`` from the fused kernel.
+        """
         p, b, d = self.params[i], self.before[i], self.delta[i]
+        if self.use_numpy and self.fused[i]:
+            return fused.blend_stats(_view(p), b, d, keep)
         if self.use_numpy:
             bits, x = self.bits[i], self.xor[i]
             np.copyto(bits, keep, casting="unsafe")
@@ -178,6 +193,7 @@ class _Snapshot:
             with torch.no_grad():
                 p.copy_(torch.where(keep, p, b))
             d.masked_fill_(~keep, 0)
+        return None
 
     def undo(self) -> None:
         """Put every parameter back to its value before the step."""
@@ -252,21 +268,31 @@ class AttachedPlasticity:
     # -- the step ----------------------------------------------------------
     def _after(self, snap: _Snapshot, mine: list[int]) -> None:
         plasticity, ops = self.plasticity, self.ops
+        deltas, stats = snap.deltas()
         proposed: list[Any] = [None] * len(self.params)
-        for i, dw in zip(mine, snap.deltas(), strict=True):
+        for i, dw in zip(mine, deltas, strict=True):
             proposed[i] = dw
         restricts = plasticity.restricts
         if restricts:
-            if not all(dw is None or ops.isfinite_all(dw) for dw in proposed):
+            finite = all(
+                d is None or (ops.isfinite_all(d) if s is None else math.isfinite(s[0]))
+                for d, s in zip(deltas, stats, strict=True)
+            )
+            if not finite:
                 snap.undo()
                 plasticity.meter.skip_nonfinite()
                 return
             masks = plasticity.masks(proposed)
             for j, i in enumerate(mine):
                 if proposed[i] is not None and masks[i] is not None:
-                    snap.drop(j, masks[i])
+                    stats[j] = snap.drop(j, masks[i])
         # The deltas now hold the real applied change: mask * dw.
-        if not plasticity.record(proposed, check_finite=not restricts, displacement=False):
+        totals: list[tuple[float, int] | None] = [None] * len(self.params)
+        for j, i in enumerate(mine):
+            totals[i] = stats[j]
+        if not plasticity.record(
+            proposed, check_finite=not restricts, displacement=False, totals=totals
+        ):
             snap.undo()
 
     def sync(self) -> None:

@@ -157,6 +157,7 @@ class EnergyMeter:
         *,
         check_finite: bool = True,
         displacement: bool = True,
+        totals: Sequence[tuple[float, int] | None] | None = None,
     ) -> bool:
         """Add one step's applied changes. Returns False if the step was skipped.
 
@@ -164,13 +165,20 @@ class EnergyMeter:
         costs no extra pass; ``check_finite=False`` skips even that. With
         ``displacement=False`` the caller supplies ``w_T - w_0`` itself through
         :meth:`add_displacement` (adapters fold it in lazily from the weights).
+        ``totals`` gives each update's ``(sum |u|, count(u != 0))`` when the caller
+        computed them already (a fused kernel); they are used for M1 and M0.
         """
         ops = self.ops
         if len(updates) != len(self.tensors):
             raise ValueError(
                 f"EnergyMeter.record: got {len(updates)} arrays for {len(self.tensors)} tensors"
             )
-        m1 = [None if u is None else ops.total(u) for u in updates]
+        given = totals if totals is not None else [None] * len(updates)
+        m1 = [
+            None if u is None else (ops.total(u) if t is None else t[0])
+            for u, t in zip(updates, given, strict=True)
+        ]
+        m0 = [None if t is None else t[1] for t in given]
         if check_finite and not all(v is None or math.isfinite(v) for v in m1):
             self.skip_nonfinite()
             return False
@@ -180,7 +188,8 @@ class EnergyMeter:
                 continue
             self._m1[i] += v
             self._m_alpha[i] += v if self.alpha == 1.0 else ops.total(u, self.alpha)
-            self._m0[i] += ops.count_nonzero(u)
+            count = m0[i]
+            self._m0[i] += ops.count_nonzero(u) if count is None else count
             if displacement:
                 self._displacement[i] = ops.add_f64(self._displacement[i], u)
         self.steps += 1

@@ -252,15 +252,18 @@ class Plasticity:
         *,
         check_finite: bool = True,
         displacement: bool = True,
+        totals: Sequence[tuple[float, int] | None] | None = None,
     ) -> bool:
         """Record changes measured elsewhere (``w_after - w_before``) after :meth:`masks`.
 
         Adapters that apply the masks themselves call this so that the energy is
         the real weight change. Returns False if the step held NaN/Inf. See
-        :meth:`EnergyMeter.record` for ``check_finite`` and ``displacement``.
+        :meth:`EnergyMeter.record` for ``check_finite``, ``displacement`` and ``totals``.
         """
         self.step_count += 1
-        return self.meter.record(applied, check_finite=check_finite, displacement=displacement)
+        return self.meter.record(
+            applied, check_finite=check_finite, displacement=displacement, totals=totals
+        )
 
     def report(self) -> EnergyReport:
         return self.meter.report(self.samples_seen, self.samples_learned)

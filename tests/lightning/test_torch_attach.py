@@ -233,3 +233,26 @@ def test_float16_parameters_record_exact_differences():
         (p.detach().double() - b).abs().sum().item() for p, b in zip(model.parameters(), before)
     )
     assert handle.report().m1 == pytest.approx(real, rel=1e-12)
+
+
+@pytest.mark.parametrize("rules", [dict(), dict(units=TopUnits(0.5, path=True), synapses=0.3)])
+def test_fused_kernels_match_the_numpy_path(monkeypatch, rules):
+    """numba's one-pass kernels give the NumPy path's weights and energy."""
+    from energy_callbacks.backends import fused
+
+    assert fused.AVAILABLE  # numba is in the torch extra
+    results = []
+    for available in (True, False):
+        monkeypatch.setattr(fused, "AVAILABLE", available)
+        model = mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        handle = attach(model, opt, Plasticity(**copy.deepcopy(rules)))
+        for x, y in batches():
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        results.append((list(model.parameters()), handle.report()))
+    (w_fused, fused_report), (w_numpy, numpy_report) = results
+    assert all(torch.equal(a, b) for a, b in zip(w_fused, w_numpy))
+    assert fused_report.m0 == numpy_report.m0
+    assert fused_report.m1 == pytest.approx(numpy_report.m1, rel=1e-12)
