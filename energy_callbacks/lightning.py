@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .core import EnergyReport, Plasticity
+from .core import EnergyReport, Plasticity, Topology
 from .core.samples import SampleGate
 from .core.synapses import SynapseRule
 from .core.units import UnitRule
@@ -137,7 +137,7 @@ class PlasticityCallback(Callback):
         if not specs:
             raise ValueError("PlasticityCallback: the LightningModule has no trainable parameter")
         # Check the rules against the model now, so that a misfit fails before training.
-        Plasticity(self.plasticity.synapses, self.plasticity.units).setup(specs)
+        Plasticity(self.plasticity.synapses, self.plasticity.units).setup(Topology.chain(specs))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A second fit() with this callback continues its totals (attach() starts afresh).

@@ -36,6 +36,7 @@ NumPy views; other devices and dtypes use torch ops.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -45,7 +46,7 @@ from torch import nn
 
 from .backends import fused
 from .backends.torch_ops import ops_for
-from .core import EnergyReport, Plasticity, TensorSpec
+from .core import EnergyReport, Plasticity, TensorSpec, Topology
 from .core.ops import NumpyOps
 from .torch_gate import OutputGate, default_logits, skip_empty_steps
 
@@ -108,6 +109,29 @@ def describe(
                 specs.append(TensorSpec(full, tuple(p.shape), None))
             found.append(p)
     return specs, found
+
+
+def network(
+    specs: Sequence[TensorSpec],
+    adjacency: Sequence[tuple[str, str]] | None,
+    plasticity: Plasticity,
+) -> Topology:
+    """The topology of a torch model: ``adjacency`` if given, else the layers in order
+    with the last one the output, linked where sizes match. A path rule warns about
+    the links it cannot make (their inputs count as always selected)."""
+    if adjacency is not None:
+        return Topology(specs, adjacency)
+    topology = Topology.chain(specs)
+    units = plasticity.units
+    if units is not None and units.path and topology.unlinked():
+        warnings.warn(
+            f"path rule: layers {topology.unlinked()} are consecutive but their sizes do not "
+            "match (e.g. conv -> flatten -> dense), so the path does not link them: the "
+            "later layer's inputs count as always selected. attach(adjacency=...) overrides.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return topology
 
 
 def _covered(p: nn.Parameter, seen: set[int], wanted: set[int] | None) -> bool:
@@ -242,7 +266,7 @@ class AttachedPlasticity:
         self.plasticity = plasticity
         self.params = params
         self.ops = ops_for(params)
-        plasticity.setup(specs, adjacency, ops=self.ops)
+        plasticity.setup(network(specs, adjacency, plasticity), ops=self.ops)
         self._use_numpy = isinstance(self.ops, NumpyOps)
         # w_T - w_0 is folded into the meter lazily from this reference copy.
         self._reference = [p.detach().clone() for p in params]

@@ -79,19 +79,21 @@ class Topology:
     """The tensors of a network, their layers in order, and the layer wiring.
 
     ``adjacency`` lists ``(presynaptic layer, postsynaptic layer)`` pairs. By
-    default consecutive layers are chained. A layer with no outgoing edge is an
-    output layer: its units are always selected. Unit rules act on the hidden
-    layers, which feed some other layer.
+    default consecutive layers are chained. ``outputs`` names the output layers,
+    whose units are always selected; by default, the layers with no outgoing
+    edge. Unit rules act on the other layers, the hidden ones.
     """
 
     tensors: tuple[TensorSpec, ...]
     layers: tuple[Layer, ...] = field(init=False)
     edges: tuple[tuple[str, str], ...] = field(init=False)
+    outputs: tuple[str, ...] = field(init=False)
 
     def __init__(
         self,
         tensors: Sequence[TensorSpec],
         adjacency: Sequence[tuple[str, str]] | None = None,
+        outputs: Sequence[str] | None = None,
     ) -> None:
         tensors = tuple(tensors)
         names = [t.name for t in tensors]
@@ -111,15 +113,41 @@ class Topology:
                         f"layers are {sorted(known)}"
                     )
         object.__setattr__(self, "edges", tuple((str(a), str(b)) for a, b in adjacency))
+        if outputs is None:
+            feeding = {pre for pre, _ in self.edges}
+            outputs = [layer.name for layer in layers if layer.name not in feeding]
+        unknown = [name for name in outputs if name not in known]
+        if unknown:
+            raise ValueError(
+                f"Topology.outputs names unknown layers {unknown}; layers are {sorted(known)}"
+            )
+        object.__setattr__(self, "outputs", tuple(outputs))
+
+    @classmethod
+    def chain(cls, tensors: Sequence[TensorSpec]) -> Topology:
+        """Layers in order, the last one the output; consecutive layers are linked for
+        the path rule only where the sizes match (conv -> flatten -> dense is not)."""
+        t = cls(tensors, adjacency=[])
+        edges = [
+            (a.name, b.name)
+            for a, b in zip(t.layers, t.layers[1:], strict=False)
+            if a.n_units == b.n_inputs
+        ]
+        return cls(tensors, edges, outputs=[t.layers[-1].name] if t.layers else [])
+
+    def unlinked(self) -> list[tuple[str, str]]:
+        """Consecutive layers the path rule does not link."""
+        linked = set(self.edges)
+        pairs = zip(self.layers, self.layers[1:], strict=False)
+        return [(a.name, b.name) for a, b in pairs if (a.name, b.name) not in linked]
 
     def layer(self, name: str) -> Layer:
         return next(layer for layer in self.layers if layer.name == name)
 
     @property
     def hidden(self) -> tuple[Layer, ...]:
-        """Layers that feed another layer; unit rules select units here."""
-        feeding = {pre for pre, _ in self.edges}
-        return tuple(layer for layer in self.layers if layer.name in feeding)
+        """The layers that are not outputs; unit rules select units here."""
+        return tuple(layer for layer in self.layers if layer.name not in self.outputs)
 
     def presynaptic(self, layer: Layer) -> Layer | None:
         """The layer whose units are ``layer``'s inputs, for the path rule."""

@@ -256,3 +256,30 @@ def test_fused_kernels_match_the_numpy_path(monkeypatch, rules):
     assert all(torch.equal(a, b) for a, b in zip(w_fused, w_numpy))
     assert fused_report.m0 == numpy_report.m0
     assert fused_report.m1 == pytest.approx(numpy_report.m1, rel=1e-12)
+
+
+def test_conv_net_path_links_the_convolutions_and_warns_about_flatten():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 3)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"\('2', '4'\)"):
+        handle = attach(model, opt, Plasticity(units=TopUnits(k=2, path=True)))
+    topology = handle.plasticity.topology
+    assert [layer.name for layer in topology.hidden] == ["0", "2"]
+    assert topology.edges == (("0", "2"),)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(
+        model(torch.randn(5, 1, 8, 8)), torch.tensor([0, 1, 2, 0, 1])
+    ).backward()
+    opt.step()
+    changed = [(p != b) for p, b in zip(model.parameters(), before)]
+    conv1_units = changed[1]  # bias: the 2 selected units of conv 0
+    conv2_units = changed[3]
+    assert conv1_units.sum() == 2 and conv2_units.sum() == 2
+    # conv 2's kernel changes only between selected units: out (axis 0) and in (axis 1).
+    plastic = conv2_units[:, None, None, None] & conv1_units[None, :, None, None]
+    assert not (changed[2] & ~plastic).any()
+    # The dense output layer: all units; its inputs are not linked, so all plastic.
+    assert changed[4].float().mean() > 0.9
