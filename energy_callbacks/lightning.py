@@ -186,7 +186,7 @@ class PlasticityCallback(Callback):
                 "samples=None."
             )
         self._batches += 1
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
         if self._batches % every == 0:
             m1, m0 = self.plasticity.meter.totals()
             pl_module.log("plasticity/energy", m1, prog_bar=True, on_step=True, on_epoch=False)
