@@ -76,7 +76,7 @@ def oracle_step(oracle, params, step) -> None:
     with torch.no_grad():
         for p, b, m in zip(params, before, masks):
             if m is not None:
-                p.copy_(torch.where(torch.from_numpy(np.asarray(m)), p, b))
+                p.copy_(torch.where(torch.from_numpy(np.array(m)), p, b))  # a writable copy
     oracle.record([(p.detach() - b).numpy() for p, b in zip(params, before)])
 
 
