@@ -1,8 +1,8 @@
 """Train the paper MLP with PlasticityCallback under DDP (CPU, gloo, 2 processes).
 
 Run as ``python tests/lightning/ddp_run.py OUTDIR RULE`` (RULE: ``mistakes`` or ``track``).
-Lightning's subprocess launcher re-executes this script once per extra rank, so
-everything the children need is defined here. Each rank writes ``OUTDIR/rank{R}.npz``
+Lightning's subprocess launcher re-executes this script once per extra rank; the
+model and data come from conftest.py next to it. Each rank writes ``OUTDIR/rank{R}.npz``
 (final weights, the callback's report, the mistake memory's flagged ids, the sample ids
 it trained on); rank 0's CSVLogger writes ``OUTDIR/logs/version_0/metrics.csv``.
 Not collected by pytest: tests/lightning/test_ddp.py runs it.
@@ -20,12 +20,14 @@ import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from torch import nn  # noqa: E402
 
 from energy_callbacks import TopUnits  # noqa: E402
 from energy_callbacks.data import load_digits, paper_inputs  # noqa: E402
 from energy_callbacks.lightning import PlasticityCallback  # noqa: E402
 from energy_callbacks.reference import PaperMLP  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import IndexedData, PaperModule  # noqa: E402
 
 BATCH_SIZE = 8
 MAX_EPOCHS = 2
@@ -42,46 +44,16 @@ def make_callback(rule: str) -> PlasticityCallback:
     raise SystemExit(f"unknown rule {rule!r}: use 'mistakes' or 'track'")
 
 
-class PaperModule(pl.LightningModule):
-    """The reference MLP with weights copied from PaperMLP; loss 0.5 * ||y - onehot||^2."""
+class RecordingModule(PaperModule):
+    """conftest's paper MLP, recording the sample ids this rank trains on."""
 
-    def __init__(self, ref: PaperMLP, lr: float = 0.01) -> None:
-        super().__init__()
-        n_in, n_hidden, n_out = ref.sizes
-        self.net = nn.Sequential(
-            nn.Linear(n_in, n_hidden), nn.LeakyReLU(ref.slope), nn.Linear(n_hidden, n_out)
-        )
-        with torch.no_grad():
-            for p, w in zip(self.net.parameters(), ref.params):
-                p.copy_(torch.from_numpy(w))
-        self.n_out = n_out
-        self.lr = lr
+    def __init__(self, ref: PaperMLP) -> None:
+        super().__init__(ref)
         self.seen_ids: list[int] = []
-
-    def forward(self, x):
-        return self.net(x)
 
     def training_step(self, batch, batch_idx):
         self.seen_ids.extend(int(i) for i in batch["index"])
-        out = self(batch["x"])
-        target = nn.functional.one_hot(batch["y"], self.n_out).to(out.dtype)
-        return 0.5 * ((out - target) ** 2).sum(1).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-class IndexedData(torch.utils.data.Dataset):
-    """Dict samples {x, y, index}; the index is the sample id."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": torch.from_numpy(self.x[i]), "y": int(self.y[i]), "index": i}
+        return super().training_step(batch, batch_idx)
 
 
 def digits_train() -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +68,10 @@ def main(outdir: Path, rule: str) -> None:
     x, y = digits_train()
     # Lightning injects DistributedSampler(shuffle=True, seed=0) for training loaders
     # whatever shuffle= says here (lightning 2.x); the test rebuilds that order.
-    data = torch.utils.data.DataLoader(IndexedData(x, y), batch_size=BATCH_SIZE, shuffle=False)
-    module = PaperModule(PaperMLP(64, HIDDEN, seed=0))
+    data = torch.utils.data.DataLoader(
+        IndexedData(x, y, np.arange(len(y))), batch_size=BATCH_SIZE, shuffle=False
+    )
+    module = RecordingModule(PaperMLP(64, HIDDEN, seed=0))
     callback = make_callback(rule)
     trainer = pl.Trainer(
         accelerator="cpu",
