@@ -103,9 +103,6 @@ class TorchOps:
     def zeros_like(self, x: Array) -> Array:
         return torch.zeros_like(x)
 
-    def where(self, mask: Array, x: Array, y: Array) -> Array:
-        return torch.where(mask, x, y)
-
     def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
         if out is None:
             return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -76,8 +76,6 @@ class ArrayOps(Protocol):
 
     def zeros_like(self, x: Array) -> Array: ...
 
-    def where(self, mask: Array, x: Array, y: Array) -> Array: ...
-
     def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
         """``x`` where ``mask``, zero elsewhere (into ``out`` when given)."""
         ...
@@ -220,9 +218,6 @@ class NumpyOps:
 
     def zeros_like(self, x: Array) -> Array:
         return np.zeros_like(x)
-
-    def where(self, mask: Array, x: Array, y: Array) -> Array:
-        return np.where(mask, x, y)
 
     def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
         if out is None:
