@@ -272,7 +272,6 @@ class AttachedPlasticity:
         self._reference = [p.detach().clone() for p in params]
         index = {id(p): i for i, p in enumerate(params)}
         self._removers: list[Callable[[], None]] = []
-        self._optimizers = opts
         for opt in opts:
             mine = [index[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in index]
             mine = sorted(set(mine))

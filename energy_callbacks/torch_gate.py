@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import GateResult, Plasticity
+from .core import Plasticity
 from .core.ops import NumpyOps
 
 
@@ -50,7 +50,6 @@ class OutputGate:
         self._armed: tuple[Any, Any] | None = None
         self.decided = 0  # forward passes gated so far
         self.learned = 0  # samples that passed so far (summed over ranks)
-        self.last: GateResult | None = None
         self._hook = module.register_forward_hook(self._on_forward)
 
     def arm(self, targets: Any, sample_ids: Any = None) -> None:
@@ -91,7 +90,6 @@ class OutputGate:
             count = torch.tensor([learned], dtype=torch.int64, device=logits.device)
             torch.distributed.all_reduce(count)
             learned = int(count.item())
-        self.last = result
         self.decided += 1
         self.learned += learned
         if learned == 0 and not _distributed() and isinstance(output, torch.Tensor):

@@ -40,6 +40,18 @@ def batches(n: int = 12, size: int = 8):
         yield x, (x[:, :5] * 3).argmax(1)
 
 
+def loss_closure(model, opt, x, y):
+    """The closure every optimizer accepts (LBFGS needs one)."""
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def rule() -> Plasticity:
     return Plasticity(units=TopUnits(0.5, path=True), synapses=TopFraction(0.3))
 
@@ -49,14 +61,7 @@ def run_attached(make_opt):
     opt = make_opt(list(model.parameters()))
     handle = attach(model, opt, rule())
     for x, y in batches():
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(loss_closure(model, opt, x, y))
     return model, handle.report()
 
 
@@ -68,13 +73,7 @@ def run_by_hand(make_opt):
     specs, _ = describe(model)
     oracle = rule().setup(specs)
     for x, y in batches():
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
+        closure = loss_closure(model, opt, x, y)
         oracle_step(oracle, params, lambda closure=closure: opt.step(closure))
     return model, oracle.report()
 
