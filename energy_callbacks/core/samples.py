@@ -189,15 +189,25 @@ class MemorizedMistakes(SampleGate):
     """Learn if wrong now (per ``base``, default :class:`Lazy`) or flagged before.
 
     Needs a sample id per sample. Samples that are wrong now get flagged.
+    ``capacity`` bounds the ids (``0 <= id < capacity``): an in-graph adapter
+    (Keras) holds a fixed-size memory of that many flags, 2**20 by default there.
     """
 
     needs_ids = True
 
-    def __init__(self, base: SampleGate | None = None) -> None:
+    def __init__(self, base: SampleGate | None = None, *, capacity: int | None = None) -> None:
         base = Lazy() if base is None else base
         if isinstance(base, MemorizedMistakes) or not isinstance(base, SampleGate):
             raise ValueError(f"MemorizedMistakes.base must be Lazy() or Margin(...), got {base!r}")
+        if capacity is not None and (
+            isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1
+        ):
+            raise ValueError(
+                f"MemorizedMistakes.capacity must be an integer >= 1 (the number of sample "
+                f"ids), got {capacity!r}"
+            )
         self.base = base
+        self.capacity = capacity
         self.memory = MistakeMemory()
 
     def __repr__(self) -> str:
@@ -217,6 +227,11 @@ class MemorizedMistakes(SampleGate):
             )
         wrong = self.base.gate(outputs, targets, sample_ids, ops)
         ids = np.asarray(ops.to_numpy(sample_ids))
+        if self.capacity is not None and ids.size and int(ids.max()) >= self.capacity:
+            raise ValueError(
+                f"MemorizedMistakes: sample id {int(ids.max())} is not below capacity="
+                f"{self.capacity}; raise capacity to the number of training samples"
+            )
         flagged = ops.from_numpy(self.memory.get(ids))
         self.memory.set(ids[np.asarray(ops.to_numpy(wrong), dtype=bool)])
         return ops.logical_or(wrong, flagged)
