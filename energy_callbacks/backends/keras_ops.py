@@ -1,0 +1,144 @@
+""":class:`~energy_callbacks.core.ops.ArrayOps` on ``keras.ops``: the rules, in-graph.
+
+The core rules call these at trace time inside the compiled train step, so the
+masks run on whichever backend Keras uses (TensorFlow, JAX, torch), under
+``jit_compile`` and ``steps_per_execution``. Static sizes (``k``) stay Python
+ints; everything that depends on the step's values is a tensor.
+
+Exact top-k keeps the core's tie rule (the lower flat index wins) without a
+scatter, which is a Python loop on the torch backend: ``t`` is the k-th largest
+value from ``top_k``; entries above ``t`` are kept, and entries equal to ``t``
+are kept in index order, by a cumulative count, until there are ``k``.
+Reductions are float32 (JAX runs without x64); the adapter folds them into
+exact totals (see :mod:`energy_callbacks.keras_optimizer`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from ..core.ops import APPROX_SAMPLE
+
+Array = Any
+
+
+class KerasOps:
+    """The array operations the core rules use, as symbolic ``keras.ops`` calls."""
+
+    def abs(self, x: Array) -> Array:
+        return ops.abs(x)
+
+    def magnitude(self, x: Array) -> Array:
+        return ops.abs(x)
+
+    def isfinite_all(self, x: Array) -> Array:
+        return ops.all(ops.isfinite(x))
+
+    def total(self, x: Array, alpha: float = 1.0) -> Array:
+        a = ops.abs(x)
+        return ops.sum(a if alpha == 1.0 else ops.power(a, alpha))
+
+    def count_nonzero(self, x: Array) -> Array:
+        return ops.sum(ops.cast(ops.not_equal(x, 0), "int32"))
+
+    def row_l1(self, x: Array, axis: int) -> Array:
+        others = tuple(d for d in range(len(x.shape)) if d != axis)
+        return ops.sum(ops.abs(x), axis=others) if others else ops.abs(x)
+
+    def top_k_mask(self, scores: Array, k: Any, largest: bool = True) -> Array:
+        if len(scores.shape) != 2:
+            raise ValueError(f"top_k_mask expects a 2-D array, got shape {scores.shape}")
+        if not isinstance(k, (int, np.integer)):
+            raise ValueError("KerasOps.top_k_mask: k must be one int for every row")
+        n = int(scores.shape[1])
+        k = min(int(k), n)
+        if k >= n:
+            return ops.ones(scores.shape, dtype="bool")
+        if k <= 0:
+            return ops.zeros(scores.shape, dtype="bool")
+        s = scores if largest else ops.negative(scores)
+        values, _ = ops.top_k(s, k, sorted=True)
+        return self._keep_above(s, values[:, k - 1 : k], k)
+
+    @staticmethod
+    def _keep_above(s: Array, t: Array, k: int) -> Array:
+        """Entries ``> t`` plus the first entries ``== t`` (by index), ``k`` per row."""
+        above = ops.greater(s, t)
+        tied = ops.equal(s, t)
+        room = k - ops.sum(ops.cast(above, "int32"), axis=1, keepdims=True)
+        rank = ops.cumsum(ops.cast(tied, "int32"), axis=1)
+        return ops.logical_or(above, ops.logical_and(tied, ops.less_equal(rank, room)))
+
+    def approx_top_mask(self, scores: Array, k: int) -> Array:
+        n = int(scores.shape[0])
+        if n <= APPROX_SAMPLE or k <= 0 or k >= n:
+            return ops.reshape(self.top_k_mask(ops.reshape(scores, (1, n)), k), (n,))
+        sample = scores[:: n // APPROX_SAMPLE]
+        m = int(sample.shape[0])
+        r = min(m - 1, max(0, m - round(k * m / n)))
+        # the r-th smallest of the sample is the (m - r)-th largest
+        t = ops.top_k(sample, m - r, sorted=True)[0][m - r - 1]
+        return ops.where(ops.greater(t, 0), ops.greater_equal(scores, t), ops.greater(scores, 0))
+
+    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
+        return ops.reshape(x, shape)
+
+    def moveaxis(self, x: Array, source: int, destination: int) -> Array:
+        return x if source == destination else ops.moveaxis(x, source, destination)
+
+    def expand_units(self, unit_mask: Array, shape: tuple[int, ...], axis: int) -> Array:
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        return ops.broadcast_to(ops.reshape(unit_mask, view), shape)
+
+    def logical_and(self, a: Array, b: Array) -> Array:
+        return ops.logical_and(a, b)
+
+    def logical_or(self, a: Array, b: Array) -> Array:
+        return ops.logical_or(a, b)
+
+    def ones_mask(self, shape: tuple[int, ...]) -> Array:
+        return ops.ones(shape, dtype="bool")
+
+    def zeros_like(self, x: Array) -> Array:
+        return ops.zeros_like(x)
+
+    def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
+        return ops.where(mask, x, ops.zeros_like(x))
+
+    def greater_equal(self, x: Array, threshold: float) -> Array:
+        # compare in float64 on the host-side constant's terms: round the threshold up
+        # to the dtype so "x >= t" holds exactly as real numbers
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        t = np.asarray(threshold, dtype=dtype)
+        if float(t) < threshold:
+            t = np.nextafter(t, np.asarray(np.inf, dtype=dtype))
+        return ops.greater_equal(x, ops.convert_to_tensor(t, dtype=dtype))
+
+    def from_numpy(self, x: np.ndarray) -> Array:
+        return ops.convert_to_tensor(x)
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return np.asarray(ops.convert_to_numpy(x))
+
+    def concat(self, xs: list[Array], axis: int) -> Array:
+        return ops.concatenate(xs, axis=axis)
+
+    def split(self, x: Array, sizes: list[int], axis: int) -> list[Array]:
+        bounds = np.cumsum(sizes)[:-1].tolist()
+        return list(ops.split(x, bounds, axis=axis)) if bounds else [x]
+
+    def argmax(self, x: Array) -> Array:
+        return ops.argmax(x, axis=-1)
+
+    def class_probability(self, outputs: Array, labels: Array, from_logits: bool) -> Array:
+        probs = ops.softmax(outputs, axis=-1) if from_logits else outputs
+        onehot = ops.one_hot(ops.cast(labels, "int32"), int(outputs.shape[-1]))
+        return ops.sum(probs * ops.cast(onehot, probs.dtype), axis=-1)
+
+
+keras_ops = KerasOps()

@@ -1,0 +1,314 @@
+"""``PlasticityOptimizer``: any Keras optimizer, with the plasticity rules applied in-graph.
+
+It wraps the user's optimizer the way ``keras.optimizers.LossScaleOptimizer``
+does. Each step it lets the inner optimizer propose its update, masks the
+proposal with the rules (see :class:`~energy_callbacks.backends.keras_ops.KerasOps`),
+applies ``mask * proposal`` and adds the real weight change to energy
+accumulators. The accumulators are optimizer variables, so they run inside the
+compiled step on every backend, and they are saved with the optimizer
+(``model.save``, ``ModelCheckpoint``, ``BackupAndRestore``).
+
+Skipped steps change nothing at all, optimizer state included:
+
+- a step whose proposal holds NaN/Inf (counted in ``report().skipped_steps``);
+- with a sample gate, a step where no sample passed. The gate zeroes the whole
+  loss then, so the adapter reads "no sample" off an all-zero gradient.
+
+Exactness of the totals: per step, sums are float32 (JAX runs without x64). They
+are added to a float32 pair (value, rounding error) with an error-free sum, and
+counts to two int32 words, so ``M1`` stays within float32 rounding of one step
+and ``M0`` is exact after any number of steps. :meth:`energy_state` hands them to
+the core in float64/int64.
+
+Optimizer moments see every proposal (they are the inner optimizer's business);
+only the weights are masked, as in the Lightning adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from .backends.keras_ops import keras_ops
+from .core import Plasticity, TensorSpec, Topology
+from .core.config import from_config, to_config
+from .core.ops import numpy_ops
+from .core.units import RandomUnits
+from .keras_gate import GateState
+
+COUNT_BITS = 20
+"""The low int32 word of a count holds ``COUNT_BITS`` bits; the rest carries over."""
+
+
+def describe(variables: Sequence[Any], layers: Sequence[str] | None = None) -> list[TensorSpec]:
+    """TensorSpecs of Keras variables; ``layers`` keeps only those layers' variables.
+
+    A ``kernel`` of rank >= 2 has its units on the last axis and its inputs on the
+    one before (Dense, Conv); a ``bias`` next to a kernel follows its units. Other
+    variables (BatchNorm scale, embeddings) have no unit structure.
+    """
+    kernels = {_layer_of(v) for v in variables if _leaf(v) == "kernel" and len(v.shape) >= 2}
+    specs = []
+    for v in variables:
+        layer, leaf, shape = _layer_of(v), _leaf(v), tuple(v.shape)
+        if layer in kernels and leaf == "kernel":
+            specs.append(TensorSpec(v.path, shape, -1, -2, layer))
+        elif layer in kernels and leaf == "bias" and len(shape) == 1:
+            specs.append(TensorSpec(v.path, shape, 0, None, layer))
+        else:
+            specs.append(TensorSpec(v.path, shape, None))
+    return specs
+
+
+def _layer_of(v: Any) -> str:
+    return str(v.path).rsplit("/", 1)[0]
+
+
+def _leaf(v: Any) -> str:
+    return str(v.path).rsplit("/", 1)[-1]
+
+
+def _covered(v: Any, layers: Sequence[str] | None) -> bool:
+    if layers is None:
+        return True
+    parts = str(v.path).split("/")
+    return any(name in parts[:-1] for name in layers)
+
+
+@keras.saving.register_keras_serializable(package="energy_callbacks")
+class PlasticityOptimizer(keras.optimizers.Optimizer):
+    """Wraps ``inner_optimizer``; applies ``plasticity``'s rules and meters the energy.
+
+    ``plasticity`` is a core :class:`~energy_callbacks.Plasticity` (or its
+    :func:`~energy_callbacks.core.config.to_config` dict). ``layers`` limits the
+    rules and the meter to the named layers; other variables train as usual and
+    are not counted. Saved models reload it through ``keras.models.load_model``.
+    """
+
+    def __init__(
+        self,
+        inner_optimizer: Any,
+        plasticity: Plasticity | Mapping[str, Any] | None = None,
+        layers: Sequence[str] | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise ValueError(
+                f"PlasticityOptimizer takes no optimizer arguments ({sorted(kwargs)}); "
+                "set them on the inner optimizer"
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        if isinstance(inner_optimizer, Mapping):
+            inner_optimizer = keras.optimizers.deserialize(inner_optimizer)
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise ValueError(
+                f"PlasticityOptimizer.inner_optimizer must be a keras Optimizer, "
+                f"got {inner_optimizer!r}"
+            )
+        if plasticity is None:
+            plasticity = Plasticity()
+        elif isinstance(plasticity, Mapping):
+            plasticity = from_config(plasticity)
+        if isinstance(plasticity.units, RandomUnits):
+            raise ValueError(
+                "units=RandomUnits redraws its units on the host at every step, which a "
+                "compiled Keras train step cannot do; use FixedSubnetwork or RandomSynapses "
+                "as the random control in Keras, or RandomUnits through the Lightning adapter"
+            )
+        self.inner_optimizer = inner_optimizer
+        self.plasticity = plasticity
+        self.layers = None if layers is None else [str(n) for n in layers]
+        self.gate = GateState(plasticity.samples)
+        self._covered: list[int] = []
+
+    # -- building ------------------------------------------------------------
+    @property
+    def variables(self) -> list[Any]:
+        return self._variables + self.inner_optimizer.variables
+
+    def build(self, var_list: Sequence[Any]) -> None:
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        self._covered = [i for i, v in enumerate(var_list) if _covered(v, self.layers)]
+        if not self._covered:
+            raise ValueError(
+                f"PlasticityOptimizer.layers={self.layers} matches none of the trainable "
+                f"variables {[v.path for v in var_list]}; name layers of the model"
+            )
+        covered = [var_list[i] for i in self._covered]
+        # the meter keeps host (NumPy) totals; the rules trace keras.ops into the step
+        self.plasticity.setup(Topology.chain(describe(covered)), ops=numpy_ops)
+        self.plasticity.ops = keras_ops
+        n = len(covered)
+        with keras.name_scope(self.name, caller=self):
+            self._add = {
+                name: self.add_variable((n,), initializer="zeros", dtype=dtype, name=name)
+                for name, dtype in (
+                    ("m1", "float32"),
+                    ("m1_error", "float32"),
+                    ("m_alpha", "float32"),
+                    ("m_alpha_error", "float32"),
+                    ("m0_low", "int32"),
+                    ("m0_high", "int32"),
+                )
+            }
+            self._counters = self.add_variable(
+                (2,), initializer="zeros", dtype="int32", name="steps_skipped"
+            )
+            self._initial = [self.add_variable_from_reference(v, name="initial") for v in covered]
+        for w0, v in zip(self._initial, covered, strict=True):
+            w0.assign(ops.copy(v.value))  # a buffer of its own (JAX donates both)
+        super().build(var_list)
+
+    # -- the step --------------------------------------------------------------
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        variables = list(trainable_variables or self._trainable_variables)
+        before = [ops.copy(v.value) for v in variables]
+        state = self.inner_optimizer.variables
+        state_before = [ops.copy(v.value) for v in state]
+        self.inner_optimizer.apply(grads, variables)
+
+        covered = self._covered
+        proposed = [variables[i].value - before[i] for i in covered]
+        finite = ops.all(ops.stack([keras_ops.isfinite_all(p) for p in proposed]))
+        go = finite
+        if self._skips_empty_steps:
+            live = [ops.any(ops.not_equal(g, 0)) for g in grads if g is not None]
+            go = ops.logical_and(go, ops.any(ops.stack(live)))
+        keep: list[Any] = [go] * len(variables)
+        for i, m in zip(covered, self.plasticity.masks(proposed), strict=True):
+            if m is not None:
+                keep[i] = ops.logical_and(m, go)
+        for v, b, k in zip(variables, before, keep, strict=True):
+            v.assign(ops.where(k, v.value, b))
+        # a skipped step leaves no trace in the optimizer either (Adam's count, moments)
+        for v, b in zip(state, state_before, strict=True):
+            v.assign(ops.where(go, v.value, b))
+        self._meter([variables[i].value - before[i] for i in covered], go, finite)
+
+    @property
+    def _skips_empty_steps(self) -> bool:
+        accumulating = self.inner_optimizer.gradient_accumulation_steps
+        return self.plasticity.samples is not None and not accumulating
+
+    def _meter(self, changes: list[Any], applied: Any, finite: Any) -> None:
+        """Add one step's real changes to the accumulators."""
+        acc = self._add
+        m1 = ops.stack([ops.sum(ops.abs(c)) for c in changes])
+        _two_sum(acc["m1"], acc["m1_error"], m1)
+        if self.plasticity.alpha != 1.0:
+            m_alpha = ops.stack([keras_ops.total(c, self.plasticity.alpha) for c in changes])
+            _two_sum(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
+        low = acc["m0_low"].value + ops.stack([keras_ops.count_nonzero(c) for c in changes])
+        carry = ops.right_shift(low, COUNT_BITS)
+        acc["m0_low"].assign(low - ops.left_shift(carry, COUNT_BITS))
+        acc["m0_high"].assign(acc["m0_high"].value + carry)
+        self._counters.assign(
+            self._counters.value
+            + ops.stack([ops.cast(applied, "int32"), 1 - ops.cast(finite, "int32")])
+        )
+
+    # -- what the callback reads ----------------------------------------------
+    def energy_state(self, values: Sequence[Any] | None = None) -> dict[str, Any]:
+        """The core :class:`~energy_callbacks.core.EnergyMeter` state of the totals so far.
+
+        ``values`` are the current values of :attr:`variables` when they live outside
+        the variables (the JAX trainer's state mid-epoch); by default, the variables.
+        """
+        own = {id(v): i for i, v in enumerate(self._variables)}
+        read = (
+            (lambda v: np.asarray(v.numpy()))
+            if values is None
+            else (lambda v: np.asarray(values[own[id(v)]]))
+        )
+        acc = {k: read(v) for k, v in self._add.items()}
+        steps, skipped = (int(x) for x in read(self._counters))
+        m1 = acc["m1"].astype(np.float64) + acc["m1_error"]
+        m_alpha = (
+            acc["m_alpha"].astype(np.float64) + acc["m_alpha_error"]
+            if self.plasticity.alpha != 1.0
+            else m1
+        )
+        m0 = (acc["m0_high"].astype(np.int64) << COUNT_BITS) + acc["m0_low"]
+        variables = [self._trainable_variables[i] for i in self._covered]
+        return {
+            "names": [t.name for t in self.plasticity.topology.tensors],
+            "m1": m1,
+            "m_alpha": m_alpha,
+            "m0": m0,
+            "displacement": [
+                np.asarray(v.numpy(), np.float64) - read(w0)
+                for v, w0 in zip(variables, self._initial, strict=True)
+            ],
+            "steps": steps,
+            "skipped_steps": skipped,
+        }
+
+    def totals(self, values: Sequence[Any] | None = None) -> tuple[float, int]:
+        """``(M1, M0)`` so far, cheap enough for every batch."""
+        own = {id(v): i for i, v in enumerate(self._variables)}
+        acc = self._add
+        if values is None:
+            hi, lo = acc["m1"].numpy(), acc["m1_error"].numpy()
+            c_lo, c_hi = acc["m0_low"].numpy(), acc["m0_high"].numpy()
+        else:
+            hi, lo, c_lo, c_hi = (
+                values[own[id(acc[k])]] for k in ("m1", "m1_error", "m0_low", "m0_high")
+            )
+        m1 = float(np.sum(np.asarray(hi, np.float64) + np.asarray(lo, np.float64)))
+        m0 = int(np.sum((np.asarray(c_hi, np.int64) << COUNT_BITS) + np.asarray(c_lo)))
+        return m1, m0
+
+    # -- delegation and serialization -------------------------------------------
+    @property
+    def learning_rate(self) -> Any:
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: Any) -> None:
+        self.inner_optimizer.learning_rate = value
+
+    @property
+    def iterations(self) -> Any:
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss: Any) -> Any:
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list: Sequence[Any]) -> None:
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "plasticity": to_config(self.plasticity),
+            "layers": self.layers,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:
+        config = dict(config)
+        config["inner_optimizer"] = keras.saving.deserialize_keras_object(
+            config["inner_optimizer"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+
+def _two_sum(total: Any, error: Any, x: Any) -> None:
+    """``total + error += x`` without losing the rounding error (Knuth's TwoSum)."""
+    a = total.value
+    s = a + x
+    bb = s - a
+    err = (a - (s - bb)) + (x - bb)
+    total.assign(s)
+    error.assign(error.value + err)

@@ -1,0 +1,372 @@
+"""Keras scenarios, run in a subprocess per backend: ``KERAS_BACKEND=jax python scenarios.py OUT``.
+
+Keras fixes its backend per process, so tests/keras/test_keras.py runs this
+script once per backend and checks the JSON it writes. Every scenario compares
+the adapter with the NumPy core on the same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from energy_callbacks.core import FixedSubnetwork, Plasticity, TopFraction, Topology, TopUnits
+from energy_callbacks.data import load_digits, paper_inputs
+from energy_callbacks.keras import PlasticityCallback, PlasticityOptimizer
+from energy_callbacks.keras_optimizer import describe
+from energy_callbacks.reference import PaperMLP
+
+warnings.filterwarnings("ignore", message="The structure of `inputs`")
+BACKEND = keras.backend.backend()
+RESULTS: dict[str, object] = {"backend": BACKEND}
+
+
+def paper_loss(y_true, y_pred):
+    return 0.5 * ops.sum(ops.square(y_pred - y_true), axis=-1)
+
+
+def paper_model(ref: PaperMLP) -> keras.Model:
+    """The reference MLP in Keras, with the NumPy model's weights (kernels transposed)."""
+    n_in, n_hidden, n_out = ref.sizes
+    inp = keras.Input((n_in,), name="features")
+    hidden = keras.layers.LeakyReLU(negative_slope=ref.slope)(keras.layers.Dense(n_hidden)(inp))
+    model = keras.Model(inp, keras.layers.Dense(n_out)(hidden))
+    w1, b1, w2, b2 = ref.params
+    model.set_weights([w1.T, b1, w2.T, b2])
+    return model
+
+
+def weights_as_ref(model: keras.Model) -> list[np.ndarray]:
+    w1, b1, w2, b2 = (np.asarray(w) for w in model.get_weights())
+    return [w1.T, b1, w2.T, b2]
+
+
+def report_dict(report) -> dict[str, float]:
+    return {
+        "m1": report.m1,
+        "m0": report.m0,
+        "m1_min": report.m1_min,
+        "steps": report.steps,
+        "skipped": report.skipped_steps,
+        "seen": report.samples_seen,
+        "learned": report.samples_learned,
+    }
+
+
+# -- 1. the paper MLP, batch 1, SGD, against the NumPy reference loop -----------
+PAPER_RULES = {
+    "backprop": dict(),
+    "top-fraction": dict(synapses=0.1),
+    "equal-count": dict(synapses=TopFraction(0.05, equal_count=True)),
+    "per-unit": dict(synapses=TopFraction(0.1, per_unit=True)),
+    "path": dict(units=TopUnits(0.2, path=True)),
+    "fixed": dict(units=FixedSubnetwork(5, seed=1)),
+    "combined": dict(units=TopUnits(0.2, path=True), synapses=0.1),
+    "approximate": dict(synapses=TopFraction(0.1, approximate=True)),
+    "lazy": dict(samples="lazy"),
+    "mistakes": dict(samples="mistakes"),
+}
+
+
+def paper_oracle(ref: PaperMLP, rule: dict, x, y, order, lr=0.01):
+    plasticity = Plasticity(**rule).setup(ref.topology())
+    eye = np.eye(10, dtype=np.float32)
+    for i in order:
+        ids = np.array([i])
+        gate = plasticity.gate(ref.forward(x[ids])[2], y[ids], ids)
+        if not gate.any:
+            continue
+        plasticity.step([-lr * g for g in ref.gradients(x[ids], eye[y[ids]])], ref.params)
+    return plasticity.report()
+
+
+def scenario_paper() -> None:
+    ds = load_digits(seed=0)
+    x, mean = paper_inputs(ds.train.images)
+    y = ds.train.labels
+    order = np.random.default_rng(1).integers(0, len(x), 150)
+    out = {}
+    for name, rule in PAPER_RULES.items():
+        ref = PaperMLP(64, 30, 10, seed=3)
+        model = paper_model(ref)
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=paper_loss)
+        cb = PlasticityCallback(**copy.deepcopy(rule))
+        inputs = {"features": x[order], "index": order}
+        model.fit(
+            inputs,
+            np.eye(10, dtype=np.float32)[y[order]],
+            batch_size=1,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[cb],
+        )
+        expected = paper_oracle(ref, rule, x, y, order)
+        got = weights_as_ref(model)
+        out[name] = {
+            "keras": report_dict(cb.report()),
+            "oracle": report_dict(expected),
+            "max_weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(got, ref.params)),
+        }
+    RESULTS["paper"] = out
+
+
+# -- 2. batched Adam, replayed by hand with the NumPy masks ----------------------
+ADAM_RULES = {
+    "combined+lazy": dict(units=TopUnits(0.5, path=True), synapses=0.2, samples="lazy"),
+    "per-unit": dict(synapses=TopFraction(0.1, per_unit=True)),
+    "mistakes": dict(synapses=0.3, samples="mistakes"),
+}
+
+
+def small_model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((12,), name="features")
+    hidden = keras.layers.Dense(16, activation="tanh")(inp)
+    return keras.Model(inp, keras.layers.Dense(4)(hidden))
+
+
+def small_data(n: int = 96):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 12)).astype("float32")
+    y = (np.abs(x[:, :4]).argmax(1)).astype("int32")
+    return x, y
+
+
+def compile_small(model, optimizer=None, **kwargs):
+    model.compile(
+        optimizer=optimizer or keras.optimizers.Adam(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **kwargs,
+    )
+
+
+def adam_replay(rule: dict, x, y, batch: int):
+    """Plain Adam step by step; the NumPy core masks each proposal."""
+    model = small_model()
+    compile_small(model)
+    topology = Topology.chain(describe(model.trainable_variables))
+    plasticity = Plasticity(**copy.deepcopy(rule)).setup(topology)
+    ids_all = np.arange(len(x))
+    for start in range(0, len(x), batch):
+        ids = ids_all[start : start + batch]
+        outputs = ops.convert_to_numpy(model(x[ids]))
+        gate = plasticity.gate(outputs, y[ids], ids)
+        if not gate.any:
+            continue
+        before = [np.asarray(w) for w in model.get_weights()]
+        model.train_on_batch(x[ids], y[ids], sample_weight=gate.mask.astype("float32"))
+        after = [np.asarray(w) for w in model.get_weights()]
+        proposed = [a - b for a, b in zip(after, before)]
+        step = plasticity.step(proposed)
+        model.set_weights(
+            [b if m is None else np.where(m, a, b) for a, b, m in zip(after, before, step.masks)]
+        )
+    return model, plasticity.report()
+
+
+def scenario_adam() -> None:
+    x, y = small_data()
+    # the first two batches are what the initial model predicts: a lazy gate skips them
+    y[:16] = ops.convert_to_numpy(small_model()(x[:16])).argmax(1)
+    out = {}
+    for name, rule in ADAM_RULES.items():
+        settings = [("plain", {})]
+        if BACKEND != "torch":
+            settings.append(("jit+spe4", dict(jit_compile=True, steps_per_execution=4)))
+        ref_model, expected = adam_replay(rule, x, y, 8)
+        for label, kwargs in settings:
+            model = small_model()
+            compile_small(model, **kwargs)
+            cb = PlasticityCallback(**copy.deepcopy(rule))
+            model.fit(
+                {"features": x, "index": np.arange(len(x))},
+                y,
+                batch_size=8,
+                epochs=1,
+                shuffle=False,
+                verbose=0,
+                callbacks=[cb],
+            )
+            got = cb.report()
+            out[f"{name}/{label}"] = {
+                "keras": report_dict(got),
+                "oracle": report_dict(expected),
+                "iterations": int(np.asarray(model.optimizer.iterations)),
+                "max_weight_diff": max(
+                    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(model.get_weights(), ref_model.get_weights())
+                ),
+            }
+    RESULTS["adam"] = out
+
+
+# -- 3. resume from checkpoints ------------------------------------------------
+RESUME_RULE = dict(synapses=0.3, samples="mistakes")
+
+
+class Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise RuntimeError("interrupted")
+
+
+def fit_resume(model, callbacks, epochs, initial_epoch=0):
+    x, y = small_data()
+    model.fit(
+        {"features": x, "index": np.arange(len(x))},
+        y,
+        batch_size=8,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+
+
+def summary(cb, model) -> dict:
+    rep = report_dict(cb.report())
+    rep["flagged"] = cb.optimizer.gate.flagged()
+    rep["weights"] = [np.asarray(w).ravel().tolist() for w in model.get_weights()]
+    return rep
+
+
+def scenario_resume(tmp: str) -> None:
+    straight = small_model()
+    compile_small(straight)
+    cb = PlasticityCallback(**copy.deepcopy(RESUME_RULE))
+    fit_resume(straight, [cb], 2)
+    out = {"straight": summary(cb, straight)}
+
+    # ModelCheckpoint after epoch 1, load_model, one more epoch with a new callback
+    path = os.path.join(tmp, "ckpt.keras")
+    first = small_model()
+    compile_small(first)
+    cb1 = PlasticityCallback(**copy.deepcopy(RESUME_RULE))
+    fit_resume(first, [cb1, keras.callbacks.ModelCheckpoint(path)], 1)
+    loaded = keras.models.load_model(path, custom_objects={"paper_loss": paper_loss})
+    out["loaded_optimizer"] = type(loaded.optimizer).__name__
+    cb2 = PlasticityCallback(**copy.deepcopy(RESUME_RULE))
+    fit_resume(loaded, [cb2], 2, initial_epoch=1)
+    out["checkpoint"] = summary(cb2, loaded)
+
+    # BackupAndRestore: the first fit raises after epoch 1 (the wrapper stays installed);
+    # the same model object fits again and resumes from the backup
+    model = small_model()
+    compile_small(model)
+    backup = keras.callbacks.BackupAndRestore(os.path.join(tmp, "backup"))
+    cb3 = PlasticityCallback(**copy.deepcopy(RESUME_RULE))
+    try:
+        fit_resume(model, [cb3, backup, Interrupt()], 2)
+    except RuntimeError:
+        pass
+    out["left_installed"] = type(model.optimizer).__name__
+    cb4 = PlasticityCallback(**copy.deepcopy(RESUME_RULE))
+    fit_resume(model, [cb4, keras.callbacks.BackupAndRestore(os.path.join(tmp, "backup"))], 2)
+    out["backup"] = summary(cb4, model)
+    out["restored_optimizer"] = type(model.optimizer).__name__
+    out["compute_loss_restored"] = "compute_loss" not in model.__dict__
+    out["metrics_after"] = [m.name for m in model.metrics]
+    RESULTS["resume"] = out
+
+
+# -- 4. logs, NaN steps, non-trainable variables, serialization -----------------
+def scenario_misc(tmp: str) -> None:
+    x, y = small_data()
+    model = small_model()
+    compile_small(model, metrics=["accuracy"])
+    csv = os.path.join(tmp, "log.csv")
+    cb = PlasticityCallback(synapses=0.2, samples="lazy", per_layer=True)
+    history = model.fit(
+        x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb, keras.callbacks.CSVLogger(csv)]
+    )
+    with open(csv) as f:
+        header = f.readline().strip().split(",")
+    RESULTS["logs"] = {
+        "history": sorted(history.history),
+        "csv": sorted(header),
+        "energy": history.history["plasticity/energy"],
+        "report_m1": cb.report().m1,
+    }
+
+    # a NaN batch: skipped, counted, Adam's state untouched
+    model = small_model()
+    compile_small(model)
+    bad = x.copy()
+    bad[16:24] = np.nan
+    cb = PlasticityCallback(synapses=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(bad, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    RESULTS["nan"] = {
+        "report": report_dict(cb.report()),
+        "iterations": int(np.asarray(model.optimizer.iterations)),
+        "finite": bool(all(np.isfinite(np.asarray(w)).all() for w in model.get_weights())),
+    }
+
+    # BatchNormalization and a frozen layer: only trainable variables count
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12,))
+    h = keras.layers.Dense(8, name="frozen")(inp)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    model = keras.Model(inp, keras.layers.Dense(4, name="head")(h))
+    model.get_layer("frozen").trainable = False
+    compile_small(model)
+    cb = PlasticityCallback(units=0.5)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    RESULTS["trainable_only"] = sorted(cb.report().per_layer)
+
+    # the wrapper serializes and reloads with its rules
+    wrapper = PlasticityOptimizer(
+        keras.optimizers.AdamW(0.01, clipnorm=1.0),
+        Plasticity(units=TopUnits(0.1, path=True), synapses=0.05, samples="mistakes"),
+    )
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(wrapper))
+    RESULTS["serialize"] = {
+        "class": type(again).__name__,
+        "inner": type(again.inner_optimizer).__name__,
+        "same_config": again.get_config() == wrapper.get_config(),
+    }
+
+    # gradient accumulation and clipnorm on the inner optimizer
+    model = small_model()
+    compile_small(model, keras.optimizers.SGD(0.1, clipnorm=0.5, gradient_accumulation_steps=2))
+    cb = PlasticityCallback(synapses=0.25)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    rep = cb.report()
+    RESULTS["accumulation"] = {
+        "steps": rep.steps,
+        "m0": rep.m0,
+        "per_step_cap": sum(
+            max(1, round(0.25 * t.size)) for t in cb.optimizer.plasticity.topology.tensors
+        ),
+    }
+
+
+def main() -> None:
+    out_path = sys.argv[1]
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fn in [
+            ("paper", scenario_paper),
+            ("adam", scenario_adam),
+            ("resume", lambda: scenario_resume(tmp)),
+            ("misc", lambda: scenario_misc(tmp)),
+        ]:
+            if only is None or name in only:
+                fn()
+    with open(out_path, "w") as f:
+        json.dump(RESULTS, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""The Keras adapter on the jax backend (in a subprocess): see backend_checks.py."""
+
+import pytest
+from backend_checks import *  # noqa: F403
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return "jax"
