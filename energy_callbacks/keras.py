@@ -34,6 +34,7 @@ import keras
 
 from .core import EnergyReport, Plasticity, SampleGate, SynapseRule, UnitRule
 from .core.config import to_config
+from .keras_distribute import strategy_scope
 from .keras_gate import GateState, gated_compute_loss
 from .keras_optimizer import PlasticityOptimizer
 
@@ -110,11 +111,13 @@ class PlasticityCallback(keras.callbacks.Callback):
             wrapper, inner = current, None
         else:
             if self.optimizer is None or self.optimizer.inner_optimizer is not current:
-                self.optimizer = PlasticityOptimizer(current, self.plasticity, self.layers)
+                with strategy_scope(model):
+                    self.optimizer = PlasticityOptimizer(current, self.plasticity, self.layers)
             wrapper, inner = self.optimizer, current
         self.optimizer = wrapper
         if not wrapper.built:
-            wrapper.build(model.trainable_variables)
+            with strategy_scope(model):
+                wrapper.build(model.trainable_variables)
         self._restore = {
             "optimizer": inner,
             "compute_loss": model.__dict__.get("compute_loss"),

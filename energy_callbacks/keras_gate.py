@@ -26,6 +26,7 @@ from keras import ops
 
 from .backends.keras_ops import keras_ops
 from .core.samples import MemorizedMistakes, SampleGate
+from .keras_distribute import gather
 
 ID_KEYS = ("index", "idx", "sample_id")
 DEFAULT_CAPACITY = 1 << 20
@@ -50,8 +51,13 @@ class GateState(keras.metrics.Metric):
         self._unremembered: Any = 0
         if isinstance(gate, MemorizedMistakes):
             capacity = getattr(gate, "capacity", None) or DEFAULT_CAPACITY
+            # replicas keep identical copies (they all see every id): read the first
             self.memory = self.add_variable(
-                (capacity,), initializer="zeros", dtype="int8", aggregation="none", name="memory"
+                (capacity,),
+                initializer="zeros",
+                dtype="int8",
+                aggregation="only_first_replica",
+                name="memory",
             )
 
     # Keras metrics are not saved; this one is: it travels with the optimizer wrapper
@@ -97,19 +103,30 @@ class GateState(keras.metrics.Metric):
         assert self.memory is not None
         wrong = gate.base.gate(outputs, targets, ids, keras_ops)
         ids = ops.cast(ops.reshape(ids, (-1,)), "int32")
-        capacity = int(self.memory.shape[0])
-        known = ops.less(ids, capacity)
+        flagged = self._recall(ids)
+        self._remember(gather(ids), gather(ops.cast(wrong, "int32")) > 0)
+        self._unremembered = ops.sum(ops.cast(ops.greater_equal(ids, self.capacity), "int32"))
+        return ops.logical_or(wrong, flagged)
+
+    @property
+    def capacity(self) -> int:
+        assert self.memory is not None
+        return int(self.memory.shape[0])
+
+    def _recall(self, ids: Any) -> Any:
+        """The memory's flags of ``ids`` (False for ids beyond the capacity)."""
+        known = ops.less(ids, self.capacity)
+        return ops.logical_and(known, ops.take(self.memory.value, ops.where(known, ids, 0)) > 0)
+
+    def _remember(self, ids: Any, wrong: Any) -> None:
+        """Flag the ``ids`` that are ``wrong`` (a repeated id: if any copy is wrong)."""
+        known = ops.less(ids, self.capacity)
         safe = ops.where(known, ids, 0)
-        flagged = ops.logical_and(known, ops.take(self.memory.value, safe) > 0)
-        # a repeated id in the batch is flagged if any of its copies is wrong
         same = ops.equal(ops.expand_dims(ids, 1), ops.expand_dims(ids, 0))
         wrong_any = ops.any(ops.logical_and(same, ops.expand_dims(wrong, 0)), axis=1)
-        new = ops.cast(ops.logical_and(known, ops.logical_or(flagged, wrong_any)), "int8")
         stored = ops.take(self.memory.value, safe)
-        update = ops.where(known, new, stored)
-        self.memory.assign(ops.scatter_update(self.memory.value, ops.expand_dims(safe, 1), update))
-        self._unremembered = ops.sum(ops.cast(ops.logical_not(known), "int32"))
-        return ops.logical_or(wrong, flagged)
+        new = ops.where(known, ops.maximum(stored, ops.cast(wrong_any, "int8")), stored)
+        self.memory.assign(ops.scatter_update(self.memory.value, ops.expand_dims(safe, 1), new))
 
     def counts(self) -> tuple[int, int, int]:
         """``(seen, learned, ids beyond the memory's capacity)`` since training began."""

@@ -38,6 +38,7 @@ from .core import Plasticity, TensorSpec, Topology
 from .core.config import from_config, to_config
 from .core.ops import numpy_ops
 from .core.units import RandomUnits
+from .keras_distribute import any_across_replicas, assign_all
 from .keras_gate import GateState
 
 COUNT_BITS = 20
@@ -182,40 +183,49 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         finite = ops.all(ops.stack([keras_ops.isfinite_all(p) for p in proposed]))
         go = finite
         if self._skips_empty_steps:
-            live = [ops.any(ops.not_equal(g, 0)) for g in grads if g is not None]
-            go = ops.logical_and(go, ops.any(ops.stack(live)))
+            live = ops.any(
+                ops.stack([ops.any(ops.not_equal(g, 0)) for g in grads if g is not None])
+            )
+            go = ops.logical_and(go, any_across_replicas(live))
         keep: list[Any] = [go] * len(variables)
         for i, m in zip(covered, self.plasticity.masks(proposed), strict=True):
             if m is not None:
                 keep[i] = ops.logical_and(m, go)
-        for v, b, k in zip(variables, before, keep, strict=True):
-            v.assign(ops.where(k, v.value, b))
+        final = [ops.where(k, v.value, b) for v, b, k in zip(variables, before, keep, strict=True)]
         # a skipped step leaves no trace in the optimizer either (Adam's count, moments)
-        for v, b in zip(state, state_before, strict=True):
-            v.assign(ops.where(go, v.value, b))
-        self._meter([variables[i].value - before[i] for i in covered], go, finite)
+        restored = [ops.where(go, v.value, b) for v, b in zip(state, state_before, strict=True)]
+        changes = [final[i] - before[i] for i in covered]
+        assign_all(
+            list(zip(variables, final, strict=True))
+            + list(zip(state, restored, strict=True))
+            + self._metered(changes, go, finite)
+        )
 
     @property
     def _skips_empty_steps(self) -> bool:
         accumulating = self.inner_optimizer.gradient_accumulation_steps
         return self.plasticity.samples is not None and not accumulating
 
-    def _meter(self, changes: list[Any], applied: Any, finite: Any) -> None:
-        """Add one step's real changes to the accumulators."""
+    def _metered(self, changes: list[Any], applied: Any, finite: Any) -> list[tuple[Any, Any]]:
+        """The accumulators' new values after one step's real changes."""
         acc = self._add
-        m1 = ops.stack([ops.sum(ops.abs(c)) for c in changes])
-        _two_sum(acc["m1"], acc["m1_error"], m1)
+        out = _two_sum(
+            acc["m1"], acc["m1_error"], ops.stack([ops.sum(ops.abs(c)) for c in changes])
+        )
         if self.plasticity.alpha != 1.0:
-            m_alpha = ops.stack([keras_ops.total(c, self.plasticity.alpha) for c in changes])
-            _two_sum(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
+            alpha = self.plasticity.alpha
+            m_alpha = ops.stack([keras_ops.total(c, alpha) for c in changes])
+            out += _two_sum(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
         low = acc["m0_low"].value + ops.stack([keras_ops.count_nonzero(c) for c in changes])
         carry = ops.right_shift(low, COUNT_BITS)
-        acc["m0_low"].assign(low - ops.left_shift(carry, COUNT_BITS))
-        acc["m0_high"].assign(acc["m0_high"].value + carry)
-        self._counters.assign(
-            self._counters.value
-            + ops.stack([ops.cast(applied, "int32"), 1 - ops.cast(finite, "int32")])
+        counters = self._counters.value + ops.stack(
+            [ops.cast(applied, "int32"), 1 - ops.cast(finite, "int32")]
         )
+        return out + [
+            (acc["m0_low"], low - ops.left_shift(carry, COUNT_BITS)),
+            (acc["m0_high"], acc["m0_high"].value + carry),
+            (self._counters, counters),
+        ]
 
     # -- what the callback reads ----------------------------------------------
     def energy_state(self, values: Sequence[Any] | None = None) -> dict[str, Any]:
@@ -304,11 +314,11 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         return cls(**config)
 
 
-def _two_sum(total: Any, error: Any, x: Any) -> None:
-    """``total + error += x`` without losing the rounding error (Knuth's TwoSum)."""
+def _two_sum(total: Any, error: Any, x: Any) -> list[tuple[Any, Any]]:
+    """New ``(total, error)`` for ``total + error += x``, keeping the rounding error
+    (Knuth's TwoSum)."""
     a = total.value
     s = a + x
     bb = s - a
     err = (a - (s - bb)) + (x - bb)
-    total.assign(s)
-    error.assign(error.value + err)
+    return [(total, s), (error, error.value + err)]

@@ -14,13 +14,17 @@ HERE = Path(__file__).parent
 _CACHE: dict[str, dict] = {}
 
 
-def run_scenarios(backend: str, tmp_dir: Path) -> dict:
-    """Run scenarios.py under ``backend`` once per test session; its JSON results."""
-    if backend not in _CACHE:
+def run_scenarios(backend: str, tmp_dir: Path, only: str | None = None) -> dict:
+    """Run scenarios.py (``only`` some, comma-separated) under ``backend``; its JSON results.
+
+    Cached per process, so each backend runs once per test module group.
+    """
+    key = f"{backend}:{only}"
+    if key not in _CACHE:
         out = tmp_dir / f"{backend}.json"
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run(
-            [sys.executable, str(HERE / "scenarios.py"), str(out)],
+            [sys.executable, str(HERE / "scenarios.py"), str(out), *([only] if only else [])],
             env=env,
             capture_output=True,
             text=True,
@@ -28,8 +32,8 @@ def run_scenarios(backend: str, tmp_dir: Path) -> dict:
         )
         if proc.returncode != 0:
             pytest.fail(f"scenarios.py failed under {backend}:\n{proc.stderr[-4000:]}")
-        _CACHE[backend] = json.loads(out.read_text())
-    return _CACHE[backend]
+        _CACHE[key] = json.loads(out.read_text())
+    return _CACHE[key]
 
 
 @pytest.fixture(scope="module")
