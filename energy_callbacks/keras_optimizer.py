@@ -173,14 +173,24 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
             self.built = True
         variables = list(trainable_variables or self._trainable_variables)
-        before = [ops.copy(v.value) for v in variables]
+        before = [_snapshot(v) for v in variables]
         state = self.inner_optimizer.variables
-        state_before = [ops.copy(v.value) for v in state]
+        state_before = [_snapshot(v) for v in state]
         self.inner_optimizer.apply(grads, variables)
 
         covered = self._covered
         proposed = [variables[i].value - before[i] for i in covered]
-        finite = ops.all(ops.stack([keras_ops.isfinite_all(p) for p in proposed]))
+        masks = self.plasticity.masks(proposed)
+        # what each tensor keeps (unmasked: all of it), with its |.| sum and count; a NaN/Inf
+        # anywhere in the proposal makes its plain sum non-finite
+        kept, checks = [], []
+        for p, m in zip(proposed, masks, strict=True):
+            kept.append(p if m is None else ops.where(m, p, ops.zeros_like(p)))
+        m1 = ops.stack([ops.sum(ops.abs(c)) for c in kept])
+        m0 = ops.stack([keras_ops.count_nonzero(c) for c in kept])
+        for p, m, total in zip(proposed, masks, ops.unstack(m1), strict=True):
+            checks.append(total if m is None else ops.sum(p))
+        finite = ops.all(ops.isfinite(ops.stack(checks)))
         go = finite
         if self._skips_empty_steps:
             live = ops.any(
@@ -188,17 +198,20 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             )
             go = ops.logical_and(go, any_across_replicas(live))
         keep: list[Any] = [go] * len(variables)
-        for i, m in zip(covered, self.plasticity.masks(proposed), strict=True):
+        for i, m in zip(covered, masks, strict=True):
             if m is not None:
                 keep[i] = ops.logical_and(m, go)
         final = [ops.where(k, v.value, b) for v, b, k in zip(variables, before, keep, strict=True)]
         # a skipped step leaves no trace in the optimizer either (Adam's count, moments)
         restored = [ops.where(go, v.value, b) for v, b in zip(state, state_before, strict=True)]
-        changes = [final[i] - before[i] for i in covered]
+        zero_f, zero_i = ops.zeros_like(m1), ops.zeros_like(m0)
+        metered = self._metered(
+            ops.where(go, m1, zero_f), ops.where(go, m0, zero_i), kept, go, finite
+        )
         assign_all(
             list(zip(variables, final, strict=True))
             + list(zip(state, restored, strict=True))
-            + self._metered(changes, go, finite)
+            + metered
         )
 
     @property
@@ -206,17 +219,19 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         accumulating = self.inner_optimizer.gradient_accumulation_steps
         return self.plasticity.samples is not None and not accumulating
 
-    def _metered(self, changes: list[Any], applied: Any, finite: Any) -> list[tuple[Any, Any]]:
-        """The accumulators' new values after one step's real changes."""
+    def _metered(
+        self, m1: Any, m0: Any, kept: list[Any], applied: Any, finite: Any
+    ) -> list[tuple[Any, Any]]:
+        """The accumulators' new values after a step that changed the weights by ``kept``
+        (when ``applied``), with per-tensor ``m1`` and ``m0`` already summed."""
         acc = self._add
-        out = _two_sum(
-            acc["m1"], acc["m1_error"], ops.stack([ops.sum(ops.abs(c)) for c in changes])
-        )
+        out = _two_sum(acc["m1"], acc["m1_error"], m1)
         if self.plasticity.alpha != 1.0:
             alpha = self.plasticity.alpha
-            m_alpha = ops.stack([keras_ops.total(c, alpha) for c in changes])
+            m_alpha = ops.stack([keras_ops.total(c, alpha) for c in kept])
+            m_alpha = ops.where(applied, m_alpha, ops.zeros_like(m_alpha))
             out += _two_sum(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
-        low = acc["m0_low"].value + ops.stack([keras_ops.count_nonzero(c) for c in changes])
+        low = acc["m0_low"].value + m0
         carry = ops.right_shift(low, COUNT_BITS)
         counters = self._counters.value + ops.stack(
             [ops.cast(applied, "int32"), 1 - ops.cast(finite, "int32")]
@@ -312,6 +327,17 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             config["inner_optimizer"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _snapshot(variable: Any) -> Any:
+    """The variable's current value, safe from the coming in-place update.
+
+    JAX arrays are immutable. TensorFlow and torch update variables in place (a
+    TF read inside the step can alias the buffer), so they are copied.
+    """
+    if keras.backend.backend() == "jax":
+        return variable.value
+    return ops.copy(variable.value)
 
 
 def _two_sum(total: Any, error: Any, x: Any) -> list[tuple[Any, Any]]:

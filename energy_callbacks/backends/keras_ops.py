@@ -54,35 +54,56 @@ class KerasOps:
             raise ValueError(f"top_k_mask expects a 2-D array, got shape {scores.shape}")
         if not isinstance(k, (int, np.integer)):
             raise ValueError("KerasOps.top_k_mask: k must be one int for every row")
-        n = int(scores.shape[1])
+        rows, n = (int(d) for d in scores.shape)
         k = min(int(k), n)
         if k >= n:
             return ops.ones(scores.shape, dtype="bool")
         if k <= 0:
             return ops.zeros(scores.shape, dtype="bool")
+        if rows == 1 and n > SEARCH_ABOVE and largest and _compiled_loops():
+            return ops.reshape(self._search_top(ops.reshape(scores, (n,)), k), (1, n))
         s = scores if largest else ops.negative(scores)
         values, _ = ops.top_k(s, k, sorted=True)
-        return self._keep_above(s, values[:, k - 1 : k], k)
+        return _keep_above(s, values[:, k - 1 : k], k)
 
-    @staticmethod
-    def _keep_above(s: Array, t: Array, k: int) -> Array:
-        """Entries ``> t`` plus the first entries ``== t`` (by index), ``k`` per row."""
-        above = ops.greater(s, t)
-        tied = ops.equal(s, t)
-        room = k - ops.sum(ops.cast(above, "int32"), axis=1, keepdims=True)
-        rank = ops.cumsum(ops.cast(tied, "int32"), axis=1)
-        return ops.logical_or(above, ops.logical_and(tied, ops.less_equal(rank, room)))
+    def _search_top(self, scores: Array, k: int) -> Array:
+        """Exact top-``k`` of a long 1-D array of scores ``>= 0``, without a sort.
+
+        Non-negative float32 values order like their bit patterns read as int32,
+        so the k-th largest value is found by bisection over the bits: each
+        iteration is one compare-and-count pass. A strided sample brackets the
+        answer first (about 20 iterations instead of 31); a missed bracket falls
+        back to the full range, so the result is always exact.
+        """
+        n = int(scores.shape[0])
+        bits = ops.view(ops.cast(scores, "float32"), "int32")
+        sample = bits[:: max(1, n // APPROX_SAMPLE)]
+        m = int(sample.shape[0])
+        q = k / n
+        margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
+        rank_lo = min(m, int(np.ceil((q + margin) * m)))  # likely >= k entries at or above
+        rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
+        lo = _kth_largest(sample, rank_lo, 0, FLOAT_BITS_END)
+        hi = _kth_largest(sample, rank_hi, 0, FLOAT_BITS_END) + 1
+        lo = ops.where(_count_at_least(bits, lo) >= k, lo, 0)
+        hi = ops.where(_count_at_least(bits, hi) < k, hi, FLOAT_BITS_END)
+        t = _kth_largest(bits, k, lo, hi)
+        return _keep_above(ops.expand_dims(bits, 0), ops.reshape(t, (1, 1)), k)[0]
 
     def approx_top_mask(self, scores: Array, k: int) -> Array:
         n = int(scores.shape[0])
         if n <= APPROX_SAMPLE or k <= 0 or k >= n:
             return ops.reshape(self.top_k_mask(ops.reshape(scores, (1, n)), k), (n,))
-        sample = scores[:: n // APPROX_SAMPLE]
+        bits = ops.view(ops.cast(scores, "float32"), "int32")
+        sample = bits[:: n // APPROX_SAMPLE]
         m = int(sample.shape[0])
         r = min(m - 1, max(0, m - round(k * m / n)))
-        # the r-th smallest of the sample is the (m - r)-th largest
-        t = ops.top_k(sample, m - r, sorted=True)[0][m - r - 1]
-        return ops.where(ops.greater(t, 0), ops.greater_equal(scores, t), ops.greater(scores, 0))
+        # the r-th smallest of the sample (NumPy's partition) is its (m - r)-th largest
+        if _compiled_loops():
+            t = _kth_largest(sample, m - r, 0, FLOAT_BITS_END)
+        else:
+            t = ops.top_k(sample, m - r, sorted=True)[0][m - r - 1]
+        return ops.where(ops.greater(t, 0), ops.greater_equal(bits, t), ops.greater(bits, 0))
 
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
         return ops.reshape(x, shape)
@@ -139,6 +160,52 @@ class KerasOps:
         probs = ops.softmax(outputs, axis=-1) if from_logits else outputs
         onehot = ops.one_hot(ops.cast(labels, "int32"), int(outputs.shape[-1]))
         return ops.sum(probs * ops.cast(onehot, probs.dtype), axis=-1)
+
+
+SEARCH_ABOVE = 1 << 14
+"""1-D selections longer than this use the bisection search instead of ``top_k``."""
+FLOAT_BITS_END = 0x7F800001
+"""One past the bit pattern of +inf: every finite score ``>= 0`` lies below it."""
+
+
+def _compiled_loops() -> bool:
+    """True where ``ops.while_loop`` runs in the compiled step (TF, JAX), not in Python.
+
+    The torch backend loops in Python with a host sync per iteration, so there
+    ``top_k`` (fast in torch) is the better selection.
+    """
+    return keras.backend.backend() in ("tensorflow", "jax")
+
+
+def _count_at_least(bits: Array, t: Array) -> Array:
+    return ops.sum(ops.cast(ops.greater_equal(bits, t), "int32"))
+
+
+def _kth_largest(bits: Array, k: int, lo: Any, hi: Any) -> Array:
+    """The largest ``t`` in ``[lo, hi)`` with ``count(bits >= t) >= k``: the k-th largest bits.
+
+    Needs ``count(bits >= lo) >= k`` and ``count(bits >= hi) < k``.
+    """
+
+    def more(lo: Array, hi: Array) -> Array:
+        return ops.greater(hi - lo, 1)
+
+    def halve(lo: Array, hi: Array) -> tuple[Array, Array]:
+        mid = lo + (hi - lo) // 2
+        enough = ops.greater_equal(_count_at_least(bits, mid), k)
+        return ops.where(enough, mid, lo), ops.where(enough, hi, mid)
+
+    start = (ops.convert_to_tensor(lo, "int32"), ops.convert_to_tensor(hi, "int32"))
+    return ops.while_loop(more, halve, start)[0]
+
+
+def _keep_above(s: Array, t: Array, k: int) -> Array:
+    """Entries ``> t`` plus the first entries ``== t`` (by index), ``k`` per row."""
+    above = ops.greater(s, t)
+    tied = ops.equal(s, t)
+    room = k - ops.sum(ops.cast(above, "int32"), axis=1, keepdims=True)
+    rank = ops.cumsum(ops.cast(tied, "int32"), axis=1)
+    return ops.logical_or(above, ops.logical_and(tied, ops.less_equal(rank, room)))
 
 
 keras_ops = KerasOps()

@@ -98,3 +98,10 @@ def test_gradient_accumulation_updates_only_on_window_ends(results):
     r = results["accumulation"]
     assert r["steps"] == 12
     assert r["m0"] == 6 * r["per_step_cap"]
+
+
+def test_long_selections_equal_the_numpy_oracle(results):
+    """Exact top-k (bisection over float bits) and the approximate threshold, compiled."""
+    failed = [case for case, ok in results["selection"].items() if not ok]
+    assert not failed
+    assert len(results["selection"]) == 20

@@ -352,6 +352,36 @@ def scenario_misc(tmp: str) -> None:
     }
 
 
+# -- 5. selections on long tensors (the bisection search), inside a compiled function ----
+def scenario_selection() -> None:
+    from energy_callbacks.backends.keras_ops import keras_ops
+    from energy_callbacks.core.ops import numpy_ops
+
+    rng = np.random.default_rng(0)
+    n = 100_003
+    cases = {
+        "normal": np.abs(rng.standard_normal(n)),
+        "ties": rng.integers(0, 3, n) * 0.5,
+        "mostly zero": np.where(rng.random(n) < 0.05, rng.random(n), 0),
+        "heavy tail": np.abs(rng.standard_cauchy(n)),
+    }
+    compiled = {
+        "tensorflow": lambda f: __import__("tensorflow").function(f, jit_compile=True),
+        "jax": lambda f: __import__("jax").jit(f),
+    }.get(BACKEND, lambda f: f)
+    out = {}
+    for name, x in cases.items():
+        x = x.astype("float32")
+        for k in (1, 10_000, 50_001, n - 1):
+            fn = compiled(lambda s, k=k: keras_ops.top_k_mask(ops.reshape(s, (1, n)), k))
+            got = ops.convert_to_numpy(fn(ops.convert_to_tensor(x)))[0]
+            out[f"{name}/exact k={k}"] = bool((got == numpy_ops.top_k_mask(x[None], k)[0]).all())
+        fn = compiled(lambda s: keras_ops.approx_top_mask(s, 10_000))
+        got = ops.convert_to_numpy(fn(ops.convert_to_tensor(x)))
+        out[f"{name}/approximate"] = bool((got == numpy_ops.approx_top_mask(x, 10_000)).all())
+    RESULTS["selection"] = out
+
+
 def main() -> None:
     out_path = sys.argv[1]
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
@@ -361,6 +391,7 @@ def main() -> None:
             ("adam", scenario_adam),
             ("resume", lambda: scenario_resume(tmp)),
             ("misc", lambda: scenario_misc(tmp)),
+            ("selection", scenario_selection),
         ]:
             if only is None or name in only:
                 fn()
