@@ -14,13 +14,21 @@ same round; the table shows the median ratio over the rounds.
 
     python benchmarks/overhead.py                  # batch 8, 32, 128
     python benchmarks/overhead.py --batch-sizes 32 --rounds 9
+    python benchmarks/overhead.py --keras tensorflow jax torch   # + Keras rows
+
+Keras rows come from benchmarks/keras_overhead.py, run in a subprocess per
+backend (Keras fixes its backend per process) on the same model and batches;
+their step time is the wall time per step (Keras has no compute-only hook).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 
@@ -105,6 +113,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--keras",
+        nargs="*",
+        default=[],
+        metavar="BACKEND",
+        help="also measure the Keras callback on these backends (tensorflow, jax, torch)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -133,6 +148,34 @@ def main() -> None:
                 ms = statistics.median(x[k] for x in runs[name]) * 1e3
                 cols.append(f"{ms:10.2f} {statistics.median(r):6.2f} ({min(r):.2f}-{max(r):.2f})")
             print(f"{batch_size:>5}  {name:<38} {cols[0]}   {cols[1]}")
+    for backend in args.keras:
+        keras_rows(backend, args)
+
+
+def keras_rows(backend: str, args: argparse.Namespace) -> None:
+    """Run keras_overhead.py under ``backend`` and print its rows in this table's format."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras_overhead.py")
+    cmd = [
+        sys.executable,
+        script,
+        "--json",
+        "--rounds",
+        str(args.rounds),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-sizes",
+        *map(str, args.batch_sizes),
+    ]
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    if backend == "torch":
+        env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    print(f"keras on {backend} (wall time per step)")
+    for r in json.loads(out.strip().splitlines()[-1]):
+        cols = f"{r['ms']:8.2f} {r['ratio']:6.2f} ({r['min']:.2f}-{r['max']:.2f})"
+        print(f"{r['batch']:>5}  {r['config']:<38} {'':>10} {'':>6} {'':>11}   {cols}")
 
 
 if __name__ == "__main__":

@@ -85,10 +85,18 @@ class KerasOps:
         rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
         lo = _kth_largest(sample, rank_lo, 0, FLOAT_BITS_END)
         hi = _kth_largest(sample, rank_hi, 0, FLOAT_BITS_END) + 1
-        lo = ops.where(_count_at_least(bits, lo) >= k, lo, 0)
-        hi = ops.where(_count_at_least(bits, hi) < k, hi, FLOAT_BITS_END)
-        t = _kth_largest(bits, k, lo, hi)
-        return _keep_above(ops.expand_dims(bits, 0), ops.reshape(t, (1, 1)), k)[0]
+        c_lo, c_hi = _count_at_least(bits, lo), _count_at_least(bits, hi)
+        lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)
+        lo, c_lo = ops.where(lo_ok, lo, 0), ops.where(lo_ok, c_lo, n)
+        hi, c_hi = ops.where(hi_ok, hi, FLOAT_BITS_END), ops.where(hi_ok, c_hi, 0)
+        t, c_t = _kth_largest(bits, k, lo, hi, counts=(c_lo, c_hi))
+        at_least = ops.greater_equal(bits, t)
+        # ties at t past the k-th entry are rare; only then pay for the cumulative count
+        return ops.cond(
+            ops.equal(c_t, k),
+            lambda: at_least,
+            lambda: _keep_above(ops.expand_dims(bits, 0), ops.reshape(t, (1, 1)), k)[0],
+        )
 
     def approx_top_mask(self, scores: Array, k: int) -> Array:
         n = int(scores.shape[0])
@@ -162,8 +170,9 @@ class KerasOps:
         return ops.sum(probs * ops.cast(onehot, probs.dtype), axis=-1)
 
 
-SEARCH_ABOVE = 1 << 14
-"""1-D selections longer than this use the bisection search instead of ``top_k``."""
+SEARCH_ABOVE = 512
+"""Longer 1-D selections use the bisection search: XLA sorts slowly on CPU (``top_k`` over
+10k values took 2 ms)."""
 FLOAT_BITS_END = 0x7F800001
 """One past the bit pattern of +inf: every finite score ``>= 0`` lies below it."""
 
@@ -181,22 +190,45 @@ def _count_at_least(bits: Array, t: Array) -> Array:
     return ops.sum(ops.cast(ops.greater_equal(bits, t), "int32"))
 
 
-def _kth_largest(bits: Array, k: int, lo: Any, hi: Any) -> Array:
+def _kth_largest(bits: Array, k: int, lo: Any, hi: Any, counts: Any = None) -> Any:
     """The largest ``t`` in ``[lo, hi)`` with ``count(bits >= t) >= k``: the k-th largest bits.
 
-    Needs ``count(bits >= lo) >= k`` and ``count(bits >= hi) < k``.
+    Returns ``t``, or ``(t, count(bits >= t))`` when ``counts`` (the counts at
+    ``lo`` and ``hi``, if known) is given.
+
+    Needs ``count(bits >= lo) >= k`` and ``count(bits >= hi) < k``. Three steps
+    interpolate the value linearly on the counts (few steps on smooth data), the
+    fourth halves the bits (at most 31 halvings on any data); each step is one
+    compare-and-count pass.
     """
 
-    def more(lo: Array, hi: Array) -> Array:
+    def more(lo: Array, hi: Array, c_lo: Array, c_hi: Array, i: Array) -> Array:
         return ops.greater(hi - lo, 1)
 
-    def halve(lo: Array, hi: Array) -> tuple[Array, Array]:
-        mid = lo + (hi - lo) // 2
-        enough = ops.greater_equal(_count_at_least(bits, mid), k)
-        return ops.where(enough, mid, lo), ops.where(enough, hi, mid)
+    def narrow(lo: Array, hi: Array, c_lo: Array, c_hi: Array, i: Array) -> tuple:
+        # interpolate the values (not the bits) linearly on the counts; halve every 4th step
+        lo_v, hi_v = ops.view(lo, "float32"), ops.view(hi, "float32")
+        share = ops.cast(c_lo - k, "float32") / ops.cast(ops.maximum(c_lo - c_hi, 1), "float32")
+        guess = ops.view(ops.cast(lo_v + (hi_v - lo_v) * share, "float32"), "int32")
+        mid = ops.where(ops.equal(i % 4, 3), lo + (hi - lo) // 2, guess)
+        mid = ops.clip(mid, lo + 1, hi - 1)
+        c_mid = _count_at_least(bits, mid)
+        enough = ops.greater_equal(c_mid, k)
+        return (
+            ops.where(enough, mid, lo),
+            ops.where(enough, hi, mid),
+            ops.where(enough, c_mid, c_lo),
+            ops.where(enough, c_hi, c_mid),
+            i + 1,
+        )
 
-    start = (ops.convert_to_tensor(lo, "int32"), ops.convert_to_tensor(hi, "int32"))
-    return ops.while_loop(more, halve, start)[0]
+    lo = ops.convert_to_tensor(lo, "int32")
+    hi = ops.convert_to_tensor(hi, "int32")
+    c_lo, c_hi = (
+        (_count_at_least(bits, lo), _count_at_least(bits, hi)) if counts is None else counts
+    )
+    out = ops.while_loop(more, narrow, (lo, hi, c_lo, c_hi, ops.zeros((), "int32")))
+    return out[0] if counts is None else (out[0], out[2])
 
 
 def _keep_above(s: Array, t: Array, k: int) -> Array:
