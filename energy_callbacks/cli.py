@@ -1,8 +1,12 @@
-"""Command line: ``energy-callbacks demo``.
+"""Command line: ``energy-callbacks demo`` and ``energy-callbacks reproduce``.
 
 ``demo`` trains the reference MLP (SCIENCE.md section 3) on a bundled or local
 data set with each energy-saving rule, through the framework-free core, and
 prints the energy each one spent next to plain backprop.
+
+``reproduce EXPERIMENT`` reruns one of the papers' experiments through the
+framework callbacks and writes a CSV, a markdown table and a PNG plot
+(see :mod:`energy_callbacks.reproduce` and docs/reproduce.md).
 """
 
 from __future__ import annotations
@@ -99,6 +103,51 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from .reproduce import Config, reproduce
+    from .reproduce.frameworks import KerasUnavailable
+
+    try:
+        config = Config(
+            dataset=args.dataset,
+            data_dir=Path(args.data_dir) if args.data_dir else None,
+            seeds=args.seeds,
+            quick=args.quick,
+            out=Path(args.out),
+            target=args.target,
+            sizes=_ints(args.sizes, "--sizes"),
+            rules=tuple(args.rules.split(",")) if args.rules else None,
+            max_samples=args.max_samples,
+            eval_every=args.eval_every,
+            threads=args.threads,
+        )
+        table, csv_path = reproduce(args.experiment, config)
+    except (ValueError, FileNotFoundError, KerasUnavailable) as exc:
+        print(f"energy-callbacks reproduce: {exc}", file=sys.stderr)
+        return 2
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console.print(Markdown(table))
+    stem = csv_path.with_suffix("")
+    console.print(f"wrote {csv_path}, {stem}.md and {stem}.png")
+    return 0
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"{flag} takes comma-separated integers, e.g. 100,1000; got {text!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="energy-callbacks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,11 +161,51 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-every", type=int, default=200, help="samples between tests")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=run_demo)
+
+    from .reproduce.config import DATASETS
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="rerun a paper experiment through the Lightning callback: CSV, table and plot",
+        description="Rerun one experiment of the papers through the framework callbacks. "
+        "Finished runs in OUT/EXPERIMENT.csv are not repeated.",
+    )
+    rep.add_argument(
+        "experiment", choices=["size-sweep", "lazy", "mistakes", "combined", "frameworks"]
+    )
+    rep.add_argument(
+        "--data-dir",
+        help="directory of IDX files (default for fashion-mnist: "
+        "/usr/share/datasets/fashion-mnist)",
+    )
+    rep.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    rep.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
+    rep.add_argument("--quick", action="store_true", help="small smoke run (under 3 minutes)")
+    rep.add_argument("--out", default="reproduce-results", help="output directory")
+    rep.add_argument(
+        "--target",
+        type=float,
+        help="test accuracy to stop at (default 0.85 Fashion-MNIST, 0.95 MNIST, 0.7 with --quick)",
+    )
+    rep.add_argument(
+        "--sizes", help="hidden sizes N, comma-separated (size-sweep; the first one for the others)"
+    )
+    rep.add_argument(
+        "--rules",
+        help="rule names, comma-separated (size-sweep, combined, "
+        "frameworks); see energy_callbacks.reproduce.rules",
+    )
+    rep.add_argument("--max-samples", type=int, help="training samples per run (budget)")
+    rep.add_argument("--eval-every", type=int, help="samples between tests (default 2000)")
+    rep.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    rep.set_defaults(run=run_reproduce)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "demo":
+        return int(args.run(args))
     if not 0 < args.target <= 1:
         print("energy-callbacks: --target must be an accuracy in (0, 1]", file=sys.stderr)
         return 2

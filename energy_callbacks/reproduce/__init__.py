@@ -1,0 +1,44 @@
+"""``energy-callbacks reproduce EXPERIMENT``: the papers' findings, through the callbacks.
+
+Experiments (each trains through :class:`energy_callbacks.lightning.PlasticityCallback`;
+``frameworks`` also through :class:`energy_callbacks.keras.PlasticityCallback`):
+
+- ``size-sweep``: energy to the target accuracy against the hidden size N, per rule;
+- ``combined``: units + synapses (+ lazy / mistakes) against backprop at N = 1000;
+- ``lazy``: lazy learning against backprop (accuracy vs time and updates);
+- ``mistakes``: memorized mistakes vs lazy vs backprop, plain and class-incremental;
+- ``frameworks``: one small configuration through Lightning and Keras (TensorFlow).
+
+Each writes ``<out>/<experiment>.csv`` (one row per run; a rerun skips the runs
+already there), ``<experiment>_curves.csv`` (the test points), ``<experiment>.md``
+(the table) and ``<experiment>.png`` (the plot). See docs/reproduce.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Experiment
+from .config import Config, Data, load_data
+from .frameworks import EXPERIMENTS as _FRAMEWORKS
+from .gating import EXPERIMENTS as _GATING
+from .runner import Sweep
+from .sweep import EXPERIMENTS as _SWEEP
+
+EXPERIMENTS: dict[str, type[Experiment]] = {e.name: e for e in (*_SWEEP, *_GATING, *_FRAMEWORKS)}
+
+__all__ = ["EXPERIMENTS", "Config", "Data", "Experiment", "load_data", "reproduce"]
+
+
+def reproduce(
+    name: str, config: Config, *, data: Data | None = None, show_progress: bool = True
+) -> tuple[str, Path]:
+    """Run (or resume) experiment ``name``; return its markdown table and the CSV path."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    experiment = EXPERIMENTS[name](config)
+    experiment.preflight()
+    experiment.load(data if data is not None else load_data(config))
+    sweep = Sweep(config.out, name)
+    rows = sweep.run(experiment.specs(), experiment.execute, show_progress=show_progress)
+    return experiment.summarize(rows, config.out), sweep.csv

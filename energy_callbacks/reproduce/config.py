@@ -1,0 +1,110 @@
+"""What every experiment needs: the settings of a sweep and its data.
+
+:class:`Config` holds the command-line choices (data set, seeds, quick or full,
+overrides); :func:`load_data` reads the IDX files once and applies the reference
+preprocessing (SCIENCE.md section 3: inputs scaled to [0.01, 0.99], then the
+training mean subtracted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import data
+
+DATASETS = ("fashion-mnist", "mnist", "emnist-idx")
+DEFAULT_TARGETS = {"fashion-mnist": 0.85, "mnist": 0.95, "emnist-idx": 0.85}
+QUICK_TARGET = 0.7
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings of one ``energy-callbacks reproduce`` call.
+
+    ``None`` fields take the experiment's default for full or ``quick`` runs.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: Path | None = None
+    seeds: int = 1
+    quick: bool = False
+    out: Path = Path("reproduce-results")
+    target: float | None = None
+    sizes: tuple[int, ...] | None = None
+    rules: tuple[str, ...] | None = None
+    max_samples: int | None = None
+    eval_every: int | None = None
+    threads: int = 1
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset}")
+        if self.dataset != "fashion-mnist" and self.data_dir is None:
+            raise ValueError(
+                f"--dataset {self.dataset} needs --data-dir DIR: a directory holding its IDX "
+                "files (train-images-idx3-ubyte[.gz] ... or emnist-<subset>-train-images-...)"
+            )
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.target is not None and not 0 < self.target <= 1:
+            raise ValueError(f"--target must be an accuracy in (0, 1], got {self.target}")
+        for name in ("max_samples", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.sizes is not None and (not self.sizes or min(self.sizes) < 1):
+            raise ValueError(f"--sizes must be hidden sizes >= 1, got {self.sizes}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+
+    @property
+    def accuracy_target(self) -> float:
+        """``--target``, else 0.7 with ``--quick``, else the data set's (85% / 95%)."""
+        if self.target is not None:
+            return self.target
+        return QUICK_TARGET if self.quick else DEFAULT_TARGETS[self.dataset]
+
+    def pick(self, name: str, full: int, quick: int) -> int:
+        """The override ``name`` if given, else ``quick`` or ``full``."""
+        value = getattr(self, name)
+        if value is not None:
+            return int(value)
+        return quick if self.quick else full
+
+
+@dataclass(frozen=True)
+class Data:
+    """Preprocessed float32 inputs and int64 labels; ``name`` and ``n_classes`` of the set."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+
+    def subset(self, n_train: int | None, n_test: int | None, seed: int = 0) -> Data:
+        """The first ``n_test`` test samples and a random ``n_train`` training subset."""
+        x, y = self.x_train, self.y_train
+        if n_train is not None and n_train < len(x):
+            keep = np.sort(np.random.default_rng(seed).choice(len(x), n_train, replace=False))
+            x, y = x[keep], y[keep]
+        t = slice(None) if n_test is None else slice(0, n_test)
+        return Data(self.name, x, y, self.x_test[t], self.y_test[t], self.n_classes)
+
+
+def load_data(config: Config) -> Data:
+    """Read the data set of ``config`` (no download) and preprocess it."""
+    if config.dataset == "fashion-mnist":
+        ds = data.load_fashion_mnist(config.data_dir or data.FASHION_MNIST_DIR)
+    elif config.dataset == "mnist":
+        ds = data.load_idx_dataset(config.data_dir, name="mnist")  # type: ignore[arg-type]
+    else:
+        ds = data.load_idx_dataset(config.data_dir)  # type: ignore[arg-type]
+    x_train, mean = data.paper_inputs(ds.train.images)
+    x_test, _ = data.paper_inputs(ds.test.images, mean)
+    return Data(ds.name, x_train, ds.train.labels, x_test, ds.test.labels, ds.n_classes)

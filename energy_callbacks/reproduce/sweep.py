@@ -1,0 +1,314 @@
+"""``size-sweep`` and ``combined``: energy to reach the target accuracy, per rule.
+
+Both train the reference MLP (SCIENCE.md section 3: MSE loss, SGD lr 0.01,
+batch 1, samples with replacement, a test every 2000 samples) until the target
+accuracy, at most 5 epochs, and compare the energy with plain backprop.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+from .base import Experiment, paper_run
+from .report import cell, fmt, group, markdown, mean_sd, power_law, ratio, values, write_outputs
+from .rules import RULES, get_rule
+from .runner import RunResult, RunSpec
+
+# The authors' reference code on Fashion-MNIST, N = 1000, 85% (issue 5), one seed.
+PUBLISHED = {
+    "backprop": dict(epochs=0.57, m1=3.09e5, m1_min=3.15e3, inefficiency=98, m0=2.70e10),
+    "equal-count": dict(epochs=1.00, m1=2.77e5, m1_min=4.42e3, inefficiency=63, m0=2.96e9),
+    "fixed": dict(epochs=1.03, m1=1.67e5, m1_min=1.33e3, inefficiency=126, m0=4.93e9),
+    "top-units": dict(epochs=0.57, m1=1.98e5, m1_min=3.28e3, inefficiency=61, m0=3.04e9),
+}
+FIDELITY_TOLERANCE = 0.30
+
+SWEEP_SIZES = (100, 300, 1000, 3000, 10000)
+SWEEP_RULES = (
+    "backprop",
+    "top-fraction",
+    "equal-count",
+    "top-units",
+    "top-units-path",
+    "fixed",
+    "combined",
+    "random-units",
+    "random-synapses",
+    "smallest",
+)
+QUICK_SIZES = (20, 60)
+QUICK_RULES = ("backprop", "equal-count", "top-units-path", "fixed", "combined")
+COMBINED_RULES = (
+    "backprop",
+    "combined",
+    "combined+lazy",
+    "combined+mistakes",
+    "lazy",
+    "mistakes",
+)
+
+
+class _EnergyToTarget(Experiment):
+    """Runs (N, rule, seed) to the target accuracy with the paper's MSE loss."""
+
+    full_rules: tuple[str, ...] = ()
+    quick_rules: tuple[str, ...] = ()
+
+    @abstractmethod
+    def sizes(self) -> tuple[int, ...]:
+        """The hidden sizes N to run."""
+
+    def rules(self) -> tuple[str, ...]:
+        names = self.config.rules or (self.quick_rules if self.config.quick else self.full_rules)
+        for n in names:
+            get_rule(n)  # unknown names fail before any training
+        return tuple(names)
+
+    def budget(self) -> tuple[int, int]:
+        n_train = len(self.data.x_train) if self._data is not None else 60000
+        return (
+            self.config.pick("max_samples", 5 * n_train, 3000),
+            self.config.pick("eval_every", 2000, 500),
+        )
+
+    def specs(self) -> list[RunSpec]:
+        max_samples, eval_every = self.budget()
+        target = self.config.accuracy_target
+        return [
+            RunSpec(
+                self.key(N=n, rule=r, seed=s, target=target, max=max_samples, every=eval_every),
+                f"N={n} {r} seed {s}",
+                dict(n_hidden=n, rule=r, seed=s),
+            )
+            for n in self.sizes()
+            for r in self.rules()
+            for s in range(self.config.seeds)
+        ]
+
+    def execute(self, spec: RunSpec) -> RunResult:
+        max_samples, eval_every = self.budget()
+        return paper_run(
+            self,
+            spec,
+            target=self.config.accuracy_target,
+            max_samples=max_samples,
+            eval_every=eval_every,
+        )
+
+
+class SizeSweep(_EnergyToTarget):
+    """Energy vs hidden size N for every rule (the reference experiment)."""
+
+    name = "size-sweep"
+    help = "energy to the target accuracy vs hidden size N, per rule (log-log plot)"
+    full_rules = SWEEP_RULES
+    quick_rules = QUICK_RULES
+
+    def sizes(self) -> tuple[int, ...]:
+        return self.config.sizes or (QUICK_SIZES if self.config.quick else SWEEP_SIZES)
+
+    def summarize(self, rows: list[dict[str, Any]], out: Path) -> str:
+        text = f"# size-sweep ({_setup(rows)})\n\n" + _energy_table(rows, by_size=True)
+        text += "\n## Scaling: fit of energy ∝ N^a over the sizes run\n\n" + _scaling(rows)
+        fidelity = _fidelity(rows)
+        if fidelity:
+            text += "\n## Fidelity: N = 1000 against the authors' reference code\n\n" + fidelity
+        write_outputs(out, self.name, text, lambda fig: _plot_sizes(fig, rows))
+        return text
+
+
+class Combined(_EnergyToTarget):
+    """Units + synapses (+ lazy / mistakes) against backprop at one size."""
+
+    name = "combined"
+    help = "competitive synapses + path units (+ lazy / mistakes) vs backprop at N = 1000"
+    full_rules = COMBINED_RULES
+    quick_rules = COMBINED_RULES
+
+    def sizes(self) -> tuple[int, ...]:
+        return self.config.sizes or ((60,) if self.config.quick else (1000,))
+
+    def summarize(self, rows: list[dict[str, Any]], out: Path) -> str:
+        text = f"# combined ({_setup(rows)})\n\n" + _energy_table(rows, by_size=False)
+        text += "\n" + _combined_targets(rows)
+        write_outputs(out, self.name, text, lambda fig: _plot_savings(fig, rows))
+        return text
+
+
+def _setup(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no runs"
+    r = rows[0]
+    seeds = len({x["seed"] for x in rows})
+    return (
+        f"{r['dataset']}, target {r['target']:.0%}, at most {r['max_samples']} samples, "
+        f"{seeds} seed{'s' if seeds > 1 else ''}, mean ± sd"
+    )
+
+
+def _energy_table(rows: list[dict[str, Any]], by_size: bool) -> str:
+    base = {k[0]: g for k, g in group(rows, "n_hidden", "rule").items() if k[1] == "backprop"}
+    header = [
+        "N",
+        "rule",
+        "reached",
+        "epochs",
+        "test acc",
+        "M1",
+        "M0",
+        "M1_min",
+        "inefficiency",
+        "M1 saved",
+        "M0 saved",
+        "learned",
+    ]
+    body = []
+    for (n, rule), g in group(rows, "n_hidden", "rule").items():
+        b = base.get(n)
+        saved = [
+            fmt(ratio(mean_sd(values(b, c))[0], mean_sd(values(g, c))[0]), 3) + "x" if b else "-"
+            for c in ("m1", "m0")
+        ]
+        body.append(
+            [
+                str(n),
+                RULES[rule].label if rule in RULES else rule,
+                f"{sum(bool(r['reached']) for r in g)}/{len(g)}",
+                cell(g, "epochs"),
+                cell(g, "accuracy"),
+                cell(g, "m1"),
+                cell(g, "m0"),
+                cell(g, "m1_min"),
+                cell(g, "inefficiency"),
+                *saved,
+                f"{mean_sd(values(g, 'samples_learned'))[0]:.0%}",
+            ]
+        )
+    if not by_size:
+        header, body = header[1:], [row[1:] for row in body]
+    return markdown(header, body)
+
+
+def _scaling(rows: list[dict[str, Any]]) -> str:
+    body = []
+    for (rule,), g in group(rows, "rule").items():
+        by_n = group(g, "n_hidden")
+        ns = [k[0] for k in by_n]
+        exps = [
+            power_law(ns, [mean_sd(values(v, c))[0] for v in by_n.values()])
+            for c in ("m1", "m0", "samples")
+        ]
+        body.append(
+            [
+                RULES[rule].label if rule in RULES else rule,
+                ", ".join(map(str, ns)),
+                *(f"{a:.2f}" for a in exps),
+            ]
+        )
+    return markdown(["rule", "N", "a (M1)", "a (M0)", "a (samples)"], body)
+
+
+def _fidelity(rows: list[dict[str, Any]]) -> str:
+    sel = [r for r in rows if r["n_hidden"] == 1000 and r["rule"] in PUBLISHED]
+    if not sel or "fashion" not in str(sel[0]["dataset"]) or sel[0]["target"] != 0.85:
+        return ""
+    header = [
+        "rule",
+        "epochs (ours / paper)",
+        "M1 (ours / paper)",
+        "M1_min",
+        "inefficiency",
+        "M0 (ours / paper)",
+        "M1 ratio",
+        "M0 ratio",
+        "within ±30%",
+    ]
+    body = []
+    for (rule,), g in group(sel, "rule").items():
+        ref = PUBLISHED[rule]
+        r1, r0 = (ratio(mean_sd(values(g, c))[0], ref[c]) for c in ("m1", "m0"))
+        ok = all(abs(x - 1) <= FIDELITY_TOLERANCE for x in (r1, r0))
+        body.append(
+            [
+                RULES[rule].label,
+                f"{cell(g, 'epochs')} / {ref['epochs']}",
+                f"{cell(g, 'm1')} / {fmt(ref['m1'])}",
+                f"{cell(g, 'm1_min')} / {fmt(ref['m1_min'])}",
+                f"{cell(g, 'inefficiency')} / {ref['inefficiency']}",
+                f"{cell(g, 'm0')} / {fmt(ref['m0'])}",
+                f"{r1:.2f}",
+                f"{r0:.2f}",
+                "yes" if ok else "no",
+            ]
+        )
+    return markdown(header, body)
+
+
+def _combined_targets(rows: list[dict[str, Any]]) -> str:
+    means = {
+        k[0]: {c: mean_sd(values(g, c))[0] for c in ("m1", "m0", "samples")}
+        for k, g in group(rows, "rule").items()
+    }
+    b = means.get("backprop")
+    if b is None:
+        return ""
+    checks = []
+    if "combined" in means:
+        c = means["combined"]
+        m1x, m0x = ratio(b["m1"], c["m1"]), ratio(b["m0"], c["m0"])
+        sx = ratio(c["samples"], b["samples"])
+        checks.append(
+            f"- combined: {m1x:.1f}x less M1 (target >= 3x), {m0x:.1f}x less M0 "
+            f"(target >= 30x), {sx:.2f}x the samples (target <= 2x): "
+            f"{'met' if m1x >= 3 and m0x >= 30 and sx <= 2 else 'missed'}"
+        )
+    for rule in ("combined+lazy", "combined+mistakes"):
+        if rule in means:
+            m1x = ratio(b["m1"], means[rule]["m1"])
+            checks.append(
+                f"- {rule}: {m1x:.1f}x less M1 (target >= 5x): {'met' if m1x >= 5 else 'missed'}"
+            )
+    return "Targets (means over seeds):\n\n" + "\n".join(checks) + "\n"
+
+
+def _plot_sizes(figure: Any, rows: list[dict[str, Any]]) -> None:
+    axes = figure.subplots(1, 2)
+    for ax, column, title in zip(
+        axes, ("m1", "m0"), ("M1 = sum |dw|", "M0 = updates"), strict=True
+    ):
+        for (rule,), g in group(rows, "rule").items():
+            by_n = group(g, "n_hidden")
+            ns = [k[0] for k in by_n]
+            stats = [mean_sd(values(v, column)) for v in by_n.values()]
+            ax.errorbar(
+                ns,
+                [m for m, _ in stats],
+                yerr=[s for _, s in stats],
+                marker="o",
+                capsize=3,
+                label=rule,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("hidden units N")
+        ax.set_title(f"{title} to the target")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+
+
+def _plot_savings(figure: Any, rows: list[dict[str, Any]]) -> None:
+    axes = figure.subplots(1, 3)
+    by_rule = group(rows, "rule")
+    names = [k[0] for k in by_rule]
+    for ax, column in zip(axes, ("m1", "m0", "samples"), strict=True):
+        stats = [mean_sd(values(g, column)) for g in by_rule.values()]
+        ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title({"m1": "M1", "m0": "M0", "samples": "samples to target"}[column])
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+
+
+EXPERIMENTS = (SizeSweep, Combined)

@@ -1,0 +1,244 @@
+"""`energy-callbacks reproduce`: quick smoke runs, resume, outputs, and agreement with
+the NumPy reference. Everything here trains through the Lightning callback on small
+Fashion-MNIST subsets; the whole file runs in about two minutes on 2 cores."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+
+import numpy as np
+import pytest
+
+from energy_callbacks.cli import main
+from energy_callbacks.data import FASHION_MNIST_DIR
+from energy_callbacks.reproduce import Config, load_data, reproduce
+from energy_callbacks.reproduce import frameworks as fw
+from energy_callbacks.reproduce.report import markdown, power_law
+from energy_callbacks.reproduce.runner import COLUMNS, Sweep, read_table
+
+needs_data = pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason=f"Fashion-MNIST not in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return load_data(Config())
+
+
+def csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# -- the command line, --quick ------------------------------------------------------------
+@needs_data
+@pytest.mark.data
+def test_quick_size_sweep_writes_csv_plot_and_table(tmp_path, capsys):
+    assert main(["reproduce", "size-sweep", "--quick", "--out", str(tmp_path)]) == 0
+    rows = csv_rows(tmp_path / "size-sweep.csv")
+    assert len(rows) == 10  # 2 sizes x 5 rules x 1 seed
+    assert {r["n_hidden"] for r in rows} == {"20", "60"}
+    for r in rows:
+        assert float(r["m1"]) >= float(r["m1_min"]) > 0
+        assert int(r["m0"]) > 0 and 0 < float(r["accuracy"]) <= 1
+    backprop = [r for r in rows if r["rule"] == "backprop"]
+    combined = [r for r in rows if r["rule"] == "combined"]
+    for b, c in zip(backprop, combined):  # the restriction saves updates
+        assert int(c["m0"]) < int(b["m0"]) / 5
+    assert (tmp_path / "size-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "size-sweep.md").read_text()
+    assert "| N | rule |" in table and "a (M1)" in table
+    assert "\\|dw\\|" in table  # pipes in labels are escaped
+    out = capsys.readouterr().out
+    assert "size-sweep.csv" in out and "inefficiency" in out
+
+
+@needs_data
+@pytest.mark.data
+def test_quick_combined_lazy_and_mistakes(tmp_path):
+    for experiment in ("combined", "lazy", "mistakes"):
+        assert main(["reproduce", experiment, "--quick", "--out", str(tmp_path)]) == 0
+        assert (tmp_path / f"{experiment}.png").stat().st_size > 1000
+    combined = (tmp_path / "combined.md").read_text()
+    assert "combined: " in combined and "target >= 30x" in combined
+    lazy = csv_rows(tmp_path / "lazy.csv")
+    by = {r["rule"]: r for r in lazy}
+    assert float(by["lazy"]["samples_learned"]) < 1.0 == float(by["backprop"]["samples_learned"])
+    curves = csv_rows(tmp_path / "lazy_curves.csv")
+    assert {c["key"] for c in curves} == {r["key"] for r in lazy}
+    mistakes = csv_rows(tmp_path / "mistakes.csv")
+    inc = {r["rule"]: r for r in mistakes if r["setting"] == "incremental"}
+    assert set(inc) == {"backprop", "lazy", "mistakes", "mistakes-replay"}
+    # only flagged first-phase samples need keeping under memorized mistakes
+    assert int(inc["mistakes"]["replay_buffer"]) < int(inc["backprop"]["replay_buffer"])
+    assert int(inc["backprop"]["replay_buffer"]) == int(inc["lazy"]["replay_buffer"])
+    for r in inc.values():
+        after, end = float(r["accuracy_old_after_first"]), float(r["accuracy_old"])
+        assert float(r["forgetting"]) == pytest.approx(after - end)
+    assert "Setting 2" in (tmp_path / "mistakes.md").read_text()
+
+
+# -- resume ---------------------------------------------------------------------------
+@needs_data
+@pytest.mark.data
+def test_resume_repeats_no_finished_run(tmp_path, fashion, monkeypatch):
+    config = Config(
+        quick=True,
+        out=tmp_path,
+        sizes=(20,),
+        rules=("backprop", "equal-count", "fixed"),
+        max_samples=400,
+        eval_every=200,
+    )
+    from energy_callbacks.reproduce.sweep import SizeSweep
+
+    executed, fail, real = [], [True], SizeSweep.execute
+
+    class Interrupt(Exception):
+        pass
+
+    def counting(self, spec):
+        if len(executed) == 2 and fail[0]:
+            raise Interrupt  # the sweep dies during its third run
+        executed.append(spec.key)
+        return real(self, spec)
+
+    monkeypatch.setattr(SizeSweep, "execute", counting)
+    with pytest.raises(Interrupt):
+        reproduce("size-sweep", config, data=fashion, show_progress=False)
+    assert len(csv_rows(tmp_path / "size-sweep.csv")) == 2
+    fail[0] = False
+    reproduce("size-sweep", config, data=fashion, show_progress=False)
+    assert len(executed) == 3 and len(set(executed)) == 3  # only the missing run
+    rows = csv_rows(tmp_path / "size-sweep.csv")
+    assert [r["rule"] for r in rows] == ["backprop", "equal-count", "fixed"]
+    reproduce("size-sweep", config, data=fashion, show_progress=False)
+    assert len(executed) == 3
+    # a stale curve of an interrupted run is dropped before it is rerun
+    sweep = Sweep(tmp_path, "size-sweep")
+    assert set(sweep.curves()) == {r["key"] for r in rows}
+
+
+def test_stale_curves_are_dropped_and_foreign_csv_refused(tmp_path):
+    sweep = Sweep(tmp_path, "x")
+    from energy_callbacks.reproduce.runner import CURVE_COLUMNS, append_rows
+
+    append_rows(sweep.csv, COLUMNS, [{"key": "a", "m1": 1.5}])
+    point = {"samples": 1, "accuracy": 0.5, "seconds": 0.1, "m1": 1.0, "m0": 2}
+    append_rows(sweep.curves_csv, CURVE_COLUMNS, [{"key": "a", **point}, {"key": "b", **point}])
+    sweep._drop_stale_curves({"a"})
+    assert set(sweep.curves()) == {"a"}
+    assert read_table(sweep.csv, COLUMNS)[0]["m1"] == 1.5
+    (tmp_path / "y.csv").write_text("key,other\n1,2\n")
+    with pytest.raises(ValueError, match="another --out directory"):
+        read_table(tmp_path / "y.csv", COLUMNS)
+
+
+# -- trust: the Lightning path is the NumPy reference ------------------------------------
+@needs_data
+@pytest.mark.data
+@pytest.mark.parametrize("rule", ["backprop", "top-units", "fixed", "lazy"])
+def test_lightning_run_matches_numpy_reference(fashion, rule):
+    from energy_callbacks.reference import PaperMLP, train
+    from energy_callbacks.reproduce.paper import fit_paper
+    from energy_callbacks.reproduce.rules import get_rule
+
+    d = fashion.subset(None, 1000)
+    build = get_rule(rule).build
+    got = fit_paper(
+        build(50, 3),
+        d.x_train,
+        d.y_train,
+        d.x_test,
+        d.y_test,
+        n_hidden=50,
+        max_samples=1200,
+        eval_every=600,
+        seed=3,
+    )
+    want = train(
+        PaperMLP(784, 50, seed=3),
+        build(50, 3),
+        d.x_train,
+        d.y_train,
+        d.x_test,
+        d.y_test,
+        max_samples=1200,
+        eval_every=600,
+        seed=3,
+    )
+    assert got.samples == want.samples == 1200
+    assert got.report.m1 == pytest.approx(want.report.m1, rel=1e-6)
+    assert got.report.m0 == pytest.approx(want.report.m0, rel=1e-5)
+    assert got.report.m1_min == pytest.approx(want.report.m1_min, rel=1e-5)
+    assert got.report.samples_learned == want.report.samples_learned
+    assert got.curve.accuracy == pytest.approx([a for _, a in want.history], abs=1e-3)
+
+
+# -- frameworks ---------------------------------------------------------------------------
+def test_frameworks_fails_clearly_without_the_keras_adapter(tmp_path, monkeypatch, capsys):
+    def no_keras(cmd, **kwargs):
+        return subprocess.CompletedProcess(
+            cmd, 1, "", "ModuleNotFoundError: No module named 'energy_callbacks.keras'"
+        )
+
+    monkeypatch.setattr(fw.subprocess, "run", no_keras)
+    assert main(["reproduce", "frameworks", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs the Keras adapter energy_callbacks.keras" in err
+    assert "No module named 'energy_callbacks.keras'" in err
+    assert not (tmp_path / "frameworks.csv").exists()  # nothing trained
+
+
+@needs_data
+@pytest.mark.data
+def test_quick_frameworks_lightning_and_keras_agree(tmp_path):
+    try:
+        fw.check_keras()
+    except fw.KerasUnavailable as exc:
+        pytest.skip(str(exc))
+    assert main(["reproduce", "frameworks", "--quick", "--out", str(tmp_path)]) == 0
+    rows = csv_rows(tmp_path / "frameworks.csv")
+    for rule in fw.FRAMEWORK_RULES:
+        lt, ks = (
+            next(r for r in rows if r["rule"] == rule and r["framework"] == f)
+            for f in ("lightning", "keras")
+        )
+        assert float(ks["m1"]) == pytest.approx(float(lt["m1"]), rel=fw.TOLERANCE), rule
+    assert "within 5%" in (tmp_path / "frameworks.md").read_text()
+
+
+def test_keras_sees_the_lightning_sample_order():
+    from energy_callbacks.reproduce.paper import SampleStream
+
+    torch = pytest.importorskip("torch")
+    x, y = torch.zeros(50, 3), torch.arange(50)
+    stream = [int(b["index"]) for b in SampleStream(x, y, 40, seed=7)]
+    assert stream == fw.draw_order(50, 40, 7).tolist()
+
+
+# -- errors name the field and the fix; helpers ----------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["size-sweep", "--rules", "backprop,nope"], "unknown rule 'nope'"),
+        (["lazy", "--dataset", "mnist"], "--dataset mnist needs --data-dir"),
+        (["size-sweep", "--seeds", "0"], "--seeds must be >= 1"),
+        (["size-sweep", "--sizes", "10,x"], "--sizes takes comma-separated integers"),
+        (["combined", "--target", "1.5"], "--target must be an accuracy"),
+    ],
+)
+def test_bad_arguments_are_named(argv, message, tmp_path, capsys):
+    assert main(["reproduce", *argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_table_and_scaling_helpers():
+    ns = [100, 1000, 10000]
+    assert power_law(ns, [3 * n**0.5 for n in ns]) == pytest.approx(0.5)
+    assert np.isnan(power_law([100], [1.0]))
+    text = markdown(["a", "b"], [["x|y", "1"]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
