@@ -151,11 +151,12 @@ class PlasticityCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         report = self.report()
         if logs is not None:
+            # samples_learned is the gate metric's own result, already in the epoch logs
+            # (read before validation, whose metric reset zeroes the epoch counts)
             metrics = report.metrics(per_layer=self.per_layer)
-            metrics["plasticity/samples_learned"] = float(
-                keras.ops.convert_to_numpy(self.optimizer.gate.result())  # type: ignore[union-attr]
-            )
+            metrics.pop("plasticity/samples_learned", None)
             logs.update(metrics)
+            logs.pop("val_plasticity/samples_learned", None)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._last = self.report()

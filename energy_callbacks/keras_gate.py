@@ -93,6 +93,7 @@ class GateState(keras.metrics.Metric):
         gate = self.sample_gate
         if gate is None:
             return ops.ones((ops.shape(outputs)[0],), dtype="bool")
+        targets = _class_targets(targets)
         if not isinstance(gate, MemorizedMistakes):
             return gate.gate(outputs, targets, ids, keras_ops)
         if ids is None:
@@ -138,6 +139,17 @@ class GateState(keras.metrics.Metric):
         if self.memory is None:
             return 0
         return int(keras.ops.convert_to_numpy(ops.sum(ops.cast(self.memory.value, "int32"))))
+
+
+def _class_targets(targets: Any) -> Any:
+    """Class indices as int32 (Keras labels come as int64, float or shape (batch, 1));
+    one-hot or probability rows are left as they are."""
+    targets = ops.convert_to_tensor(targets)
+    if len(targets.shape) == 2 and targets.shape[1] == 1:
+        targets = ops.reshape(targets, (-1,))
+    if len(targets.shape) == 1:
+        return ops.cast(targets, "int32")
+    return targets
 
 
 def ids_from(x: Any) -> Any:

@@ -162,7 +162,7 @@ class KerasOps:
         return list(ops.split(x, bounds, axis=axis)) if bounds else [x]
 
     def argmax(self, x: Array) -> Array:
-        return ops.argmax(x, axis=-1)
+        return ops.cast(ops.argmax(x, axis=-1), "int32")
 
     def class_probability(self, outputs: Array, labels: Array, from_logits: bool) -> Array:
         probs = ops.softmax(outputs, axis=-1) if from_logits else outputs
