@@ -1,4 +1,5 @@
-"""MirroredStrategy (2 logical CPUs), and Keras vs Lightning vs the NumPy oracle."""
+"""Data parallel Keras (TF MirroredStrategy, JAX DataParallel) equals one device; and
+Keras vs Lightning vs the NumPy oracle."""
 
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ def test_mirrored_strategy_matches_one_device():
     for key in ("m0", "steps", "seen", "learned", "flagged"):
         assert multi[key] == single[key], key
     assert multi["seen"] == 256
+
+
+def test_jax_data_parallel_matches_one_device():
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "jax_data_parallel.py")],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    multi, single = r["data_parallel"], r["single"]
+    assert r["devices"] == 2
+    assert r["weight_diff"] < 1e-6
+    assert multi["m1"] == pytest.approx(single["m1"], rel=1e-6)
+    for key in ("m0", "steps", "seen", "learned", "flagged"):
+        assert multi[key] == single[key], key
 
 
 def _lightning_helpers():
