@@ -231,14 +231,13 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             m_alpha = ops.stack([keras_ops.total(c, alpha) for c in kept])
             m_alpha = ops.where(applied, m_alpha, ops.zeros_like(m_alpha))
             out += _two_sum(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
-        low = acc["m0_low"].value + m0
-        carry = ops.right_shift(low, COUNT_BITS)
+        low, high = carry_count(acc["m0_low"].value, acc["m0_high"].value, m0)
         counters = self._counters.value + ops.stack(
             [ops.cast(applied, "int32"), 1 - ops.cast(finite, "int32")]
         )
         return out + [
-            (acc["m0_low"], low - ops.left_shift(carry, COUNT_BITS)),
-            (acc["m0_high"], acc["m0_high"].value + carry),
+            (acc["m0_low"], low),
+            (acc["m0_high"], high),
             (self._counters, counters),
         ]
 
@@ -340,11 +339,23 @@ def _snapshot(variable: Any) -> Any:
     return ops.copy(variable.value)
 
 
+def two_sum(total: Any, error: Any, x: Any) -> tuple[Any, Any]:
+    """``(total', error')`` with ``total' + error' == total + error + x`` up to float32
+    rounding of ``error`` alone (Knuth's TwoSum keeps the rounding error of the sum)."""
+    s = total + x
+    bb = s - total
+    err = (total - (s - bb)) + (x - bb)
+    return s, error + err
+
+
+def carry_count(low: Any, high: Any, x: Any) -> tuple[Any, Any]:
+    """``(low', high')`` with ``high' * 2**COUNT_BITS + low' == high * 2**COUNT_BITS + low + x``
+    in int32 words (``x`` below ``2**31 - 2**COUNT_BITS``)."""
+    low = low + x
+    carry = ops.right_shift(low, COUNT_BITS)
+    return low - ops.left_shift(carry, COUNT_BITS), high + carry
+
+
 def _two_sum(total: Any, error: Any, x: Any) -> list[tuple[Any, Any]]:
-    """New ``(total, error)`` for ``total + error += x``, keeping the rounding error
-    (Knuth's TwoSum)."""
-    a = total.value
-    s = a + x
-    bb = s - a
-    err = (a - (s - bb)) + (x - bb)
-    return [(total, s), (error, error.value + err)]
+    new_total, new_error = two_sum(total.value, error.value, x)
+    return [(total, new_total), (error, new_error)]

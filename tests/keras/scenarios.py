@@ -382,6 +382,39 @@ def scenario_selection() -> None:
     RESULTS["selection"] = out
 
 
+# -- 6. the accumulators over 1e5 steps ------------------------------------------------
+def scenario_accumulators() -> None:
+    from energy_callbacks.keras_optimizer import COUNT_BITS, carry_count, two_sum
+
+    rng = np.random.default_rng(0)
+    steps = 100_000
+    x = np.abs(rng.standard_normal(steps)) * rng.choice([1e-4, 1.0, 1e3], steps)
+    x = x.astype("float32")
+    counts = rng.integers(0, 800_000, steps).astype("int32")
+    xs, cs = ops.convert_to_tensor(x), ops.convert_to_tensor(counts)
+
+    def body(i, state):
+        total, error, naive, low, high = state
+        total, error = two_sum(total, error, xs[i])
+        low, high = carry_count(low, high, cs[i])
+        return total, error, naive + xs[i], low, high
+
+    zero_f, zero_i = ops.zeros((), "float32"), ops.zeros((), "int32")
+    fn = lambda: ops.fori_loop(0, steps, body, (zero_f, zero_f, zero_f, zero_i, zero_i))  # noqa: E731
+    if BACKEND == "jax":
+        fn = __import__("jax").jit(fn)
+    elif BACKEND == "tensorflow":
+        fn = __import__("tensorflow").function(fn, jit_compile=True)
+    total, error, naive, low, high = (ops.convert_to_numpy(v) for v in fn())
+    exact = float(np.sum(x.astype(np.float64)))
+    RESULTS["accumulators"] = {
+        "two_sum_rel_error": abs(float(total) + float(error) - exact) / exact,
+        "naive_rel_error": abs(float(naive) - exact) / exact,
+        "count": (int(high) << COUNT_BITS) + int(low),
+        "count_exact": int(counts.astype(np.int64).sum()),
+    }
+
+
 def main() -> None:
     out_path = sys.argv[1]
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
@@ -392,6 +425,7 @@ def main() -> None:
             ("resume", lambda: scenario_resume(tmp)),
             ("misc", lambda: scenario_misc(tmp)),
             ("selection", scenario_selection),
+            ("accumulators", scenario_accumulators),
         ]:
             if only is None or name in only:
                 fn()
