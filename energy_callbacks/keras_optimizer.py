@@ -33,7 +33,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .backends.keras_ops import keras_ops
+from .backends.keras_ops import keras_ops, xla_on_tensorflow
 from .core import Plasticity, TensorSpec, Topology
 from .core.config import from_config, to_config
 from .core.ops import numpy_ops
@@ -164,6 +164,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             self._initial = [self.add_variable_from_reference(v, name="initial") for v in covered]
         for w0, v in zip(self._initial, covered, strict=True):
             w0.assign(ops.copy(v.value))  # a buffer of its own (JAX donates both)
+        self._masked_step_fn = xla_on_tensorflow(self._masked_step)
         super().build(var_list)
 
     # -- the step --------------------------------------------------------------
@@ -178,41 +179,50 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         state_before = [_snapshot(v) for v in state]
         self.inner_optimizer.apply(grads, variables)
 
-        covered = self._covered
-        proposed = [variables[i].value - before[i] for i in covered]
-        masks = self.plasticity.masks(proposed)
-        # what each tensor keeps (unmasked: all of it), with its |.| sum and count; a NaN/Inf
-        # anywhere in the proposal makes its plain sum non-finite
-        kept, checks = [], []
-        for p, m in zip(proposed, masks, strict=True):
-            kept.append(p if m is None else ops.where(m, p, ops.zeros_like(p)))
-        m1 = ops.stack([ops.sum(ops.abs(c)) for c in kept])
-        m0 = ops.stack([keras_ops.count_nonzero(c) for c in kept])
-        for p, m, total in zip(proposed, masks, ops.unstack(m1), strict=True):
-            checks.append(total if m is None else ops.sum(p))
-        finite = ops.all(ops.isfinite(ops.stack(checks)))
-        go = finite
+        live = ops.convert_to_tensor(True)
         if self._skips_empty_steps:
-            live = ops.any(
-                ops.stack([ops.any(ops.not_equal(g, 0)) for g in grads if g is not None])
-            )
-            go = ops.logical_and(go, any_across_replicas(live))
-        keep: list[Any] = [go] * len(variables)
-        for i, m in zip(covered, masks, strict=True):
-            if m is not None:
-                keep[i] = ops.logical_and(m, go)
-        final = [ops.where(k, v.value, b) for v, b, k in zip(variables, before, keep, strict=True)]
+            nonzero = [ops.any(ops.not_equal(g, 0)) for g in grads if g is not None]
+            live = any_across_replicas(ops.any(ops.stack(nonzero)))
+        after = [v.value for v in variables]
+        final, m1, m0, m_alpha, finite, go = self._masked_step_fn(before, after, live)
         # a skipped step leaves no trace in the optimizer either (Adam's count, moments)
         restored = [ops.where(go, v.value, b) for v, b in zip(state, state_before, strict=True)]
-        zero_f, zero_i = ops.zeros_like(m1), ops.zeros_like(m0)
-        metered = self._metered(
-            ops.where(go, m1, zero_f), ops.where(go, m0, zero_i), kept, go, finite
-        )
         assign_all(
             list(zip(variables, final, strict=True))
             + list(zip(state, restored, strict=True))
-            + metered
+            + self._metered(m1, m0, m_alpha, go, finite)
         )
+
+    def _masked_step(self, before: list[Any], after: list[Any], live: Any) -> tuple:
+        """The step as a pure function: new values of the variables, per-tensor M1, M0 and
+        M_alpha of the real change, finiteness, and whether the step goes ahead."""
+        covered = self._covered
+        proposed = [after[i] - before[i] for i in covered]
+        masks = self.plasticity.masks(proposed)
+        # what each tensor keeps (unmasked: all of it); a NaN/Inf anywhere in the proposal
+        # makes its plain sum non-finite
+        kept = [
+            p if m is None else ops.where(m, p, ops.zeros_like(p))
+            for p, m in zip(proposed, masks, strict=True)
+        ]
+        sums = [ops.sum(ops.abs(c)) for c in kept]
+        checks = [
+            t if m is None else ops.sum(p) for p, m, t in zip(proposed, masks, sums, strict=True)
+        ]
+        finite = ops.all(ops.isfinite(ops.stack(checks)))
+        go = ops.logical_and(finite, live)
+        keep: list[Any] = [go] * len(after)
+        for i, m in zip(covered, masks, strict=True):
+            if m is not None:
+                keep[i] = ops.logical_and(m, go)
+        final = [ops.where(k, a, b) for a, b, k in zip(after, before, keep, strict=True)]
+        m1 = ops.where(go, ops.stack(sums), 0.0)
+        m0 = ops.where(go, ops.stack([keras_ops.count_nonzero(c) for c in kept]), 0)
+        m_alpha = m1
+        if self.plasticity.alpha != 1.0:
+            alpha = ops.stack([keras_ops.total(c, self.plasticity.alpha) for c in kept])
+            m_alpha = ops.where(go, alpha, 0.0)
+        return final, m1, m0, m_alpha, finite, go
 
     @property
     def _skips_empty_steps(self) -> bool:
@@ -220,16 +230,12 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         return self.plasticity.samples is not None and not accumulating
 
     def _metered(
-        self, m1: Any, m0: Any, kept: list[Any], applied: Any, finite: Any
+        self, m1: Any, m0: Any, m_alpha: Any, applied: Any, finite: Any
     ) -> list[tuple[Any, Any]]:
-        """The accumulators' new values after a step that changed the weights by ``kept``
-        (when ``applied``), with per-tensor ``m1`` and ``m0`` already summed."""
+        """The accumulators' new values after a step with per-tensor ``m1``, ``m0``."""
         acc = self._add
         out = _two_sum(acc["m1"], acc["m1_error"], m1)
         if self.plasticity.alpha != 1.0:
-            alpha = self.plasticity.alpha
-            m_alpha = ops.stack([keras_ops.total(c, alpha) for c in kept])
-            m_alpha = ops.where(applied, m_alpha, ops.zeros_like(m_alpha))
             out += _two_sum(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
         low, high = carry_count(acc["m0_low"].value, acc["m0_high"].value, m0)
         counters = self._counters.value + ops.stack(

@@ -15,6 +15,8 @@ exact totals (see :mod:`energy_callbacks.keras_optimizer`).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -60,58 +62,18 @@ class KerasOps:
             return ops.ones(scores.shape, dtype="bool")
         if k <= 0:
             return ops.zeros(scores.shape, dtype="bool")
-        if rows == 1 and n > SEARCH_ABOVE and largest and _compiled_loops():
-            return ops.reshape(self._search_top(ops.reshape(scores, (n,)), k), (1, n))
+        if rows == 1 and largest and n > _search_above():
+            search = _xla(_search_top)
+            return ops.reshape(search(ops.reshape(scores, (n,)), k), (1, n))
         s = scores if largest else ops.negative(scores)
         values, _ = ops.top_k(s, k, sorted=True)
         return _keep_above(s, values[:, k - 1 : k], k)
-
-    def _search_top(self, scores: Array, k: int) -> Array:
-        """Exact top-``k`` of a long 1-D array of scores ``>= 0``, without a sort.
-
-        Non-negative float32 values order like their bit patterns read as int32,
-        so the k-th largest value is found by bisection over the bits: each
-        iteration is one compare-and-count pass. A strided sample brackets the
-        answer first (about 20 iterations instead of 31); a missed bracket falls
-        back to the full range, so the result is always exact.
-        """
-        n = int(scores.shape[0])
-        bits = ops.view(ops.cast(scores, "float32"), "int32")
-        sample = bits[:: max(1, n // APPROX_SAMPLE)]
-        m = int(sample.shape[0])
-        q = k / n
-        margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
-        rank_lo = min(m, int(np.ceil((q + margin) * m)))  # likely >= k entries at or above
-        rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
-        lo = _kth_largest(sample, rank_lo, 0, FLOAT_BITS_END)
-        hi = _kth_largest(sample, rank_hi, 0, FLOAT_BITS_END) + 1
-        c_lo, c_hi = _count_at_least(bits, lo), _count_at_least(bits, hi)
-        lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)
-        lo, c_lo = ops.where(lo_ok, lo, 0), ops.where(lo_ok, c_lo, n)
-        hi, c_hi = ops.where(hi_ok, hi, FLOAT_BITS_END), ops.where(hi_ok, c_hi, 0)
-        t, c_t = _kth_largest(bits, k, lo, hi, counts=(c_lo, c_hi))
-        at_least = ops.greater_equal(bits, t)
-        # ties at t past the k-th entry are rare; only then pay for the cumulative count
-        return ops.cond(
-            ops.equal(c_t, k),
-            lambda: at_least,
-            lambda: _keep_above(ops.expand_dims(bits, 0), ops.reshape(t, (1, 1)), k)[0],
-        )
 
     def approx_top_mask(self, scores: Array, k: int) -> Array:
         n = int(scores.shape[0])
         if n <= APPROX_SAMPLE or k <= 0 or k >= n:
             return ops.reshape(self.top_k_mask(ops.reshape(scores, (1, n)), k), (n,))
-        bits = ops.view(ops.cast(scores, "float32"), "int32")
-        sample = bits[:: n // APPROX_SAMPLE]
-        m = int(sample.shape[0])
-        r = min(m - 1, max(0, m - round(k * m / n)))
-        # the r-th smallest of the sample (NumPy's partition) is its (m - r)-th largest
-        if _compiled_loops():
-            t = _kth_largest(sample, m - r, 0, FLOAT_BITS_END)
-        else:
-            t = ops.top_k(sample, m - r, sorted=True)[0][m - r - 1]
-        return ops.where(ops.greater(t, 0), ops.greater_equal(bits, t), ops.greater(bits, 0))
+        return _xla(_approx_top)(scores, k)
 
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
         return ops.reshape(x, shape)
@@ -170,11 +132,78 @@ class KerasOps:
         return ops.sum(probs * ops.cast(onehot, probs.dtype), axis=-1)
 
 
-SEARCH_ABOVE = 512
-"""Longer 1-D selections use the bisection search: XLA sorts slowly on CPU (``top_k`` over
-10k values took 2 ms)."""
+SEARCH_ABOVE = {"jax": 512, "tensorflow": 512}
+"""Longer 1-D selections use the bit search: XLA sorts slowly on CPU (``top_k`` over 10k
+values took 2 ms). The masked step runs under XLA on both (see :func:`xla_on_tensorflow`).
+The torch backend always uses ``top_k``."""
 FLOAT_BITS_END = 0x7F800001
 """One past the bit pattern of +inf: every finite score ``>= 0`` lies below it."""
+
+
+def _search_above() -> int | float:
+    return SEARCH_ABOVE.get(keras.backend.backend(), float("inf"))
+
+
+def xla_on_tensorflow(fn: Callable[..., Array]) -> Callable[..., Array]:
+    """``fn`` compiled with XLA on TensorFlow, whose Keras steps run without XLA on CPU:
+    there every op is a pass of its own and a ``while_loop`` pays per op per iteration
+    (3x slower here). ``fn`` itself on the other backends (JAX compiles the whole step)."""
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True)  # type: ignore[no-any-return]
+
+
+_xla = functools.cache(xla_on_tensorflow)
+
+
+def _search_top(scores: Array, k: int) -> Array:
+    """Exact top-``k`` of a long 1-D array of scores ``>= 0``, without a sort.
+
+    Non-negative float32 values order like their bit patterns read as int32,
+    so the k-th largest value is found by bisection over the bits: each
+    iteration is one compare-and-count pass. A strided sample brackets the
+    answer first (about 20 iterations instead of 31); a missed bracket falls
+    back to the full range, so the result is always exact.
+    """
+    n = int(scores.shape[0])
+    bits = ops.view(ops.cast(scores, "float32"), "int32")
+    sample = bits[:: max(1, n // APPROX_SAMPLE)]
+    m = int(sample.shape[0])
+    q = k / n
+    margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
+    rank_lo = min(m, int(np.ceil((q + margin) * m)))  # likely >= k entries at or above
+    rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
+    lo = _kth_largest(sample, rank_lo, 0, FLOAT_BITS_END)
+    hi = _kth_largest(sample, rank_hi, 0, FLOAT_BITS_END) + 1
+    c_lo, c_hi = _count_at_least(bits, lo), _count_at_least(bits, hi)
+    lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)
+    lo, c_lo = ops.where(lo_ok, lo, 0), ops.where(lo_ok, c_lo, n)
+    hi, c_hi = ops.where(hi_ok, hi, FLOAT_BITS_END), ops.where(hi_ok, c_hi, 0)
+    t, c_t = _kth_largest(bits, k, lo, hi, counts=(c_lo, c_hi))
+    at_least = ops.greater_equal(bits, t)
+    # ties at t past the k-th entry are rare; only then pay for the cumulative count
+    return ops.cond(
+        ops.equal(c_t, k),
+        lambda: at_least,
+        lambda: _keep_above(ops.expand_dims(bits, 0), ops.reshape(t, (1, 1)), k)[0],
+    )
+
+
+def _approx_top(scores: Array, k: int) -> Array:
+    """``scores >= t``, ``t`` the matching order statistic of a strided sample (as the core)."""
+    n = int(scores.shape[0])
+    bits = ops.view(ops.cast(scores, "float32"), "int32")
+    sample = bits[:: n // APPROX_SAMPLE]
+    m = int(sample.shape[0])
+    r = min(m - 1, max(0, m - round(k * m / n)))
+    # the r-th smallest of the sample (NumPy's partition) is its (m - r)-th largest
+    if _compiled_loops():
+        t = _kth_largest(sample, m - r, 0, FLOAT_BITS_END)
+    else:
+        t = ops.top_k(sample, m - r, sorted=True)[0][m - r - 1]
+    return ops.where(ops.greater(t, 0), ops.greater_equal(bits, t), ops.greater(bits, 0))
 
 
 def _compiled_loops() -> bool:
