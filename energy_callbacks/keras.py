@@ -34,6 +34,7 @@ import keras
 
 from .core import EnergyReport, Plasticity, SampleGate, SynapseRule, UnitRule
 from .core.config import to_config
+from .core.plasticity import from_shorthands
 from .keras_distribute import strategy_scope
 from .keras_gate import GateState, gated_compute_loss
 from .keras_optimizer import PlasticityOptimizer
@@ -66,14 +67,9 @@ class PlasticityCallback(keras.callbacks.Callback):
         per_layer: bool = False,
     ) -> None:
         super().__init__()
-        shorthand = synapses is not None or units is not None or samples is not None
-        if plasticity is not None and (shorthand or alpha != 1.0):
-            raise ValueError(
-                "PlasticityCallback: give either plasticity=Plasticity(...) or the shorthands "
-                "synapses=/units=/samples=/alpha=, not both"
-            )
-        if plasticity is None:
-            plasticity = Plasticity(synapses=synapses, units=units, samples=samples, alpha=alpha)
+        plasticity = from_shorthands(
+            plasticity, synapses=synapses, units=units, samples=samples, alpha=alpha
+        )
         if sample_ids is not None and not callable(sample_ids):
             raise ValueError("PlasticityCallback.sample_ids must be a callable fn(x, y) -> ids")
         self.plasticity = plasticity

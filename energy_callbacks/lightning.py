@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .core import EnergyReport, Plasticity, Topology
+from .core.plasticity import from_shorthands
 from .core.samples import SampleGate
 from .core.synapses import SynapseRule
 from .core.units import UnitRule
@@ -93,12 +94,9 @@ class PlasticityCallback(Callback):
         log_every_n_steps: int | None = None,
         per_layer: bool = False,
     ) -> None:
-        shorthand = synapses is not None or units is not None or samples is not None
-        if plasticity is not None and (shorthand or alpha != 1.0):
-            raise ValueError(
-                "PlasticityCallback: give plasticity=Plasticity(...) or the shorthands "
-                "synapses=/units=/samples=/alpha=, not both"
-            )
+        plasticity = from_shorthands(
+            plasticity, synapses=synapses, units=units, samples=samples, alpha=alpha
+        )
         for name, fn in (("targets", targets), ("outputs", outputs), ("sample_ids", sample_ids)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"PlasticityCallback.{name} must be a callable, got {fn!r}")
@@ -111,7 +109,7 @@ class PlasticityCallback(Callback):
                 f"PlasticityCallback.log_every_n_steps must be an int >= 1 or None, "
                 f"got {log_every_n_steps!r}"
             )
-        self.plasticity = plasticity or Plasticity(synapses, units, samples, alpha=alpha)
+        self.plasticity = plasticity
         self.targets = targets or default_targets
         self.outputs = outputs
         self.sample_ids = sample_ids or default_sample_ids

@@ -294,6 +294,31 @@ class Plasticity:
         self.samples_learned = int(state["samples_learned"])
 
 
+def from_shorthands(
+    plasticity: Plasticity | None,
+    *,
+    synapses: Any = None,
+    units: Any = None,
+    samples: Any = None,
+    alpha: float = 1.0,
+    owner: str = "PlasticityCallback",
+) -> Plasticity:
+    """``plasticity``, or a new one from the shorthands; refuses both at once.
+
+    The framework callbacks take either a ready :class:`Plasticity` or the shorthand
+    arguments; this is their shared check.
+    """
+    shorthand = synapses is not None or units is not None or samples is not None
+    if plasticity is not None and (shorthand or alpha != 1.0):
+        raise ValueError(
+            f"{owner}: give plasticity=Plasticity(...) or the shorthands "
+            "synapses=/units=/samples=/alpha=, not both"
+        )
+    if plasticity is None:
+        return Plasticity(synapses=synapses, units=units, samples=samples, alpha=alpha)
+    return plasticity
+
+
 def _synapse_rules(value: Any) -> list[SynapseRule]:
     if value is None:
         return []

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 import tensorflow as tf  # noqa: E402
@@ -17,39 +16,17 @@ import tensorflow as tf  # noqa: E402
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from scenarios import compile_small, fit_small_twice, small_model  # noqa: E402
 
-from energy_callbacks.keras import PlasticityCallback  # noqa: E402
-
-warnings.filterwarnings("ignore", message="The structure of `inputs`")
 RULE = dict(units=0.5, synapses=0.2, samples="mistakes")
 
 
 def run(strategy):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((128, 12)).astype("float32")
-    y = np.abs(x[:, :4]).argmax(1).astype("int32")
     with strategy.scope():
-        keras.utils.set_random_seed(0)
-        inp = keras.Input((12,), name="features")
-        hidden = keras.layers.Dense(16, activation="tanh")(inp)
-        model = keras.Model(inp, keras.layers.Dense(4)(hidden))
-        model.compile(
-            optimizer=keras.optimizers.Adam(0.05),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-    cb = PlasticityCallback(**RULE)
-    model.fit(
-        {"features": x, "index": np.arange(128)},
-        y,
-        batch_size=16,
-        epochs=2,
-        shuffle=False,
-        verbose=0,
-        callbacks=[cb],
-    )
-    rep = cb.report()
+        model = small_model()
+        compile_small(model)
+    summary, weights = fit_small_twice(model, RULE)
     replicas_equal = all(
         all(np.array_equal(parts[0], p) for p in parts[1:])
         for parts in (
@@ -57,15 +34,7 @@ def run(strategy):
             for v in model.trainable_variables
         )
     )
-    summary = {
-        "m1": rep.m1,
-        "m0": rep.m0,
-        "steps": rep.steps,
-        "seen": rep.samples_seen,
-        "learned": rep.samples_learned,
-        "flagged": cb.optimizer.gate.flagged(),
-    }
-    return summary, [np.asarray(w) for w in model.get_weights()], replicas_equal
+    return summary, weights, replicas_equal
 
 
 def main() -> None:

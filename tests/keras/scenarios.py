@@ -141,6 +141,35 @@ def small_data(n: int = 96):
     return x, y
 
 
+def fit_small_twice(model, rule: dict) -> tuple[dict, list[np.ndarray]]:
+    """Two epochs of 128 samples, batch 16, ids in x; the callback's figures and the weights.
+
+    Shared by the data-parallel scripts (mirrored.py, jax_data_parallel.py), which
+    compare a distributed run with one device.
+    """
+    x, y = small_data(128)
+    cb = PlasticityCallback(**copy.deepcopy(rule))
+    model.fit(
+        {"features": x, "index": np.arange(len(x))},
+        y,
+        batch_size=16,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[cb],
+    )
+    rep = cb.report()
+    summary = {
+        "m1": rep.m1,
+        "m0": rep.m0,
+        "steps": rep.steps,
+        "seen": rep.samples_seen,
+        "learned": rep.samples_learned,
+        "flagged": cb.optimizer.gate.flagged(),
+    }
+    return summary, [np.asarray(w) for w in model.get_weights()]
+
+
 def compile_small(model, optimizer=None, **kwargs):
     model.compile(
         optimizer=optimizer or keras.optimizers.Adam(0.05),
