@@ -171,7 +171,10 @@ def keras_rows(backend: str, args: argparse.Namespace) -> None:
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     if backend == "torch":
         env.setdefault("OMP_NUM_THREADS", str(args.threads))
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"keras_overhead.py failed on {backend}:\n{proc.stderr[-3000:]}")
+    out = proc.stdout
     print(f"keras on {backend} (wall time per step)")
     for r in json.loads(out.strip().splitlines()[-1]):
         cols = f"{r['ms']:8.2f} {r['ratio']:6.2f} ({r['min']:.2f}-{r['max']:.2f})"
