@@ -147,7 +147,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         self.plasticity.ops = keras_ops
         n = len(covered)
         with keras.name_scope(self.name, caller=self):
-            self._add = {
+            self._totals = {
                 name: self.add_variable((n,), initializer="zeros", dtype=dtype, name=name)
                 for name, dtype in (
                     ("m1", "float32"),
@@ -233,7 +233,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         self, m1: Any, m0: Any, m_alpha: Any, applied: Any, finite: Any
     ) -> list[tuple[Any, Any]]:
         """The accumulators' new values after a step with per-tensor ``m1``, ``m0``."""
-        acc = self._add
+        acc = self._totals
         out = _two_sum(acc["m1"], acc["m1_error"], m1)
         if self.plasticity.alpha != 1.0:
             out += _two_sum(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
@@ -260,7 +260,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             if values is None
             else (lambda v: np.asarray(values[own[id(v)]]))
         )
-        acc = {k: read(v) for k, v in self._add.items()}
+        acc = {k: read(v) for k, v in self._totals.items()}
         steps, skipped = (int(x) for x in read(self._counters))
         m1 = acc["m1"].astype(np.float64) + acc["m1_error"]
         m_alpha = (
@@ -286,7 +286,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
     def totals(self, values: Sequence[Any] | None = None) -> tuple[float, int]:
         """``(M1, M0)`` so far, cheap enough for every batch."""
         own = {id(v): i for i, v in enumerate(self._variables)}
-        acc = self._add
+        acc = self._totals
         if values is None:
             hi, lo = acc["m1"].numpy(), acc["m1_error"].numpy()
             c_lo, c_hi = acc["m0_low"].numpy(), acc["m0_high"].numpy()
