@@ -239,14 +239,15 @@ class PaperRun:
     def row(self, n_train: int, target: float | None) -> dict[str, Any]:
         """The CSV figures of this run (see :data:`~energy_callbacks.reproduce.runner.COLUMNS`).
 
-        ``*_to_target`` are read at the first test point at or above ``target``.
+        ``reached`` and ``*_to_target`` come from the first test point at or above
+        ``target``, whether or not the run stopped there.
         """
         rep, c = self.report, self.curve
         hit = None if target is None else c.first_reaching(target)
         return {
             "samples": self.samples,
             "epochs": self.samples / n_train,
-            "reached": self.reached if target is not None else hit is not None,
+            "reached": hit is not None,
             "accuracy": self.accuracy,
             "m1": rep.m1,
             "m0": rep.m0,

@@ -165,7 +165,8 @@ def _energy_table(rows: list[dict[str, Any]], by_size: bool) -> str:
         "learned",
     ]
     body = []
-    for (n, rule), g in group(rows, "n_hidden", "rule").items():
+    ordered = sorted(group(rows, "n_hidden", "rule").items(), key=lambda kv: kv[0][0])
+    for (n, rule), g in ordered:
         b = base.get(n)
         saved = [
             fmt(ratio(mean_sd(values(b, c))[0], mean_sd(values(g, c))[0]), 3) + "x" if b else "-"
@@ -194,7 +195,7 @@ def _energy_table(rows: list[dict[str, Any]], by_size: bool) -> str:
 def _scaling(rows: list[dict[str, Any]]) -> str:
     body = []
     for (rule,), g in group(rows, "rule").items():
-        by_n = group(g, "n_hidden")
+        by_n = dict(sorted(group(g, "n_hidden").items()))
         ns = [k[0] for k in by_n]
         exps = [
             power_law(ns, [mean_sd(values(v, c))[0] for v in by_n.values()])
@@ -279,7 +280,7 @@ def _plot_sizes(figure: Any, rows: list[dict[str, Any]]) -> None:
         axes, ("m1", "m0"), ("M1 = sum |dw|", "M0 = updates"), strict=True
     ):
         for (rule,), g in group(rows, "rule").items():
-            by_n = group(g, "n_hidden")
+            by_n = dict(sorted(group(g, "n_hidden").items()))
             ns = [k[0] for k in by_n]
             stats = [mean_sd(values(v, column)) for v in by_n.values()]
             ax.errorbar(
