@@ -24,21 +24,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from rules import configs  # noqa: E402
 
-from energy_callbacks import TopFraction, TopUnits  # noqa: E402
 from energy_callbacks.keras import PlasticityCallback  # noqa: E402
 
-CONFIGS = {
-    "plain": None,
-    "tracking only": lambda: PlasticityCallback(),
-    "TopFraction(0.1)": lambda: PlasticityCallback(synapses=TopFraction(0.1)),
-    "TopFraction(0.1, approximate=True)": lambda: PlasticityCallback(
-        synapses=TopFraction(0.1, approximate=True)
-    ),
-    "combined (path 10% units + top 10%)": lambda: PlasticityCallback(
-        units=TopUnits(0.1, path=True), synapses=0.1
-    ),
-}
+CONFIGS = configs(PlasticityCallback)
 
 
 class StepTimer(keras.callbacks.Callback):
