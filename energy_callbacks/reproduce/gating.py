@@ -29,7 +29,7 @@ import torch
 from ..lightning import PlasticityCallback
 from .base import Experiment, paper_run
 from .paper import fit_paper
-from .report import cell, fmt, group, markdown, mean_sd, ratio, values, write_outputs
+from .report import cell, fmt, group, markdown, mean_sd, ratio, seeds_phrase, values, write_outputs
 from .rules import RULES, get_rule
 from .runner import RunResult, RunSpec, Sweep
 
@@ -200,10 +200,9 @@ def _setup(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no runs"
     r = rows[0]
-    seeds = len({x["seed"] for x in rows})
     return (
         f"{r['dataset']}, N = {r['n_hidden']}, cross-entropy, budget {r['max_samples']} "
-        f"samples, target {r['target']:.0%}, {seeds} seed{'s' if seeds > 1 else ''}"
+        f"samples, target {r['target']:.0%}, {seeds_phrase(rows)}"
     )
 
 

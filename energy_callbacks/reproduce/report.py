@@ -21,6 +21,12 @@ def values(rows: Sequence[Row], column: str) -> list[float]:
     return [float(r[column]) for r in rows if r.get(column, "") != ""]
 
 
+def seeds_phrase(rows: Sequence[Row]) -> str:
+    """ "1 seed" / "3 seeds": how many seeds the rows cover."""
+    n = len({r["seed"] for r in rows})
+    return f"{n} seed{'s' if n > 1 else ''}"
+
+
 def mean_sd(xs: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value, NaN for none)."""
     if not xs:

@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from .base import Experiment, paper_run
-from .report import cell, fmt, group, markdown, mean_sd, power_law, ratio, values, write_outputs
+from .report import (
+    cell,
+    fmt,
+    group,
+    markdown,
+    mean_sd,
+    power_law,
+    ratio,
+    seeds_phrase,
+    values,
+    write_outputs,
+)
 from .rules import RULES, get_rule
 from .runner import RunResult, RunSpec
 
@@ -141,10 +152,9 @@ def _setup(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no runs"
     r = rows[0]
-    seeds = len({x["seed"] for x in rows})
     return (
         f"{r['dataset']}, target {r['target']:.0%}, at most {r['max_samples']} samples, "
-        f"{seeds} seed{'s' if seeds > 1 else ''}, mean ± sd"
+        f"{seeds_phrase(rows)}, mean ± sd"
     )
 
 
