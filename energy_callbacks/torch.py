@@ -19,6 +19,10 @@ How it works:
   the optimizer (SGD, Adam, LBFGS, ...). The masked-out entries are restored,
   so the applied update is ``mask * dw`` and the energy is the real change. The
   optimizer's own state (momentum, Adam moments) still sees every proposal.
+  The snapshot is carried from one step to the next, so the pre-hook copies
+  only parameters that torch saw change in between (``load_state_dict``,
+  in-place ops under ``no_grad``); changes torch does not see (``p.data``
+  ops, writes through NumPy views) are measured as part of the next step.
 - **Samples.** A forward hook on the model computes the gate from its output.
   The rows of gated-out samples get a zero output gradient, so they add nothing
   to any parameter gradient, and the loss keeps its own normalization. When no
@@ -139,11 +143,20 @@ def _covered(p: nn.Parameter, seen: set[int], wanted: set[int] | None) -> bool:
 
 
 class _Snapshot:
-    """Before/delta buffers of the parameters one optimizer steps (no per-step allocation)."""
+    """The parameters one optimizer steps, as they were before its step.
+
+    The copy is carried from step to step: the fused pass that measures a step
+    also leaves a copy of the new weights, so the next step's pre-hook copies
+    nothing. A parameter that changed between steps in a way torch counts (its
+    version counter or storage moved: ``load_state_dict``, an in-place op under
+    ``no_grad``) is copied afresh. Changes torch does not count (``p.data`` ops,
+    writes through NumPy views) land in the next step's measured update.
+    """
 
     def __init__(self, params: list[nn.Parameter], use_numpy: bool) -> None:
         self.params = params
         self.use_numpy = use_numpy
+        n = len(params)
         if use_numpy:
             self.before: list[Any] = [np.empty(tuple(p.shape), _np_dtype(p)) for p in params]
             # 16-bit differences round; float32 holds them exactly.
@@ -157,18 +170,42 @@ class _Snapshot:
             self.before = [
                 torch.empty_like(p, memory_format=torch.contiguous_format) for p in params
             ]
-            self.delta = [None] * len(params)
+            self.delta = [None] * n
         # One fused pass per tensor where numba can do it (float32/64 on the CPU).
         self.fused = [
             use_numpy and fused.AVAILABLE and _np_dtype(p) in fused.FUSED_DTYPES for p in params
         ]
+        self.spare: list[Any] = [None] * n  # the next snapshot, written by measure()
+        self.current = [False] * n  # before[i] holds the weights as the last step left them
+        self.stamps: list[tuple[int, int] | None] = [None] * n
 
     def take(self) -> None:
-        for p, b in zip(self.params, self.before, strict=True):
+        for i, (p, b) in enumerate(zip(self.params, self.before, strict=True)):
+            if self.current[i] and self.stamps[i] == _stamp(p):
+                continue
             if self.use_numpy:
                 torch.from_numpy(b).copy_(p.detach())  # torch copies with all threads
             else:
                 b.copy_(p.detach())
+
+    def measure(self) -> list[tuple[float, int] | None] | None:
+        """The step's ``(sum |w_after - w_before|, count)`` per parameter, in one pass
+        each, or None where a parameter cannot be fused (then call :meth:`deltas`).
+
+        The snapshot moves to the new weights at :meth:`settle`; :meth:`undo` still
+        restores the old ones.
+        """
+        if not all(self.fused):
+            return None
+        stats: list[tuple[float, int] | None] = []
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                stats.append(None)
+                continue
+            if self.spare[i] is None:
+                self.spare[i] = np.empty_like(self.before[i])
+            stats.append(fused.track_stats(_view(p), self.before[i], self.spare[i]))
+        return stats
 
     def deltas(self) -> tuple[list[Any], list[tuple[float, int] | None]]:
         """``w_after - w_before`` per parameter (None where the parameter had no grad),
@@ -196,7 +233,8 @@ class _Snapshot:
     def drop(self, i: int, keep: Any) -> tuple[float, int] | None:
         """Undo parameter ``i``'s update outside ``keep``, and zero its delta there.
 
-        Returns the applied change's ``(sum |delta|, count)`` from the fused kernel.
+        Returns the applied change's ``(sum |delta|, count)`` from the fused kernel,
+        which also brings the snapshot up to the new weights.
         """
         p, b, d = self.params[i], self.before[i], self.delta[i]
         if self.use_numpy and self.fused[i]:
@@ -227,6 +265,22 @@ class _Snapshot:
                     np.copyto(_view(p), b)
                 else:
                     p.copy_(b)
+        self.settle([True] * len(self.params))
+
+    def settle(self, current: list[bool], measured: bool = False) -> None:
+        """End of a step: ``current[i]`` says the snapshot of parameter ``i`` equals its
+        weights now; ``measured`` that :meth:`measure` wrote the new snapshot."""
+        if measured:
+            for i, spare in enumerate(self.spare):
+                if spare is not None and self.params[i].grad is not None:
+                    self.before[i], self.spare[i] = spare, self.before[i]
+        self.current = list(current)
+        self.stamps = [_stamp(p) for p in self.params]
+
+
+def _stamp(p: torch.Tensor) -> tuple[int, int]:
+    """What torch changes when a tensor is written in place or given new storage."""
+    return p._version, p.data_ptr()
 
 
 def _view(p: torch.Tensor) -> np.ndarray:
@@ -290,13 +344,20 @@ class AttachedPlasticity:
 
     # -- the step ----------------------------------------------------------
     def _after(self, snap: _Snapshot, mine: list[int]) -> None:
-        plasticity, ops = self.plasticity, self.ops
+        plasticity = self.plasticity
+        if not plasticity.restricts and plasticity.meter.alpha == 1.0:
+            measured = snap.measure()
+            if measured is not None:
+                self._track(snap, mine, measured)
+                return
         deltas, stats = snap.deltas()
         proposed: list[Any] = [None] * len(self.params)
         for i, dw in zip(mine, deltas, strict=True):
             proposed[i] = dw
+        current = [False] * len(mine)  # snapshots that drop() brought up to date
         restricts = plasticity.restricts
         if restricts:
+            ops = self.ops
             finite = all(
                 d is None or (ops.isfinite_all(d) if s is None else math.isfinite(s[0]))
                 for d, s in zip(deltas, stats, strict=True)
@@ -309,13 +370,33 @@ class AttachedPlasticity:
             for j, i in enumerate(mine):
                 if proposed[i] is not None and masks[i] is not None:
                     stats[j] = snap.drop(j, masks[i])
+                    current[j] = snap.fused[j]
         # The deltas now hold the real applied change: mask * dw.
         totals: list[tuple[float, int] | None] = [None] * len(self.params)
         for j, i in enumerate(mine):
             totals[i] = stats[j]
-        if not plasticity.record(
+        if plasticity.record(
             proposed, check_finite=not restricts, displacement=False, totals=totals
         ):
+            snap.settle(current)
+        else:
+            snap.undo()
+
+    def _track(
+        self, snap: _Snapshot, mine: list[int], measured: list[tuple[float, int] | None]
+    ) -> None:
+        """Measure-only step (no rule restricts, alpha = 1): one fused pass per tensor."""
+        proposed: list[Any] = [None] * len(self.params)
+        totals: list[tuple[float, int] | None] = [None] * len(self.params)
+        for j, i in enumerate(mine):
+            if measured[j] is not None:
+                # record() reads only the totals here (alpha = 1, no displacement), but needs
+                # a non-None entry to count the tensor as stepped.
+                proposed[i] = snap.before[j]
+                totals[i] = measured[j]
+        if self.plasticity.record(proposed, displacement=False, totals=totals):
+            snap.settle([s is not None for s in measured], measured=True)
+        else:
             snap.undo()
 
     def sync(self) -> None:

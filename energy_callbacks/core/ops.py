@@ -271,14 +271,19 @@ class NumpyOps:
 def _top_k_rows(s: np.ndarray, kk: np.ndarray) -> np.ndarray:
     """Exact top-k per row: the cut from a sort, then a count over the tied entries.
 
-    A sort, not ``np.partition``: partition slows down 20x on rows full of equal
-    values (masked-out zeros), which are common here.
+    A sort, not ``np.partition``, unless a long single row is mostly nonzero:
+    partition slows down 10-20x on rows full of equal values (masked-out
+    zeros), which are common here.
     """
     rows, n = s.shape
     if n == 0:
         return np.zeros(s.shape, dtype=bool)
     pos = np.clip(n - kk, 0, n - 1)
-    cut = np.take_along_axis(np.sort(s, axis=1), pos[:, None], axis=1)
+    if rows == 1 and n >= _PARTITION_MIN and 2 * np.count_nonzero(s) > n:
+        # Mostly distinct values: a partition finds the cut 2-3x faster than a sort.
+        cut = np.partition(s[0], pos[0])[pos[0]].reshape(1, 1)
+    else:
+        cut = np.take_along_axis(np.sort(s, axis=1), pos[:, None], axis=1)
     above = s > cut
     tied = s == cut
     need = kk - above.sum(axis=1)
@@ -291,6 +296,7 @@ APPROX_SAMPLE = 1 << 14
 """Sample size of :meth:`ArrayOps.approx_top_mask`."""
 
 _BRACKET_MIN = 1 << 14
+_PARTITION_MIN = 2048
 _BRACKET_SAMPLE = 16384
 _CHUNK = 1 << 16
 

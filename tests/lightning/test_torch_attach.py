@@ -146,6 +146,75 @@ def test_nonfinite_update_is_undone_and_not_counted():
     assert handle.report().skipped_steps == 1 and handle.report().m1 == 0.0
 
 
+def _sgd_step(model, opt, x, y) -> float:
+    """One step; returns its sum |dw| (differences in the weights' dtype, as measured)."""
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return _moved(model, before)
+
+
+def _moved(model, before) -> float:
+    return sum(
+        (p.detach() - b).double().abs().sum().item() for p, b in zip(model.parameters(), before)
+    )
+
+
+@pytest.mark.parametrize("rules", [dict(), dict(synapses=0.3)])
+def test_changes_between_steps_are_not_counted_when_torch_sees_them(rules):
+    """The snapshot is carried from step to step (no copy), but a parameter written
+    between steps (load_state_dict, an in-place op under no_grad, new storage) is
+    copied afresh, so the next step counts only its own update."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach(model, opt, Plasticity(**rules))
+    data = list(batches(5))
+    real = _sgd_step(model, opt, *data[0])
+    model.load_state_dict(mlp(seed=3).state_dict())
+    real += _sgd_step(model, opt, *data[1])
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    real += _sgd_step(model, opt, *data[2])
+    model[2].bias.data = model[2].bias.data.clone() + 1.0  # new storage
+    real += _sgd_step(model, opt, *data[3])
+    report = handle.report()
+    assert report.steps == 4 and report.m1 == pytest.approx(real, rel=1e-12)
+
+
+def test_changes_torch_does_not_see_land_in_the_next_step():
+    """Writes through ``p.data`` bump no version counter: the documented limit is that
+    they are measured as part of the next step's update (tracking only)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach(model, opt, Plasticity())
+    x, y = next(batches(1))
+    real = _sgd_step(model, opt, x, y)
+    start = [p.detach().clone() for p in model.parameters()]
+    model[0].bias.data.add_(0.25)  # unseen by torch's version counter
+    _sgd_step(model, opt, x, y)
+    real += _moved(model, start)
+    assert handle.report().m1 == pytest.approx(real, rel=1e-12)
+
+
+@pytest.mark.parametrize("rules", [dict(), dict(synapses=0.3)])
+def test_training_after_an_undone_step_counts_from_the_restored_weights(rules):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = attach(model, opt, Plasticity(**rules))
+    data = list(batches(3))
+    real = _sgd_step(model, opt, *data[0])
+    x, y = data[1]
+    opt.zero_grad()
+    (nn.functional.cross_entropy(model(x), y) * float("nan")).backward()
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        opt.step()
+    real += _sgd_step(model, opt, *data[2])
+    report = handle.report()
+    assert report.skipped_steps == 1 and report.steps == 2
+    assert report.m1 == pytest.approx(real, rel=1e-12)
+
+
 def test_detach_restores_the_optimizer():
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
