@@ -278,17 +278,33 @@ def _top_k_rows(s: np.ndarray, kk: np.ndarray) -> np.ndarray:
     rows, n = s.shape
     if n == 0:
         return np.zeros(s.shape, dtype=bool)
+    if rows == 1:
+        return _top_k_row(s[0], int(kk[0]))[None, :]
     pos = np.clip(n - kk, 0, n - 1)
-    if rows == 1 and n >= _PARTITION_MIN and 2 * np.count_nonzero(s) > n:
-        # Mostly distinct values: a partition finds the cut 2-3x faster than a sort.
-        cut = np.partition(s[0], pos[0])[pos[0]].reshape(1, 1)
-    else:
-        cut = np.take_along_axis(np.sort(s, axis=1), pos[:, None], axis=1)
+    cut = np.take_along_axis(np.sort(s, axis=1), pos[:, None], axis=1)
     above = s > cut
     tied = s == cut
     need = kk - above.sum(axis=1)
     mask: np.ndarray = above | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))
     mask[kk == 0] = False
+    return mask
+
+
+def _top_k_row(s: np.ndarray, k: int) -> np.ndarray:
+    """:func:`_top_k_rows` for one row, in few NumPy calls (small tensors run every step)."""
+    n = s.size
+    if k <= 0 or k >= n:
+        return np.full(n, k > 0, dtype=bool)
+    if n >= _PARTITION_MIN and 2 * np.count_nonzero(s) > n:
+        # Mostly distinct values: a partition finds the cut 2-3x faster than a sort.
+        cut = np.partition(s, n - k)[n - k]
+    else:
+        cut = np.sort(s)[n - k]
+    mask: np.ndarray = s >= cut
+    extra = int(np.count_nonzero(mask)) - k
+    if extra > 0:  # ties at the cut: keep the lowest indices among them
+        tied = np.flatnonzero(s == cut)
+        mask[tied[tied.size - extra :]] = False
     return mask
 
 
@@ -299,6 +315,27 @@ _BRACKET_MIN = 1 << 14
 _PARTITION_MIN = 2048
 _BRACKET_SAMPLE = 16384
 _CHUNK = 1 << 16
+
+
+def _bracket(s: np.ndarray, k: int) -> tuple[Any, Any]:
+    """``(lo, hi)`` from a strided sample of ``s`` such that the ``k``-th largest entry
+    lies in ``[lo, hi]`` with overwhelming probability (4 sd and 8 entries of margin).
+
+    ``hi`` is None when fewer than one sample entry lies above the margin (nothing
+    is surely kept), ``lo`` is None when the margin runs past the sample (no bracket).
+    Callers check that the bracket holds before trusting it.
+    """
+    n = s.size
+    sample = s[:: max(1, n // _BRACKET_SAMPLE)]
+    m = sample.size
+    j = k * m / n  # expected sample entries above the cut
+    margin = 4.0 * float(np.sqrt(j * (1.0 - k / n))) + 8.0
+    hi_rank, lo_rank = int(j - margin), int(np.ceil(j + margin))
+    if lo_rank > m:
+        return None, None
+    ranks = sorted({r for r in (m - hi_rank, m - lo_rank) if 0 <= r < m})
+    part = np.partition(sample, ranks) if len(ranks) > 0 else sample
+    return part[m - lo_rank], (part[m - hi_rank] if hi_rank >= 1 else None)
 
 
 def _top_k_bracketed(
@@ -316,22 +353,15 @@ def _top_k_bracketed(
     n = s.size
     if k <= 0 or k >= n:
         return np.full(n, k > 0, dtype=bool)
-    sample = s[:: max(1, n // _BRACKET_SAMPLE)]
-    m = sample.size
-    j = k * m / n  # expected sample entries above the cut
-    margin = 4.0 * float(np.sqrt(j * (1.0 - k / n))) + 8.0
-    hi_rank, lo_rank = int(j - margin), int(np.ceil(j + margin))
-    if lo_rank > m:
+    lo, hi = _bracket(s, k)
+    if lo is None:
         return None
-    ranks = sorted({r for r in (m - hi_rank, m - lo_rank) if 0 <= r < m})
-    part = np.partition(sample, ranks) if len(ranks) > 0 else sample
-    lo = part[m - lo_rank]
-    above: np.ndarray = s > part[m - hi_rank] if hi_rank >= 1 else np.zeros(n, dtype=bool)
+    above: np.ndarray = s > hi if hi is not None else np.zeros(n, dtype=bool)
     need = k - int(np.count_nonzero(above))
     if need < 0:
         return None
     between = np.greater(s, lo, out=scratch((n,), bool))
-    between &= np.logical_not(above, out=scratch((n, 1), bool)[:, 0])
+    between ^= above  # lo <= hi, so above is inside s > lo
     n_between = int(np.count_nonzero(between))
     if n_between <= need:
         equal = _first_true(np.equal(s, lo, out=scratch((1, n), bool)[0]), need - n_between)
