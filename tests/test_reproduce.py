@@ -180,6 +180,25 @@ def test_lightning_run_matches_numpy_reference(fashion, rule):
     assert got.curve.accuracy == pytest.approx([a for _, a in want.history], abs=1e-3)
 
 
+@pytest.mark.parametrize(
+    "name, fraction", [("combined", 0.1), ("combined-20", 0.2), ("combined-30", 0.3)]
+)
+def test_combined_variants_keep_their_fraction_of_the_path(name, fraction):
+    """Per step, per tensor: ``fraction`` of the k units' 784 incoming weights; equal
+    count then keeps all k of their biases and every path synapse of the output
+    layer (k + 1 per output)."""
+    from energy_callbacks.reproduce.paper import fit_paper
+    from energy_callbacks.reproduce.rules import get_rule, units_k
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.3, (40, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 40)
+    n, steps = 50, 6
+    k = units_k(n)
+    run = fit_paper(get_rule(name).build(n, 0), x, y, x[:10], y[:10], n_hidden=n, max_samples=steps)
+    assert run.report.m0 == steps * (round(fraction * k * 784) + k + 10 * (k + 1))
+
+
 # -- frameworks ---------------------------------------------------------------------------
 def test_frameworks_fails_clearly_without_the_keras_adapter(tmp_path, monkeypatch, capsys):
     def no_keras(cmd, **kwargs):

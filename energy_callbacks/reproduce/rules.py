@@ -14,6 +14,12 @@ output layer keeps as many entries as the hidden layer, which is all of its
 path synapses (the paper's ``p_out = min(78.4 p, 1)``). Ranking within each
 unit (``per_unit=True``) selects almost the same synapses but cost 8 ms a step
 against about 4 ms here.
+
+``combined-20`` and ``combined-30`` keep 20% and 30% of the selected units'
+synapses instead (``p = 0.2 k / N``, ``0.3 k / N``): the 10% rule stalled
+below 85% at N = 1000 (docs/results.md). At N = 1000 a step then changes
+``fraction * 78 400`` hidden weights, the 100 units' biases and the 1010 output
+path synapses: 8 950, 16 790 and 24 630 updates.
 """
 
 from __future__ import annotations
@@ -47,11 +53,11 @@ class Rule:
     build: Callable[[int, int], Plasticity]
 
 
-def _combined(samples: str | None) -> Callable[[int, int], Plasticity]:
+def _combined(samples: str | None, fraction: float = 0.1) -> Callable[[int, int], Plasticity]:
     def build(n: int, seed: int) -> Plasticity:
         return Plasticity(
             units=TopUnits(k=units_k(n), path=True),
-            synapses=TopFraction(0.1 * units_k(n) / n, equal_count=True),
+            synapses=TopFraction(fraction * units_k(n) / n, equal_count=True),
             samples=samples,
         )
 
@@ -87,6 +93,16 @@ RULES: dict[str, Rule] = {
             "combined",
             "top 10% (<= 100) units, path, + top 10% of their |dw|, equal count",
             _combined(None),
+        ),
+        Rule(
+            "combined-20",
+            "top 10% (<= 100) units, path, + top 20% of their |dw|, equal count",
+            _combined(None, 0.2),
+        ),
+        Rule(
+            "combined-30",
+            "top 10% (<= 100) units, path, + top 30% of their |dw|, equal count",
+            _combined(None, 0.3),
         ),
         Rule(
             "random-units",

@@ -258,29 +258,38 @@ def _fidelity(rows: list[dict[str, Any]]) -> str:
 
 
 def _combined_targets(rows: list[dict[str, Any]]) -> str:
+    groups = {k[0]: g for k, g in group(rows, "rule").items()}
     means = {
-        k[0]: {c: mean_sd(values(g, c))[0] for c in ("m1", "m0", "samples")}
-        for k, g in group(rows, "rule").items()
+        rule: {c: mean_sd(values(g, c))[0] for c in ("m1", "m0", "samples")}
+        for rule, g in groups.items()
     }
     b = means.get("backprop")
     if b is None:
         return ""
     checks = []
-    if "combined" in means:
-        c = means["combined"]
-        m1x, m0x = ratio(b["m1"], c["m1"]), ratio(b["m0"], c["m0"])
-        sx = ratio(c["samples"], b["samples"])
-        checks.append(
-            f"- combined: {m1x:.1f}x less M1 (target >= 3x), {m0x:.1f}x less M0 "
-            f"(target >= 30x), {sx:.2f}x the samples (target <= 2x): "
-            f"{'met' if m1x >= 3 and m0x >= 30 and sx <= 2 else 'missed'}"
-        )
-    for rule in ("combined+lazy", "combined+mistakes"):
-        if rule in means:
-            m1x = ratio(b["m1"], means[rule]["m1"])
+    # "combined" and its variants ("combined-20", ...); gated ones carry a "+"
+    for rule, c in means.items():
+        if not rule.startswith("combined"):
+            continue
+        reached = all(bool(r["reached"]) for r in groups[rule])
+        unreached = "" if reached else ", target accuracy not reached"
+        m1x = ratio(b["m1"], c["m1"])
+        if "+" in rule:
+            ok = reached and m1x >= 5
             checks.append(
-                f"- {rule}: {m1x:.1f}x less M1 (target >= 5x): {'met' if m1x >= 5 else 'missed'}"
+                f"- {rule}: {m1x:.1f}x less M1 (target >= 5x){unreached}: "
+                f"{'met' if ok else 'missed'}"
             )
+            continue
+        m0x, sx = ratio(b["m0"], c["m0"]), ratio(c["samples"], b["samples"])
+        ok = reached and m1x >= 3 and m0x >= 30 and sx <= 2
+        checks.append(
+            f"- {rule}: {m1x:.1f}x less M1 (target >= 3x), {m0x:.1f}x less M0 "
+            f"(target >= 30x), {sx:.2f}x the samples (target <= 2x){unreached}: "
+            f"{'met' if ok else 'missed'}"
+        )
+    if not checks:
+        return ""
     return "Targets (means over seeds):\n\n" + "\n".join(checks) + "\n"
 
 
