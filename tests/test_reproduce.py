@@ -199,6 +199,30 @@ def test_combined_variants_keep_their_fraction_of_the_path(name, fraction):
     assert run.report.m0 == steps * (round(fraction * k * 784) + k + 10 * (k + 1))
 
 
+def test_combined_without_the_path_keeps_an_equal_count_of_output_weights():
+    """Without the path every hidden unit feeds plastic output weights: equal count
+    keeps as many of them as of the k units' incoming weights (here all 10 * n)."""
+    from energy_callbacks.reproduce.paper import fit_paper
+    from energy_callbacks.reproduce.rules import get_rule, units_k
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.3, (40, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 40)
+    n, steps = 50, 6
+    k = units_k(n)
+    kept = round(0.1 * k * 784)
+    run = fit_paper(
+        get_rule("combined-nopath").build(n, 0),
+        x,
+        y,
+        x[:10],
+        y[:10],
+        n_hidden=n,
+        max_samples=steps,
+    )
+    assert run.report.m0 == steps * (kept + k + min(10 * n, kept) + 10)
+
+
 # -- frameworks ---------------------------------------------------------------------------
 def test_frameworks_fails_clearly_without_the_keras_adapter(tmp_path, monkeypatch, capsys):
     def no_keras(cmd, **kwargs):

@@ -20,6 +20,12 @@ synapses instead (``p = 0.2 k / N``, ``0.3 k / N``): the 10% rule stalled
 below 85% at N = 1000 (docs/results.md). At N = 1000 a step then changes
 ``fraction * 78 400`` hidden weights, the 100 units' biases and the 1010 output
 path synapses: 8 950, 16 790 and 24 630 updates.
+
+``combined-nopath`` is the 10% rule with the unit rule but without the path: the
+output layer stays plastic for every hidden unit, and equal count keeps as many
+of its entries as of the hidden layer (7 840 of 10 000 at N = 1000, 15 790
+updates a step in all). The path rule alone stalls at N = 1000
+(docs/results.md), and this variant tells the path apart from the synapse rule.
 """
 
 from __future__ import annotations
@@ -53,10 +59,12 @@ class Rule:
     build: Callable[[int, int], Plasticity]
 
 
-def _combined(samples: str | None, fraction: float = 0.1) -> Callable[[int, int], Plasticity]:
+def _combined(
+    samples: str | None, fraction: float = 0.1, path: bool = True
+) -> Callable[[int, int], Plasticity]:
     def build(n: int, seed: int) -> Plasticity:
         return Plasticity(
-            units=TopUnits(k=units_k(n), path=True),
+            units=TopUnits(k=units_k(n), path=path),
             synapses=TopFraction(fraction * units_k(n) / n, equal_count=True),
             samples=samples,
         )
@@ -103,6 +111,11 @@ RULES: dict[str, Rule] = {
             "combined-30",
             "top 10% (<= 100) units, path, + top 30% of their |dw|, equal count",
             _combined(None, 0.3),
+        ),
+        Rule(
+            "combined-nopath",
+            "top 10% (<= 100) units, no path, + top 10% of their |dw|, equal count",
+            _combined(None, 0.1, path=False),
         ),
         Rule(
             "random-units",
