@@ -271,9 +271,9 @@ class NumpyOps:
 def _top_k_rows(s: np.ndarray, kk: np.ndarray) -> np.ndarray:
     """Exact top-k per row: the cut from a sort, then a count over the tied entries.
 
-    A sort, not ``np.partition``, unless a long single row is mostly nonzero:
-    partition slows down 10-20x on rows full of equal values (masked-out
-    zeros), which are common here.
+    One row goes to :func:`_top_k_row`. Several rows sort: ``np.partition``
+    slows down 10-20x on rows full of equal values (masked-out zeros), which
+    are common here.
     """
     rows, n = s.shape
     if n == 0:

@@ -141,6 +141,21 @@ def small_data(n: int = 96):
     return x, y
 
 
+def fit_with_ids(model, rule: dict, x, y, batch_size: int, epochs: int) -> PlasticityCallback:
+    """Fit in order with sample ids in a dict ``x``; returns the fresh callback used."""
+    cb = PlasticityCallback(**copy.deepcopy(rule))
+    model.fit(
+        {"features": x, "index": np.arange(len(x))},
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[cb],
+    )
+    return cb
+
+
 def fit_small_twice(model, rule: dict) -> tuple[dict, list[np.ndarray]]:
     """Two epochs of 128 samples, batch 16, ids in x; the callback's figures and the weights.
 
@@ -148,16 +163,7 @@ def fit_small_twice(model, rule: dict) -> tuple[dict, list[np.ndarray]]:
     compare a distributed run with one device.
     """
     x, y = small_data(128)
-    cb = PlasticityCallback(**copy.deepcopy(rule))
-    model.fit(
-        {"features": x, "index": np.arange(len(x))},
-        y,
-        batch_size=16,
-        epochs=2,
-        shuffle=False,
-        verbose=0,
-        callbacks=[cb],
-    )
+    cb = fit_with_ids(model, rule, x, y, batch_size=16, epochs=2)
     rep = cb.report()
     summary = {
         "m1": rep.m1,
@@ -215,17 +221,7 @@ def scenario_adam() -> None:
         for label, kwargs in settings:
             model = small_model()
             compile_small(model, **kwargs)
-            cb = PlasticityCallback(**copy.deepcopy(rule))
-            model.fit(
-                {"features": x, "index": np.arange(len(x))},
-                y,
-                batch_size=8,
-                epochs=1,
-                shuffle=False,
-                verbose=0,
-                callbacks=[cb],
-            )
-            got = cb.report()
+            got = fit_with_ids(model, rule, x, y, batch_size=8, epochs=1).report()
             out[f"{name}/{label}"] = {
                 "keras": report_dict(got),
                 "oracle": report_dict(expected),
