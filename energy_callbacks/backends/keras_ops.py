@@ -75,6 +75,13 @@ class KerasOps:
             return ops.reshape(self.top_k_mask(ops.reshape(scores, (1, n)), k), (n,))
         return _xla(_approx_top)(scores, k)
 
+    def top_magnitude_mask(self, x: Array, k: int, approximate: bool = False) -> Array:
+        s = ops.abs(x)
+        if approximate:
+            return self.approx_top_mask(s, k)
+        n = int(s.shape[0])
+        return ops.reshape(self.top_k_mask(ops.reshape(s, (1, n)), k), (n,))
+
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
         return ops.reshape(x, shape)
 

@@ -14,15 +14,17 @@ import numpy as np
 import torch
 
 from ..core.ops import APPROX_SAMPLE, Array, ArrayOps, NumpyOps
+from . import fused
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 def ops_for(tensors: Iterable[torch.Tensor]) -> ArrayOps:
-    """NumPy views for CPU tensors of a NumPy dtype, torch ops otherwise."""
+    """NumPy views for CPU tensors of a NumPy dtype (with the fused selection when
+    numba is installed), torch ops otherwise."""
     tensors = list(tensors)
     if all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in tensors):
-        return NumpyOps()  # its own scratch buffers
+        return fused.FusedNumpyOps() if fused.AVAILABLE else NumpyOps()  # own scratch buffers
     return TorchOps(tensors[0].device if tensors else None)
 
 
@@ -79,6 +81,10 @@ class TorchOps:
         r = min(m - 1, max(0, m - round(k * m / n)))
         t = torch.kthvalue(sample.float(), r + 1).values.to(scores.dtype)
         return scores > 0 if float(t) <= 0 else scores >= t
+
+    def top_magnitude_mask(self, x: Array, k: int, approximate: bool = False) -> Array:
+        s = x.abs()
+        return self.approx_top_mask(s, k) if approximate else self.top_k_mask(s[None, :], k)[0]
 
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
         return x.reshape(shape)

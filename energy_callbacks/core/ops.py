@@ -60,6 +60,14 @@ class ArrayOps(Protocol):
         """
         ...
 
+    def top_magnitude_mask(self, x: Array, k: int, approximate: bool = False) -> Array:
+        """Mask of the ``k`` entries of a 1-D array with the largest ``|x|``.
+
+        Equals ``top_k_mask(|x|[None], k)[0]``, or ``approx_top_mask(|x|, k)`` when
+        ``approximate``; a backend may fuse the magnitude into the selection.
+        """
+        ...
+
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array: ...
 
     def moveaxis(self, x: Array, source: int, destination: int) -> Array: ...
@@ -189,12 +197,13 @@ class NumpyOps:
         n = s.size
         if n <= APPROX_SAMPLE or k <= 0 or k >= n:
             return self.top_k_mask(s[None, :], k)[0]
-        sample = s[:: n // APPROX_SAMPLE]
-        m = sample.size
-        r = min(m - 1, max(0, m - round(k * m / n)))
-        t = np.partition(sample, r)[r]
+        t = approx_cut(s[:: n // APPROX_SAMPLE], n, k)
         out: np.ndarray = s > 0 if t <= 0 else s >= t
         return out
+
+    def top_magnitude_mask(self, x: Array, k: int, approximate: bool = False) -> Array:
+        s = self.magnitude(x)
+        return self.approx_top_mask(s, k) if approximate else self.top_k_mask(s[None, :], k)[0]
 
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
         return np.reshape(x, shape)
@@ -317,16 +326,28 @@ _BRACKET_SAMPLE = 16384
 _CHUNK = 1 << 16
 
 
-def _bracket(s: np.ndarray, k: int) -> tuple[Any, Any]:
-    """``(lo, hi)`` from a strided sample of ``s`` such that the ``k``-th largest entry
-    lies in ``[lo, hi]`` with overwhelming probability (4 sd and 8 entries of margin).
+def approx_cut(sample: np.ndarray, n: int, k: int) -> Any:
+    """The threshold of :meth:`ArrayOps.approx_top_mask`: the order statistic of the
+    strided ``sample`` (of ``n`` scores) that leaves about ``k`` of ``n`` above it."""
+    m = sample.size
+    r = min(m - 1, max(0, m - round(k * m / n)))
+    return np.partition(sample, r)[r]
+
+
+def bracket_sample(s: np.ndarray) -> np.ndarray:
+    """The strided sample of ``s`` that :func:`bracket` reads (a view, no copy)."""
+    return s[:: max(1, s.size // _BRACKET_SAMPLE)]
+
+
+def bracket(sample: np.ndarray, n: int, k: int) -> tuple[Any, Any]:
+    """``(lo, hi)`` from :func:`bracket_sample` of ``n`` scores such that the ``k``-th
+    largest score lies in ``[lo, hi]`` with overwhelming probability (4 sd and 8
+    entries of margin).
 
     ``hi`` is None when fewer than one sample entry lies above the margin (nothing
     is surely kept), ``lo`` is None when the margin runs past the sample (no bracket).
     Callers check that the bracket holds before trusting it.
     """
-    n = s.size
-    sample = s[:: max(1, n // _BRACKET_SAMPLE)]
     m = sample.size
     j = k * m / n  # expected sample entries above the cut
     margin = 4.0 * float(np.sqrt(j * (1.0 - k / n))) + 8.0
@@ -353,7 +374,7 @@ def _top_k_bracketed(
     n = s.size
     if k <= 0 or k >= n:
         return np.full(n, k > 0, dtype=bool)
-    lo, hi = _bracket(s, k)
+    lo, hi = bracket(bracket_sample(s), n, k)
     if lo is None:
         return None
     above: np.ndarray = s > hi if hi is not None else np.zeros(n, dtype=bool)

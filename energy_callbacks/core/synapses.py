@@ -128,8 +128,8 @@ class TopFraction(SynapseRule):
                 else keep_count(self.p, t.size)
             )
             if self.approximate:
-                scores = ops.reshape(ops.magnitude(dw), (t.size,))
-                out.append(ops.reshape(ops.approx_top_mask(scores, k), t.shape))
+                flat = ops.top_magnitude_mask(ops.reshape(dw, (t.size,)), k, approximate=True)
+                out.append(ops.reshape(flat, t.shape))
             else:
                 out.append(_top_k(dw, t, k, ops, self.largest))
         return out
@@ -236,6 +236,8 @@ class RandomSynapses(SynapseRule):
 
 
 def _top_k(dw: Array, t: TensorSpec, k: int, ops: ArrayOps, largest: bool) -> Array:
+    if largest:
+        return ops.reshape(ops.top_magnitude_mask(ops.reshape(dw, (t.size,)), k), t.shape)
     flat = ops.reshape(ops.magnitude(dw), (1, t.size))
     return ops.reshape(ops.top_k_mask(flat, k, largest), t.shape)
 
