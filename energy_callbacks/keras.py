@@ -37,7 +37,7 @@ from .core.config import to_config
 from .core.plasticity import from_shorthands
 from .keras_distribute import strategy_scope
 from .keras_gate import GateState, gated_compute_loss
-from .keras_optimizer import PlasticityOptimizer
+from .keras_optimizer import EnergyReadout, PlasticityOptimizer
 
 __all__ = ["PlasticityCallback", "PlasticityOptimizer"]
 
@@ -127,6 +127,8 @@ class PlasticityCallback(keras.callbacks.Callback):
         )
         model._compute_loss_has_training_arg = True
         model._metrics.append(wrapper.gate)
+        if keras.backend.backend() != "jax":  # JAX: read from the trainer's state instead
+            model._metrics.append(EnergyReadout(wrapper))
         setattr(model, _INSTALLED, self._restore)
         _force_retrace(model)
 
@@ -138,8 +140,8 @@ class PlasticityCallback(keras.callbacks.Callback):
 
     # -- logging -----------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if logs is None or self.optimizer is None:
-            return
+        if logs is None or self.optimizer is None or "plasticity/energy" in logs:
+            return  # the step's logs carry the totals already (EnergyReadout)
         m1, m0 = self.optimizer.totals(_live_optimizer_values(self.model))
         logs["plasticity/energy"] = m1
         logs["plasticity/updates"] = float(m0)
@@ -195,7 +197,7 @@ def _restore(model: Any, saved: dict[str, Any]) -> None:
     else:
         model.compute_loss = saved["compute_loss"]
     model._compute_loss_has_training_arg = saved["has_training_arg"]
-    model._metrics[:] = [m for m in model._metrics if not isinstance(m, GateState)]
+    model._metrics[:] = [m for m in model._metrics if not isinstance(m, (GateState, EnergyReadout))]
     model.__dict__.pop(_INSTALLED, None)
     _force_retrace(model)
 

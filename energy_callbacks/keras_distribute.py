@@ -7,8 +7,8 @@ so every replica computes the same masks; only three things need care:
 - the "no sample passed" decision must be made on all replicas' gradients
   (:func:`any_across_replicas`), or one replica skips while the others step;
 - mirrored variables are written from the cross-replica context
-  (:func:`assign_all`), once per replica copy, so totals are not multiplied by
-  the number of replicas;
+  (:func:`assign_all`, :func:`restore_unless`), once per replica copy, so totals
+  are not multiplied by the number of replicas;
 - the mistake memory sees every replica's sample ids (:func:`gather`).
 
 On JAX, torch, or TensorFlow without a strategy these are plain operations.
@@ -76,3 +76,29 @@ def assign_all(pairs: Sequence[tuple[Any, Any]]) -> None:
             )
 
     ctx.merge_call(update, args=([value for _, value in pairs],))
+
+
+def restore_unless(flag: Any, pairs: Sequence[tuple[Any, Any]]) -> None:
+    """``variable.assign(value)`` for each pair where ``flag`` (a boolean scalar) is False.
+
+    TensorFlow without a strategy and torch branch on ``flag``, so a step that goes
+    ahead costs no pass over the variables (a ``where`` and an assign of 3 MB took
+    0.5 ms longer than the branch on TensorFlow). JAX, whose optimizer step must stay
+    stateless, and TF strategies, which assign through a merge call, select instead.
+    """
+    backend = keras.backend.backend()
+    if backend == "torch":
+        if not bool(flag):
+            assign_all(pairs)
+        return
+    if backend == "tensorflow" and _replica_context() is None:
+        import tensorflow as tf
+
+        def restore() -> Any:
+            for variable, value in pairs:
+                variable.assign(value)
+            return tf.constant(False)
+
+        tf.cond(flag, lambda: tf.constant(True), restore)
+        return
+    assign_all([(variable, ops.where(flag, variable.value, value)) for variable, value in pairs])

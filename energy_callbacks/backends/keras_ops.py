@@ -25,6 +25,9 @@ from keras import ops
 
 from ..core.ops import APPROX_SAMPLE
 
+_EXACT_FLOAT_COUNT = 1 << 24
+"""Below this many entries a float32 sum of 0/1 values is an exact count."""
+
 Array = Any
 
 
@@ -45,6 +48,10 @@ class KerasOps:
         return ops.sum(a if alpha == 1.0 else ops.power(a, alpha))
 
     def count_nonzero(self, x: Array) -> Array:
+        if int(np.prod(x.shape)) < _EXACT_FLOAT_COUNT:
+            # XLA:CPU sums float32 about 4x faster than int32 (784k entries, JAX:
+            # 0.11 ms against 0.48 ms), and a sum of 0/1 floats is exact below 2**24.
+            return ops.cast(ops.sum(ops.cast(ops.not_equal(x, 0), "float32")), "int32")
         return ops.sum(ops.cast(ops.not_equal(x, 0), "int32"))
 
     def row_l1(self, x: Array, axis: int) -> Array:
@@ -188,7 +195,7 @@ def _search_top(scores: Array, k: int) -> Array:
     lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)
     lo, c_lo = ops.where(lo_ok, lo, 0), ops.where(lo_ok, c_lo, n)
     hi, c_hi = ops.where(hi_ok, hi, FLOAT_BITS_END), ops.where(hi_ok, c_hi, 0)
-    t, c_t = _kth_largest(bits, k, lo, hi, counts=(c_lo, c_hi))
+    t, c_t = _kth_largest(bits, k, lo, hi, counts=(c_lo, c_hi), stop_at_k=True)
     at_least = ops.greater_equal(bits, t)
     # ties at t past the k-th entry are rare; only then pay for the cumulative count
     return ops.cond(
@@ -223,14 +230,22 @@ def _compiled_loops() -> bool:
 
 
 def _count_at_least(bits: Array, t: Array) -> Array:
-    return ops.sum(ops.cast(ops.greater_equal(bits, t), "int32"))
+    """``count(bits >= t)`` as int32 (summed in float32 where that is exact: faster on XLA)."""
+    hits = ops.greater_equal(bits, t)
+    if int(np.prod(bits.shape)) < _EXACT_FLOAT_COUNT:
+        return ops.cast(ops.sum(ops.cast(hits, "float32")), "int32")
+    return ops.sum(ops.cast(hits, "int32"))
 
 
-def _kth_largest(bits: Array, k: int, lo: Any, hi: Any, counts: Any = None) -> Any:
+def _kth_largest(
+    bits: Array, k: int, lo: Any, hi: Any, counts: Any = None, stop_at_k: bool = False
+) -> Any:
     """The largest ``t`` in ``[lo, hi)`` with ``count(bits >= t) >= k``: the k-th largest bits.
 
     Returns ``t``, or ``(t, count(bits >= t))`` when ``counts`` (the counts at
-    ``lo`` and ``hi``, if known) is given.
+    ``lo`` and ``hi``, if known) is given. ``stop_at_k`` stops at the first ``t``
+    with exactly ``k`` entries at or above it: the same selection ``bits >= t``,
+    found in a few steps instead of narrowing down to the k-th value's bits.
 
     Needs ``count(bits >= lo) >= k`` and ``count(bits >= hi) < k``. Three steps
     interpolate the value linearly on the counts (few steps on smooth data), the
@@ -239,7 +254,8 @@ def _kth_largest(bits: Array, k: int, lo: Any, hi: Any, counts: Any = None) -> A
     """
 
     def more(lo: Array, hi: Array, c_lo: Array, c_hi: Array, i: Array) -> Array:
-        return ops.greater(hi - lo, 1)
+        wide = ops.greater(hi - lo, 1)
+        return ops.logical_and(wide, ops.not_equal(c_lo, k)) if stop_at_k else wide
 
     def narrow(lo: Array, hi: Array, c_lo: Array, c_hi: Array, i: Array) -> tuple:
         # interpolate the values (not the bits) linearly on the counts; halve every 4th step
@@ -270,10 +286,43 @@ def _kth_largest(bits: Array, k: int, lo: Any, hi: Any, counts: Any = None) -> A
 def _keep_above(s: Array, t: Array, k: int) -> Array:
     """Entries ``> t`` plus the first entries ``== t`` (by index), ``k`` per row."""
     above = ops.greater(s, t)
-    tied = ops.equal(s, t)
     room = k - ops.sum(ops.cast(above, "int32"), axis=1, keepdims=True)
-    rank = ops.cumsum(ops.cast(tied, "int32"), axis=1)
-    return ops.logical_or(above, ops.logical_and(tied, ops.less_equal(rank, room)))
+    return ops.logical_or(above, _first_true(ops.equal(s, t), room))
+
+
+_RANK_BLOCK = 512
+
+
+def _first_true(flags: Array, room: Array) -> Array:
+    """The first ``room`` True entries (by index) of each row of a boolean ``(rows, n)``
+    array; ``room`` is ``(rows, 1)`` int32.
+
+    Two levels instead of a cumulative sum over the whole row (XLA's took 5 ms over
+    784k entries on the CPU): count the Trues per block of :data:`_RANK_BLOCK`, find
+    the block holding the ``room``-th, and rank only inside it.
+    """
+    rows, n = (int(d) for d in flags.shape)
+    width = min(_RANK_BLOCK, n)
+    n_blocks = -(-n // width)
+    x = ops.cast(flags, "int32")
+    if n_blocks * width != n:
+        x = ops.pad(x, [(0, 0), (0, n_blocks * width - n)])
+    blocks = ops.reshape(x, (rows, n_blocks, width))
+    per_block = ops.sum(blocks, axis=2)
+    through = ops.cumsum(per_block, axis=1)  # Trues up to and including each block
+    reach = ops.greater_equal(through, room)
+    # the block where the room-th True lies (the last block when there are fewer Trues)
+    last = ops.where(ops.any(reach, axis=1), ops.argmax(reach, axis=1), n_blocks - 1)
+    last = ops.expand_dims(ops.cast(last, "int32"), 1)
+    prior = ops.take_along_axis(through - per_block, last, axis=1)  # Trues before it
+    inside = ops.take_along_axis(blocks, ops.expand_dims(last, 2), axis=1)[:, 0, :]
+    rank = ops.cumsum(inside, axis=1) + prior
+    # ranks grow along the block, so the entries within room are a prefix of it
+    limit = last * width + ops.sum(
+        ops.cast(ops.less_equal(rank, room), "int32"), axis=1, keepdims=True
+    )
+    index = ops.expand_dims(ops.arange(n, dtype="int32"), 0)
+    return ops.logical_and(flags, ops.less(index, limit))
 
 
 keras_ops = KerasOps()

@@ -35,8 +35,8 @@ def test_batched_adam_matches_a_replay_with_numpy_masks(results):
         assert keras_["m1"] == pytest.approx(oracle["m1"], rel=M1_RTOL), name
         assert r["max_weight_diff"] < 1e-6, name
     # the lazy gate skipped the first two batches: no step, no Adam iteration
-    lazy = results["adam"]["combined+lazy/plain"]
-    assert lazy["iterations"] == 10
+    for name in ("combined+lazy/plain", "lazy, measure only/plain"):
+        assert results["adam"][name]["iterations"] == 10, name
 
 
 def test_resume_from_checkpoint_and_backup_is_exact(results):
@@ -73,10 +73,16 @@ def test_logged_keys_reach_history_and_csv(results):
     assert keys <= set(r["history"]) and keys <= set(r["csv"])
     assert any(k.startswith("plasticity/energy/") for k in r["history"])
     assert r["energy"][0] < r["energy"][1] == pytest.approx(r["report_m1"])
+    # every batch: the running totals, exact at the last one
+    energy, updates = r["batch_energy"], r["batch_updates"]
+    assert len(energy) == 12 and energy == sorted(energy) and updates == sorted(updates)
+    assert energy[-1] == pytest.approx(r["report_m1"], rel=1e-6)
+    assert updates[-1] == r["report_m0"]
 
 
-def test_nan_step_is_skipped_and_leaves_no_trace(results):
-    r = results["nan"]
+@pytest.mark.parametrize("key", ["nan", "nan, measure only"])
+def test_nan_step_is_skipped_and_leaves_no_trace(results, key):
+    r = results[key]
     assert r["report"]["skipped"] == 1
     assert r["report"]["steps"] == 11 == r["iterations"]
     assert r["finite"]
@@ -104,7 +110,7 @@ def test_long_selections_equal_the_numpy_oracle(results):
     """Exact top-k (bisection over float bits) and the approximate threshold, compiled."""
     failed = [case for case, ok in results["selection"].items() if not ok]
     assert not failed
-    assert len(results["selection"]) == 20
+    assert len(results["selection"]) == 28
 
 
 def test_totals_stay_exact_over_1e5_steps(results):

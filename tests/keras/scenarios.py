@@ -124,6 +124,7 @@ ADAM_RULES = {
     "combined+lazy": dict(units=TopUnits(0.5, path=True), synapses=0.2, samples="lazy"),
     "per-unit": dict(synapses=TopFraction(0.1, per_unit=True)),
     "mistakes": dict(synapses=0.3, samples="mistakes"),
+    "lazy, measure only": dict(samples="lazy"),
 }
 
 
@@ -156,13 +157,16 @@ def fit_with_ids(model, rule: dict, x, y, batch_size: int, epochs: int) -> Plast
     return cb
 
 
-def fit_small_twice(model, rule: dict) -> tuple[dict, list[np.ndarray]]:
+def fit_small_twice(model, rule: dict, skip_first: bool = False) -> tuple[dict, list[np.ndarray]]:
     """Two epochs of 128 samples, batch 16, ids in x; the callback's figures and the weights.
 
     Shared by the data-parallel scripts (mirrored.py, jax_data_parallel.py), which
-    compare a distributed run with one device.
+    compare a distributed run with one device. ``skip_first`` labels the first batch
+    with the initial model's predictions, so that a lazy gate skips its first step.
     """
     x, y = small_data(128)
+    if skip_first:
+        y[:16] = ops.convert_to_numpy(small_model()(x[:16])).argmax(1)
     cb = fit_with_ids(model, rule, x, y, batch_size=16, epochs=2)
     rep = cb.report()
     summary = {
@@ -203,7 +207,7 @@ def adam_replay(rule: dict, x, y, batch: int):
         proposed = [a - b for a, b in zip(after, before)]
         step = plasticity.step(proposed)
         model.set_weights(
-            [b if m is None else np.where(m, a, b) for a, b, m in zip(after, before, step.masks)]
+            [a if m is None else np.where(m, a, b) for a, b, m in zip(after, before, step.masks)]
         )
     return model, plasticity.report()
 
@@ -305,14 +309,33 @@ def scenario_resume(tmp: str) -> None:
 
 
 # -- 4. logs, NaN steps, non-trainable variables, serialization -----------------
+class BatchLogs(keras.callbacks.Callback):
+    """What the callbacks after PlasticityCallback see in every batch's logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.energy: list[float] = []
+        self.updates: list[float] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.energy.append(float(logs["plasticity/energy"]))
+        self.updates.append(float(logs["plasticity/updates"]))
+
+
 def scenario_misc(tmp: str) -> None:
     x, y = small_data()
     model = small_model()
     compile_small(model, metrics=["accuracy"])
     csv = os.path.join(tmp, "log.csv")
     cb = PlasticityCallback(synapses=0.2, samples="lazy", per_layer=True)
+    batches = BatchLogs()
     history = model.fit(
-        x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb, keras.callbacks.CSVLogger(csv)]
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        verbose=0,
+        callbacks=[cb, batches, keras.callbacks.CSVLogger(csv)],
     )
     with open(csv) as f:
         header = f.readline().strip().split(",")
@@ -321,6 +344,9 @@ def scenario_misc(tmp: str) -> None:
         "csv": sorted(header),
         "energy": history.history["plasticity/energy"],
         "report_m1": cb.report().m1,
+        "report_m0": cb.report().m0,
+        "batch_energy": batches.energy,
+        "batch_updates": batches.updates,
     }
 
     # a NaN batch: skipped, counted, Adam's state untouched
@@ -328,15 +354,18 @@ def scenario_misc(tmp: str) -> None:
     compile_small(model)
     bad = x.copy()
     bad[16:24] = np.nan
-    cb = PlasticityCallback(synapses=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(bad, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
-    RESULTS["nan"] = {
-        "report": report_dict(cb.report()),
-        "iterations": int(np.asarray(model.optimizer.iterations)),
-        "finite": bool(all(np.isfinite(np.asarray(w)).all() for w in model.get_weights())),
-    }
+    for key, rule in (("nan", dict(synapses=0.5)), ("nan, measure only", {})):
+        model = small_model()
+        compile_small(model)
+        cb = PlasticityCallback(**rule)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(bad, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+        RESULTS[key] = {
+            "report": report_dict(cb.report()),
+            "iterations": int(np.asarray(model.optimizer.iterations)),
+            "finite": bool(all(np.isfinite(np.asarray(w)).all() for w in model.get_weights())),
+        }
 
     # BatchNormalization and a frozen layer: only trainable variables count
     keras.utils.set_random_seed(0)
@@ -404,6 +433,13 @@ def scenario_selection() -> None:
         fn = compiled(lambda s: keras_ops.approx_top_mask(s, 10_000))
         got = ops.convert_to_numpy(fn(ops.convert_to_tensor(x)))
         out[f"{name}/approximate"] = bool((got == numpy_ops.approx_top_mask(x, 10_000)).all())
+        # the rules' entry point: signed updates, ranked by magnitude
+        signed = np.where(rng.random(n) < 0.5, -x, x)
+        for approximate in (False, True):
+            fn = compiled(lambda s, a=approximate: keras_ops.top_magnitude_mask(s, 10_000, a))
+            got = ops.convert_to_numpy(fn(ops.convert_to_tensor(signed)))
+            want = numpy_ops.top_magnitude_mask(signed, 10_000, approximate)
+            out[f"{name}/magnitude approximate={approximate}"] = bool((got == want).all())
     RESULTS["selection"] = out
 
 

@@ -29,16 +29,17 @@ def test_mirrored_strategy_matches_one_device():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    multi, single = r["mirrored"], r["single"]
-    assert r["replicas"] == 2
-    assert r["replicas_equal"]  # the same masks were applied on both replicas
-    assert r["weight_diff"] < 1e-6
-    # energy and steps are counted once, not per replica; sample counts are summed
-    assert multi["m1"] == pytest.approx(single["m1"], rel=1e-6)
-    for key in ("m0", "steps", "seen", "learned", "flagged"):
-        assert multi[key] == single[key], key
-    assert multi["seen"] == 256
+    for name, r in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        multi, single = r["mirrored"], r["single"]
+        assert r["replicas"] == 2
+        assert r["replicas_equal"], name  # the same masks were applied on both replicas
+        assert r["weight_diff"] < 1e-6, name
+        # energy and steps are counted once, not per replica; sample counts are summed
+        assert multi["m1"] == pytest.approx(single["m1"], rel=1e-6), name
+        for key in ("m0", "steps", "seen", "learned", "flagged"):
+            assert multi[key] == single[key], (name, key)
+        assert multi["seen"] == 256, name
+    assert multi["steps"] == 15  # measure only: the lazy gate skipped one step
 
 
 def test_jax_data_parallel_matches_one_device():
