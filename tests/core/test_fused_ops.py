@@ -72,3 +72,47 @@ def test_fused_selection_when_the_sample_misleads():
     for k in (10, 5000, 20_000):
         got = fused.FusedNumpyOps().top_magnitude_mask(x, k)
         np.testing.assert_array_equal(got, oracle(x, k, False))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.sampled_from([(7,), (30, 11), (1000, 78), (12, 3, 5), (1, 1)]),
+    axis=st.integers(0, 2),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+    transpose=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fused_row_l1_equals_the_oracle(shape, axis, dtype, transpose, seed):
+    x = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+    if transpose:
+        x = x.T  # not contiguous: the reference path
+    axis = axis % x.ndim
+    got = fused.FusedNumpyOps().row_l1(x, axis)
+    np.testing.assert_allclose(got, numpy_ops.row_l1(x, axis), rtol=1e-12)
+    assert got.dtype == np.float64
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    how=st.sampled_from(["full", "units", "inputs"]),
+    with_out=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fused_keep_equals_the_oracle(rows, cols, how, with_out, dtype, seed):
+    """``keep`` with a full mask, or a unit mask broadcast along either axis."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)).astype(dtype)
+    if how == "full":
+        mask = rng.random((rows, cols)) < 0.5
+    elif how == "units":
+        mask = numpy_ops.expand_units(rng.random(rows) < 0.5, x.shape, 0)
+    else:
+        mask = numpy_ops.expand_units(rng.random(cols) < 0.5, x.shape, 1)
+    out = np.full_like(x, np.nan) if with_out else None
+    got = fused.FusedNumpyOps().keep(x, mask, out)
+    np.testing.assert_array_equal(got, numpy_ops.keep(x, mask))
+    if with_out:
+        assert got is out
