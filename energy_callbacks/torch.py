@@ -230,16 +230,15 @@ class _Snapshot:
                 out.append(self.delta[i])
         return out, stats
 
-    def drop(self, i: int, keep: Any, need_delta: bool = True) -> tuple[float, int] | None:
+    def drop(self, i: int, keep: Any) -> tuple[float, int] | None:
         """Undo parameter ``i``'s update outside ``keep``, and zero its delta there.
 
         Returns the applied change's ``(sum |delta|, count)`` from the fused kernel,
-        which also brings the snapshot up to the new weights; with ``need_delta``
-        False it may then leave the delta as proposed (a pass less).
+        which also brings the snapshot up to the new weights.
         """
         p, b, d = self.params[i], self.before[i], self.delta[i]
         if self.use_numpy and self.fused[i]:
-            return fused.blend_stats(_view(p), b, d, keep, write_delta=need_delta)
+            return fused.blend_stats(_view(p), b, d, keep)
         if self.use_numpy:
             bits, x = self.bits[i], self.xor[i]
             np.copyto(bits, keep, casting="unsafe")
@@ -368,14 +367,11 @@ class AttachedPlasticity:
                 plasticity.meter.skip_nonfinite()
                 return
             masks = plasticity.masks(proposed)
-            # record() reads the deltas only for M_alpha; M1 and M0 come from the stats.
-            need_delta = plasticity.meter.alpha != 1.0
             for j, i in enumerate(mine):
                 if proposed[i] is not None and masks[i] is not None:
-                    stats[j] = snap.drop(j, masks[i], need_delta)
+                    stats[j] = snap.drop(j, masks[i])
                     current[j] = snap.fused[j]
-        # The deltas now hold the real applied change (mask * dw) wherever record() reads
-        # them: where drop() returned no stats, or for M_alpha.
+        # The deltas now hold the real applied change: mask * dw.
         totals: list[tuple[float, int] | None] = [None] * len(self.params)
         for j, i in enumerate(mine):
             totals[i] = stats[j]
