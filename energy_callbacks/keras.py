@@ -154,7 +154,8 @@ class PlasticityCallback(keras.callbacks.Callback):
             metrics = report.metrics(per_layer=self.per_layer)
             metrics.pop("plasticity/samples_learned", None)
             logs.update(metrics)
-            logs.pop("val_plasticity/samples_learned", None)
+            for key in ("samples_learned", "energy", "updates"):  # validation's copies
+                logs.pop(f"val_plasticity/{key}", None)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._last = self.report()

@@ -71,6 +71,8 @@ def test_logged_keys_reach_history_and_csv(results):
         "plasticity/samples_learned",
     }
     assert keys <= set(r["history"]) and keys <= set(r["csv"])
+    # validation runs the same metrics: their copies of the totals are dropped
+    assert not [k for k in r["history"] if k.startswith("val_plasticity")]
     assert any(k.startswith("plasticity/energy/") for k in r["history"])
     assert r["energy"][0] < r["energy"][1] == pytest.approx(r["report_m1"])
     # every batch: the running totals, exact at the last one
