@@ -16,9 +16,10 @@ in a training loop each pass over a multi-megabyte tensor is a cache refill.
   selection in one pass.
 
 The loops are branch-free so that LLVM vectorizes them: a branch on a random
-mask mispredicts (the blend took 1.3 ms instead of 0.15 ms on 784k entries),
-and a fused bracket pass for the top-k selection was slower than NumPy's
-vectorized compares for the same reason.
+mask mispredicts (the blend took 1.3 ms instead of 0.15 ms on 784k entries).
+For the same reason the exact selection's bracket pass only writes two masks;
+compacting the candidates stays with NumPy's ``flatnonzero`` (a numba loop
+that compacted them was slower).
 
 The sums accumulate in float64, in another order than NumPy's pairwise sums
 (relative differences around 1e-16). ``AVAILABLE`` is False without numba; the
@@ -172,12 +173,12 @@ class FusedNumpyOps(NumpyOps):
 
     - approximate: the threshold comes from a sample of ``|x|`` and one pass
       writes the mask, with no ``|x|`` array in between;
-    - ``row_l1`` (unit scores) and ``keep`` with a broadcast unit mask run as
-      single loops (NumPy casts there element by element: 2-3x slower);
     - exact: one pass over ``x`` writes both the entries surely kept (above the
       sampled bracket) and those inside it, whose exact top-k follows. Ties at
       the bracket's low end (masked-out zeros) go to the lowest indices, as in
-      the reference; a missed bracket takes the reference path.
+      the reference; a missed bracket takes the reference path;
+    - ``row_l1`` (unit scores) and ``keep`` with a broadcast unit mask run as
+      single loops (NumPy casts there element by element: 2-7x slower).
     """
 
     def row_l1(self, x: Any, axis: int) -> Any:
@@ -190,7 +191,8 @@ class FusedNumpyOps(NumpyOps):
 
     def keep(self, x: Any, mask: Any, out: Any | None = None) -> Any:
         x, mask = np.asarray(x), np.asarray(mask)
-        if out is None or x.ndim != 2 or x.dtype not in FUSED_DTYPES or mask.shape != x.shape:
+        fits = x.ndim == 2 and x.dtype in FUSED_DTYPES and mask.dtype == bool
+        if out is None or not fits or mask.shape != x.shape:
             return super().keep(x, mask, out)
         _keep_2d(x, mask.view(np.uint8), out)
         return out
