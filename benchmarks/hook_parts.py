@@ -77,6 +77,7 @@ def main() -> None:
         )
         timed("difference dw and its stats (fused)", fused.diff_stats, w, before, delta)
         flat = delta.reshape(-1)
+        wanted = {}
         for approximate in (False, True):
             label = "approximate" if approximate else "exact"
             want = timed(
@@ -91,11 +92,33 @@ def main() -> None:
             )
             if not np.array_equal(want, got):
                 raise SystemExit(f"fused {label} selection differs from the reference")
+            wanted[label] = want
         timed("unit scores (row L1): reference", reference.row_l1, delta, 0)
         timed("unit scores (row L1): fused", fast.row_l1, delta, 0)
         timed("keep under a unit mask: reference", reference.keep, delta, unit_mask, ranked)
         timed("keep under a unit mask: fused", fast.keep, delta, unit_mask, ranked)
-        timed("undo the dropped entries (fused)", fused.blend_stats, w, before, delta, got)
+        # The adapter's path at alpha = 1: the rules get w - before unwritten; the
+        # approximate rule samples it, and one pass applies the threshold, undoes the
+        # dropped entries and writes the next snapshot. Either undo runs on the real
+        # weights, on alternate steps.
+        if step % 2:
+            timed("undo the dropped entries (fused)", fused.blend_stats, w, before, delta, got)
+            continue
+        threshold = timed(
+            "top 10% of w - before, approximate, difference unwritten (fused)",
+            fast.top_magnitude_mask,
+            fused.Difference(w, before, delta),
+            k,
+            True,
+        )
+        timed(
+            "apply that threshold, undo, write the next snapshot: one pass (fused)",
+            fused.blend_kept,
+            w,
+            before,
+            spare,
+            threshold,
+        )
 
     print(
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, "

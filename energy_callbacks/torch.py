@@ -188,15 +188,13 @@ class _Snapshot:
             else:
                 b.copy_(p.detach())
 
-    def measure(self) -> list[tuple[float, int] | None] | None:
-        """The step's ``(sum |w_after - w_before|, count)`` per parameter, in one pass
-        each, or None where a parameter cannot be fused (then call :meth:`deltas`).
+    def measure(self) -> list[tuple[float, int] | None]:
+        """The step's ``(sum |w_after - w_before|, count)`` per parameter (None where it
+        had no grad), in one pass each; for fused parameters only.
 
         The snapshot moves to the new weights at :meth:`settle`; :meth:`undo` still
         restores the old ones.
         """
-        if not all(self.fused):
-            return None
         stats: list[tuple[float, int] | None] = []
         for i, p in enumerate(self.params):
             if p.grad is None:
@@ -205,6 +203,45 @@ class _Snapshot:
             if self.spare[i] is None:
                 self.spare[i] = np.empty_like(self.before[i])
             stats.append(fused.track_stats(_view(p), self.before[i], self.spare[i]))
+        return stats
+
+    def differences(self) -> list[fused.Difference | None]:
+        """``w_after - w_before`` per parameter (None where it had no grad), written out
+        only if a rule reads it; for fused parameters only."""
+        return [
+            None if p.grad is None else fused.Difference(_view(p), b, d)
+            for p, b, d in zip(self.params, self.before, self.delta, strict=True)
+        ]
+
+    def apply(
+        self, diffs: list[fused.Difference | None], masks: list[Any]
+    ) -> list[tuple[float, int] | None] | None:
+        """Keep each fused parameter's update where its mask says (None keeps all),
+        in one pass each that also writes the next snapshot.
+
+        Returns the applied change's ``(sum |dw|, count)`` per parameter, or None if
+        the step held NaN/Inf: then every parameter is back to its value before it.
+        """
+        stats: list[tuple[float, int] | None] = [None] * len(self.params)
+        finite = True
+        for i, (d, m) in enumerate(zip(diffs, masks, strict=True)):
+            if d is None:
+                continue
+            if self.spare[i] is None:
+                self.spare[i] = np.empty_like(self.before[i])
+            w = _view(self.params[i])
+            if m is None:
+                stats[i] = fused.track_stats(w, self.before[i], self.spare[i])
+                total = stats[i][0]
+            else:
+                lazy = isinstance(m, fused.ThresholdMask) and not d.written
+                stats[i], total = fused.blend_kept(
+                    w, self.before[i], self.spare[i], m if lazy else np.asarray(m)
+                )
+            finite = finite and math.isfinite(total)
+        if not finite:
+            self.undo()
+            return None
         return stats
 
     def deltas(self) -> tuple[list[Any], list[tuple[float, int] | None]]:
@@ -267,13 +304,13 @@ class _Snapshot:
                     p.copy_(b)
         self.settle([True] * len(self.params))
 
-    def settle(self, current: list[bool], measured: bool = False) -> None:
+    def settle(self, current: list[bool], swap: list[bool] | None = None) -> None:
         """End of a step: ``current[i]`` says the snapshot of parameter ``i`` equals its
-        weights now; ``measured`` that :meth:`measure` wrote the new snapshot."""
-        if measured:
-            for i, spare in enumerate(self.spare):
-                if spare is not None and self.params[i].grad is not None:
-                    self.before[i], self.spare[i] = spare, self.before[i]
+        weights now; ``swap[i]`` that :meth:`measure` or :meth:`apply` wrote it into
+        the spare buffer."""
+        for i, swapped in enumerate(swap or []):
+            if swapped:
+                self.before[i], self.spare[i] = self.spare[i], self.before[i]
         self.current = list(current)
         self.stamps = [_stamp(p) for p in self.params]
 
@@ -345,11 +382,12 @@ class AttachedPlasticity:
     # -- the step ----------------------------------------------------------
     def _after(self, snap: _Snapshot, mine: list[int]) -> None:
         plasticity = self.plasticity
-        if not plasticity.restricts and plasticity.meter.alpha == 1.0:
-            measured = snap.measure()
-            if measured is not None:
-                self._track(snap, mine, measured)
-                return
+        if all(snap.fused) and plasticity.meter.alpha == 1.0:
+            if plasticity.restricts:
+                self._gate_fused(snap, mine)
+            else:
+                self._track(snap, mine, snap.measure())
+            return
         deltas, stats = snap.deltas()
         proposed: list[Any] = [None] * len(self.params)
         for i, dw in zip(mine, deltas, strict=True):
@@ -382,6 +420,28 @@ class AttachedPlasticity:
         else:
             snap.undo()
 
+    def _gate_fused(self, snap: _Snapshot, mine: list[int]) -> None:
+        """Masked step on fused tensors (alpha = 1): the rules see lazy differences, and
+        one pass per tensor applies its mask, measures it and writes the next
+        snapshot. The approximate top fraction never writes the difference out."""
+        plasticity = self.plasticity
+        diffs = snap.differences()
+        proposed: list[Any] = [None] * len(self.params)
+        for j, i in enumerate(mine):
+            proposed[i] = diffs[j]
+        masks = plasticity.masks(proposed)
+        applied = snap.apply(diffs, [masks[i] for i in mine])
+        if applied is None:
+            plasticity.meter.skip_nonfinite()
+            return
+        totals: list[tuple[float, int] | None] = [None] * len(self.params)
+        for j, i in enumerate(mine):
+            totals[i] = applied[j]
+        # record() reads only the totals here (alpha = 1, no displacement).
+        plasticity.record(proposed, check_finite=False, displacement=False, totals=totals)
+        stepped = [s is not None for s in applied]
+        snap.settle(stepped, swap=stepped)
+
     def _track(
         self, snap: _Snapshot, mine: list[int], measured: list[tuple[float, int] | None]
     ) -> None:
@@ -395,7 +455,8 @@ class AttachedPlasticity:
                 proposed[i] = snap.before[j]
                 totals[i] = measured[j]
         if self.plasticity.record(proposed, displacement=False, totals=totals):
-            snap.settle([s is not None for s in measured], measured=True)
+            stepped = [s is not None for s in measured]
+            snap.settle(stepped, swap=stepped)
         else:
             snap.undo()
 

@@ -351,3 +351,45 @@ def test_conv_net_path_links_the_convolutions_and_warns_about_flatten():
     assert not (changed[2] & ~plastic).any()
     # The dense output layer: all units; its inputs are not linked, so all plastic.
     assert changed[4].float().mean() > 0.9
+
+
+LAZY_RULES = {
+    "approximate": lambda: Plasticity(synapses=TopFraction(0.1, approximate=True)),
+    "exact": lambda: Plasticity(synapses=TopFraction(0.1)),
+    "units then approximate": lambda: Plasticity(
+        units=TopUnits(0.5), synapses=TopFraction(0.2, approximate=True)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", LAZY_RULES)
+def test_fused_masked_steps_on_large_layers_match_the_numpy_path(monkeypatch, name):
+    """Above 16384 entries the fused path selects from ``w - w_before`` without writing
+    the difference out (the approximate rule applies its threshold in the same pass
+    as the undo); weights, energy and NaN handling equal the NumPy path's."""
+    from energy_callbacks.backends import fused
+
+    results = []
+    for available in (True, False):
+        monkeypatch.setattr(fused, "AVAILABLE", available)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(300, 70), nn.Tanh(), nn.Linear(70, 5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)  # a NaN step leaves no state
+        handle = attach(model, opt, LAZY_RULES[name]())
+        g = torch.Generator().manual_seed(1)
+        for step in range(8):
+            x = torch.randn(16, 300, generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), (x[:, :5] * 3).argmax(1))
+            (loss * (float("nan") if step == 4 else 1.0)).backward()
+            if step == 4:
+                with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+                    opt.step()
+            else:
+                opt.step()
+        results.append(([p.detach().clone() for p in model.parameters()], handle.report()))
+    (w_fused, fused_report), (w_numpy, numpy_report) = results
+    assert all(torch.equal(a, b) for a, b in zip(w_fused, w_numpy))
+    assert fused_report.skipped_steps == numpy_report.skipped_steps == 1
+    assert fused_report.m0 == numpy_report.m0
+    assert fused_report.m1 == pytest.approx(numpy_report.m1, rel=1e-12)
