@@ -37,6 +37,7 @@ adapter then uses the NumPy reference path. Only float32 and float64 are fused.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -323,13 +324,36 @@ class FusedNumpyOps(NumpyOps):
         return above
 
 
-class Difference:
+class _Unwritten:
+    """An array-like whose values NumPy gets through ``__array__`` (computed then);
+    its shape, dtype, size and ndim are known without that."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def reshaped(self, shape: tuple[int, ...]) -> Any:
+        """The same values in another shape (nothing is computed)."""
+        view = copy.copy(self)
+        view.shape = tuple(shape)
+        return view
+
+
+class Difference(_Unwritten):
     """``after - before`` of one tensor, written out only when something reads it.
 
-    The torch adapter proposes these to the rules. :class:`FusedNumpyOps` selects
-    the largest entries straight from ``after`` and ``before``; any other op reads
-    the difference through ``np.asarray``, which writes it into ``delta`` once (in
-    one pass that also takes its L1 norm and count: :attr:`stats`).
+    The torch adapter proposes these to the rules. The approximate top fraction
+    of :class:`FusedNumpyOps` samples ``after`` and ``before`` directly; any
+    other op reads the difference through ``np.asarray``, which writes it into
+    ``delta`` once (in one pass that also takes its L1 norm and count:
+    :attr:`stats`).
     """
 
     def __init__(self, after: np.ndarray, before: np.ndarray, delta: np.ndarray) -> None:
@@ -341,14 +365,6 @@ class Difference:
         self._stats: tuple[float, int] | None = None
 
     @property
-    def size(self) -> int:
-        return self.after.size
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
     def written(self) -> bool:
         return self._origin._stats is not None
 
@@ -356,12 +372,6 @@ class Difference:
     def stats(self) -> tuple[float, int] | None:
         """``(sum |dw|, count(dw != 0))`` once the difference is written, else None."""
         return self._origin._stats
-
-    def reshaped(self, shape: tuple[int, ...]) -> Difference:
-        view = object.__new__(Difference)
-        view.__dict__.update(self.__dict__)
-        view.shape = tuple(shape)
-        return view
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         origin = self._origin
@@ -371,7 +381,7 @@ class Difference:
         return out if dtype is None else out.astype(dtype)
 
 
-class ThresholdMask:
+class ThresholdMask(_Unwritten):
     """The approximate top fraction of a :class:`Difference` kept as its threshold:
     ``|dw| >= t`` (``|dw| > 0`` when ``t <= 0``), as
     :meth:`~energy_callbacks.core.ops.ArrayOps.approx_top_mask` defines it.
@@ -383,17 +393,6 @@ class ThresholdMask:
     def __init__(self, difference: Difference, t: Any, shape: tuple[int, ...]) -> None:
         self.difference, self.t, self.shape = difference, t, tuple(shape)
         self.dtype = np.dtype(bool)
-
-    @property
-    def size(self) -> int:
-        return self.difference.size
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def reshaped(self, shape: tuple[int, ...]) -> ThresholdMask:
-        return ThresholdMask(self.difference, self.t, shape)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.size, dtype=bool)
