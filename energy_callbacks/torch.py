@@ -188,23 +188,6 @@ class _Snapshot:
             else:
                 b.copy_(p.detach())
 
-    def measure(self) -> list[tuple[float, int] | None]:
-        """The step's ``(sum |w_after - w_before|, count)`` per parameter (None where it
-        had no grad), in one pass each; for fused parameters only.
-
-        The snapshot moves to the new weights at :meth:`settle`; :meth:`undo` still
-        restores the old ones.
-        """
-        stats: list[tuple[float, int] | None] = []
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                stats.append(None)
-                continue
-            if self.spare[i] is None:
-                self.spare[i] = np.empty_like(self.before[i])
-            stats.append(fused.track_stats(_view(p), self.before[i], self.spare[i]))
-        return stats
-
     def differences(self) -> list[fused.Difference | None]:
         """``w_after - w_before`` per parameter (None where it had no grad), written out
         only if a rule reads it; for fused parameters only."""
@@ -306,8 +289,7 @@ class _Snapshot:
 
     def settle(self, current: list[bool], swap: list[bool] | None = None) -> None:
         """End of a step: ``current[i]`` says the snapshot of parameter ``i`` equals its
-        weights now; ``swap[i]`` that :meth:`measure` or :meth:`apply` wrote it into
-        the spare buffer."""
+        weights now; ``swap[i]`` that :meth:`apply` wrote it into the spare buffer."""
         for i, swapped in enumerate(swap or []):
             if swapped:
                 self.before[i], self.spare[i] = self.spare[i], self.before[i]
@@ -383,10 +365,7 @@ class AttachedPlasticity:
     def _after(self, snap: _Snapshot, mine: list[int]) -> None:
         plasticity = self.plasticity
         if all(snap.fused) and plasticity.meter.alpha == 1.0:
-            if plasticity.restricts:
-                self._gate_fused(snap, mine)
-            else:
-                self._track(snap, mine, snap.measure())
+            self._step_fused(snap, mine)
             return
         deltas, stats = snap.deltas()
         proposed: list[Any] = [None] * len(self.params)
@@ -420,16 +399,17 @@ class AttachedPlasticity:
         else:
             snap.undo()
 
-    def _gate_fused(self, snap: _Snapshot, mine: list[int]) -> None:
-        """Masked step on fused tensors (alpha = 1): the rules see lazy differences, and
-        one pass per tensor applies its mask, measures it and writes the next
-        snapshot. The approximate top fraction never writes the difference out."""
+    def _step_fused(self, snap: _Snapshot, mine: list[int]) -> None:
+        """A step on fused tensors (alpha = 1): the rules see lazy differences, and one
+        pass per tensor applies its mask (if any), measures the step and writes the
+        next snapshot. Measuring only, or the approximate top fraction, never writes
+        the difference out."""
         plasticity = self.plasticity
         diffs = snap.differences()
         proposed: list[Any] = [None] * len(self.params)
         for j, i in enumerate(mine):
             proposed[i] = diffs[j]
-        masks = plasticity.masks(proposed)
+        masks = plasticity.masks(proposed) if plasticity.restricts else [None] * len(proposed)
         applied = snap.apply(diffs, [masks[i] for i in mine])
         if applied is None:
             plasticity.meter.skip_nonfinite()
@@ -441,24 +421,6 @@ class AttachedPlasticity:
         plasticity.record(proposed, check_finite=False, displacement=False, totals=totals)
         stepped = [s is not None for s in applied]
         snap.settle(stepped, swap=stepped)
-
-    def _track(
-        self, snap: _Snapshot, mine: list[int], measured: list[tuple[float, int] | None]
-    ) -> None:
-        """Measure-only step (no rule restricts, alpha = 1): one fused pass per tensor."""
-        proposed: list[Any] = [None] * len(self.params)
-        totals: list[tuple[float, int] | None] = [None] * len(self.params)
-        for j, i in enumerate(mine):
-            if measured[j] is not None:
-                # record() reads only the totals here (alpha = 1, no displacement), but needs
-                # a non-None entry to count the tensor as stepped.
-                proposed[i] = snap.before[j]
-                totals[i] = measured[j]
-        if self.plasticity.record(proposed, displacement=False, totals=totals):
-            stepped = [s is not None for s in measured]
-            snap.settle(stepped, swap=stepped)
-        else:
-            snap.undo()
 
     def sync(self) -> None:
         """Fold the weights' net change since the last sync into ``w_T - w_0``."""
