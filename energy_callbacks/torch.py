@@ -175,7 +175,7 @@ class _Snapshot:
         self.fused = [
             use_numpy and fused.AVAILABLE and _np_dtype(p) in fused.FUSED_DTYPES for p in params
         ]
-        self.spare: list[Any] = [None] * n  # the next snapshot, written by measure()
+        self.spare: list[Any] = [None] * n  # the next snapshot, written by apply()
         self.current = [False] * n  # before[i] holds the weights as the last step left them
         self.stamps: list[tuple[int, int] | None] = [None] * n
 
