@@ -216,11 +216,8 @@ class _Snapshot:
             if m is None:
                 stats[i] = fused.track_stats(w, self.before[i], self.spare[i])
                 total = stats[i][0]
-            else:
-                lazy = isinstance(m, fused.ThresholdMask) and not d.written
-                stats[i], total = fused.blend_kept(
-                    w, self.before[i], self.spare[i], m if lazy else np.asarray(m)
-                )
+            else:  # a boolean mask, or a ThresholdMask applied in the same pass
+                stats[i], total = fused.blend_kept(w, self.before[i], self.spare[i], m)
             finite = finite and math.isfinite(total)
         if not finite:
             self.undo()

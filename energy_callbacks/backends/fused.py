@@ -352,8 +352,7 @@ class Difference(_Unwritten):
     The torch adapter proposes these to the rules. The approximate top fraction
     of :class:`FusedNumpyOps` samples ``after`` and ``before`` directly; any
     other op reads the difference through ``np.asarray``, which writes it into
-    ``delta`` once (in one pass that also takes its L1 norm and count:
-    :attr:`stats`).
+    ``delta`` once.
     """
 
     def __init__(self, after: np.ndarray, before: np.ndarray, delta: np.ndarray) -> None:
@@ -361,22 +360,18 @@ class Difference(_Unwritten):
         self.delta = delta
         self.shape: tuple[int, ...] = tuple(delta.shape)
         self.dtype = delta.dtype
-        self._origin = self
-        self._stats: tuple[float, int] | None = None
+        self._origin = self  # shared by reshaped views, so the difference is written once
+        self._written = False
 
     @property
     def written(self) -> bool:
-        return self._origin._stats is not None
-
-    @property
-    def stats(self) -> tuple[float, int] | None:
-        """``(sum |dw|, count(dw != 0))`` once the difference is written, else None."""
-        return self._origin._stats
+        return self._origin._written
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         origin = self._origin
-        if origin._stats is None:
-            origin._stats = diff_stats(self.after, self.before, origin.delta)
+        if not origin._written:
+            diff_stats(self.after, self.before, origin.delta)
+            origin._written = True
         out = origin.delta.reshape(self.shape)
         return out if dtype is None else out.astype(dtype)
 
