@@ -18,6 +18,7 @@ hooks' cost in ms). Only this process's figures compare with each other.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import shutil
 import statistics
@@ -49,6 +50,7 @@ def load_base(checkout: Path) -> tuple[object, object]:
     if not (source / "__init__.py").exists():
         raise SystemExit(f"--base: {checkout} holds no energy_callbacks package")
     root = Path(tempfile.mkdtemp(prefix="ec_base_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     shutil.copytree(source, root / "ec_base", ignore=shutil.ignore_patterns("__pycache__"))
     sys.path.insert(0, str(root))
     return importlib.import_module("ec_base"), importlib.import_module("ec_base.torch")
