@@ -23,10 +23,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .energy import EnergyMeter, EnergyReport, check_alpha, check_cost
 from .ops import Array, ArrayOps, numpy_ops
 from .samples import Lazy, MemorizedMistakes, SampleGate
 from .synapses import Masks, SynapseRule, TopFraction
+from .targets import IGNORE_INDEX, class_targets, owners
 from .topology import TensorSpec, Topology
 from .units import TopUnits, UnitRule
 
@@ -164,20 +167,47 @@ class Plasticity:
         return ([self.units] if self.units is not None else []) + list(self.synapses)
 
     # -- samples -----------------------------------------------------------
-    def gate(self, outputs: Array, targets: Array, sample_ids: Array | None = None) -> GateResult:
+    def gate(
+        self,
+        outputs: Array,
+        targets: Array,
+        sample_ids: Array | None = None,
+        *,
+        ignore_index: int | None = IGNORE_INDEX,
+    ) -> GateResult:
         """Decide which samples of a batch learn, and count them.
 
-        Without a sample gate every sample learns.
+        ``outputs`` are class scores ``(batch, classes)``, or ``(batch, tokens,
+        classes)`` where every token is a sample; ``targets`` class ids or
+        probability rows, checked by :func:`~energy_callbacks.core.targets.class_targets`
+        (a ValueError says what to pass instead). Entries whose target is
+        ``ignore_index`` neither learn nor count. The mask has the outputs' shape
+        without the class axis. Without a sample gate every sample learns.
         """
-        n = int(outputs.shape[0])
+        ops = self.ops
         if self.samples is None:
-            mask = self.ops.ones_mask((n,))
-        else:
-            mask = self.samples.gate(outputs, targets, sample_ids, self.ops)
-        learned = self.ops.count_nonzero(mask)
-        self.samples_seen += n
+            n = int(outputs.shape[0])
+            self.count_samples(n)
+            return GateResult(ops.ones_mask((n,)), n, n)
+        host = targets if isinstance(targets, np.ndarray) else ops.to_numpy(targets)
+        checked = class_targets(tuple(outputs.shape), host, ignore_index=ignore_index)
+        shape = checked.batch_shape
+        flat = ops.reshape(outputs, (checked.labels.size, int(outputs.shape[-1])))
+        counted = None if checked.counted is None else ops.from_numpy(checked.counted)
+        owner = None
+        if sample_ids is not None:
+            ids_shape = tuple(int(s) for s in sample_ids.shape)
+            owner = owners(shape, ids_shape)
+            if owner is None:
+                sample_ids = ops.reshape(sample_ids, (checked.labels.size,))
+        mask = self.samples.gate(
+            flat, ops.from_numpy(checked.labels), sample_ids, ops, counted=counted, owner=owner
+        )
+        learned = ops.count_nonzero(mask)
+        seen = checked.size
+        self.samples_seen += seen
         self.samples_learned += learned
-        return GateResult(mask, n, learned)
+        return GateResult(ops.reshape(mask, shape), seen, learned)
 
     def count_samples(self, n: int) -> None:
         """Count ``n`` samples that all learn (no sample gate, no outputs needed)."""

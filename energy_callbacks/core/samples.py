@@ -36,14 +36,26 @@ class SampleGate(ABC):
         targets: Array,
         sample_ids: Array | None = None,
         ops: ArrayOps = numpy_ops,
+        *,
+        counted: Array | None = None,
+        owner: np.ndarray | None = None,
     ) -> Array:
-        """True for the samples that learn."""
+        """True for the samples that learn.
+
+        ``counted`` is False for entries that neither learn nor count as mistakes
+        (``ignore_index`` tokens). ``owner`` maps each row to its entry of
+        ``sample_ids`` when several rows share one id (the tokens of a sequence).
+        """
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - stateless default
         pass
+
+
+def _only(mask: Array, counted: Array | None, ops: ArrayOps) -> Array:
+    return mask if counted is None else ops.logical_and(mask, counted)
 
 
 def labels_of(targets: Array, ops: ArrayOps) -> Array:
@@ -68,8 +80,11 @@ class Lazy(SampleGate):
         targets: Array,
         sample_ids: Array | None = None,
         ops: ArrayOps = numpy_ops,
+        *,
+        counted: Array | None = None,
+        owner: np.ndarray | None = None,
     ) -> Array:
-        return mistakes(outputs, targets, ops)
+        return _only(mistakes(outputs, targets, ops), counted, ops)
 
 
 class Margin(SampleGate):
@@ -97,10 +112,13 @@ class Margin(SampleGate):
         targets: Array,
         sample_ids: Array | None = None,
         ops: ArrayOps = numpy_ops,
+        *,
+        counted: Array | None = None,
+        owner: np.ndarray | None = None,
     ) -> Array:
         labels = labels_of(targets, ops)
         unsure = ops.class_probability(outputs, labels, self.from_logits) < self.threshold
-        return ops.logical_or(ops.argmax(outputs) != labels, unsure)
+        return _only(ops.logical_or(ops.argmax(outputs) != labels, unsure), counted, ops)
 
 
 class MistakeMemory:
@@ -219,22 +237,33 @@ class MemorizedMistakes(SampleGate):
         targets: Array,
         sample_ids: Array | None = None,
         ops: ArrayOps = numpy_ops,
+        *,
+        counted: Array | None = None,
+        owner: np.ndarray | None = None,
     ) -> Array:
+        """With ``owner`` (tokens sharing their sequence's id) a sequence is flagged when
+        any of its counted tokens is wrong, and every counted token of a flagged
+        sequence learns."""
         if sample_ids is None:
             raise ValueError(
                 "MemorizedMistakes needs sample ids: give the batch an 'index' entry or pass "
                 "sample_ids= (ids are keys into the mistake memory)"
             )
-        wrong = self.base.gate(outputs, targets, sample_ids, ops)
-        ids = np.asarray(ops.to_numpy(sample_ids))
+        wrong = self.base.gate(outputs, targets, sample_ids, ops, counted=counted)
+        ids = np.asarray(ops.to_numpy(sample_ids)).reshape(-1)
         if self.capacity is not None and ids.size and int(ids.max()) >= self.capacity:
             raise ValueError(
                 f"MemorizedMistakes: sample id {int(ids.max())} is not below capacity="
                 f"{self.capacity}; raise capacity to the number of training samples"
             )
-        flagged = ops.from_numpy(self.memory.get(ids))
-        self.memory.set(ids[np.asarray(ops.to_numpy(wrong), dtype=bool)])
-        return ops.logical_or(wrong, flagged)
+        flags = self.memory.get(ids)
+        wrong_rows = np.asarray(ops.to_numpy(wrong), dtype=bool)
+        if owner is None:
+            self.memory.set(ids[wrong_rows])
+        else:
+            flags = flags[owner]
+            self.memory.set(ids[np.unique(owner[wrong_rows])])
+        return _only(ops.logical_or(wrong, ops.from_numpy(flags)), counted, ops)
 
     def state_dict(self) -> dict[str, Any]:
         return {"memory": self.memory.state_dict()}

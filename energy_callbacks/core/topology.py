@@ -79,20 +79,25 @@ class Topology:
     """The tensors of a network, their layers in order, and the layer wiring.
 
     ``adjacency`` lists ``(presynaptic layer, postsynaptic layer)`` pairs. By
-    default consecutive layers are chained. ``outputs`` names the output layers,
-    whose units are always selected; by default, the layers with no outgoing
-    edge. Unit rules act on the other layers, the hidden ones.
+    default consecutive layers are chained. A triple ``(pre, post, spread)``
+    says that each presynaptic unit feeds ``spread`` consecutive inputs of
+    ``post``: a channel-major flatten, as torch's ``conv -> flatten -> linear``
+    (unit ``c`` feeds inputs ``c * spread`` to ``(c + 1) * spread - 1``).
+    ``outputs`` names the output layers, whose units are always selected; by
+    default, the layers with no outgoing edge. Unit rules act on the other
+    layers, the hidden ones.
     """
 
     tensors: tuple[TensorSpec, ...]
     layers: tuple[Layer, ...] = field(init=False)
     edges: tuple[tuple[str, str], ...] = field(init=False)
     outputs: tuple[str, ...] = field(init=False)
+    spreads: tuple[tuple[str, str, int], ...] = field(init=False)
 
     def __init__(
         self,
         tensors: Sequence[TensorSpec],
-        adjacency: Sequence[tuple[str, str]] | None = None,
+        adjacency: Sequence[tuple[str, str] | tuple[str, str, int]] | None = None,
         outputs: Sequence[str] | None = None,
     ) -> None:
         tensors = tuple(tensors)
@@ -105,14 +110,33 @@ class Topology:
         if adjacency is None:
             adjacency = [(a.name, b.name) for a, b in zip(layers, layers[1:], strict=False)]
         known = {layer.name for layer in layers}
-        for pre, post in adjacency:
+        edges: list[tuple[str, str]] = []
+        spreads: list[tuple[str, str, int]] = []
+        for edge in adjacency:
+            if len(edge) not in (2, 3):
+                raise ValueError(
+                    f"Topology.adjacency entries are (pre, post) or (pre, post, spread), "
+                    f"got {edge!r}"
+                )
+            pre, post = str(edge[0]), str(edge[1])
             for name in (pre, post):
                 if name not in known:
                     raise ValueError(
                         f"Topology.adjacency names unknown layer {name!r}; "
                         f"layers are {sorted(known)}"
                     )
-        object.__setattr__(self, "edges", tuple((str(a), str(b)) for a, b in adjacency))
+            if len(edge) == 3:
+                spread = edge[2]
+                if isinstance(spread, bool) or not isinstance(spread, int) or spread < 1:
+                    raise ValueError(
+                        f"Topology.adjacency: the spread of ({pre!r}, {post!r}) must be an "
+                        f"integer >= 1, got {spread!r}"
+                    )
+                if spread > 1:
+                    spreads.append((pre, post, spread))
+            edges.append((pre, post))
+        object.__setattr__(self, "edges", tuple(edges))
+        object.__setattr__(self, "spreads", tuple(spreads))
         if outputs is None:
             feeding = {pre for pre, _ in self.edges}
             outputs = [layer.name for layer in layers if layer.name not in feeding]
@@ -160,13 +184,20 @@ class Topology:
                 "links one presynaptic layer per kernel. Pass adjacency= with one edge per layer."
             )
         pre = self.layer(pres[0])
-        if pre.n_units != layer.n_inputs:
+        spread = self.spread(pre.name, layer.name)
+        if pre.n_units * spread != layer.n_inputs:
+            fed = f"{pre.n_units} units" + (f" x spread {spread}" if spread > 1 else "")
             raise ValueError(
-                f"Topology: layer {pre.name!r} has {pre.n_units} units but layer {layer.name!r} "
-                f"takes {layer.n_inputs} inputs, so the path rule cannot link them. Pass "
-                "adjacency= without that edge (its inputs then count as always selected)."
+                f"Topology: layer {pre.name!r} has {fed} but layer {layer.name!r} takes "
+                f"{layer.n_inputs} inputs, so the path rule cannot link them. Pass "
+                "adjacency= without that edge (its inputs then count as always selected), "
+                "or with the spread (pre, post, inputs per unit) of a flatten."
             )
         return pre
+
+    def spread(self, pre: str, post: str) -> int:
+        """How many consecutive inputs of ``post`` each unit of ``pre`` feeds (1: one)."""
+        return next((s for a, b, s in self.spreads if (a, b) == (pre, post)), 1)
 
     @classmethod
     def mlp(cls, sizes: Sequence[int], *, bias: bool = True, layout: str = "torch") -> Topology:

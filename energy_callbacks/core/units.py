@@ -88,7 +88,13 @@ def unit_masks(selected: dict[str, Array], topology: Topology, ops: ArrayOps, pa
                 assert t.unit_axis is not None
                 mask = ops.expand_units(post, t.shape, t.unit_axis)
             if pre is not None and t.input_axis is not None:
-                pre_mask = ops.expand_units(pre, t.shape, t.input_axis)
+                assert pre_layer is not None
+                fed = pre
+                spread = topology.spread(pre_layer.name, layer.name)
+                if spread > 1:  # unit c feeds inputs c * spread ... (c + 1) * spread - 1
+                    n = pre_layer.n_units
+                    fed = ops.reshape(ops.expand_units(pre, (n, spread), 0), (n * spread,))
+                pre_mask = ops.expand_units(fed, t.shape, t.input_axis)
                 mask = pre_mask if mask is None else ops.logical_and(mask, pre_mask)
             out[i] = mask
     return out
