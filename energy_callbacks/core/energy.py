@@ -150,6 +150,87 @@ class EnergyMeter:
         self._displacement = [self.ops.zeros_f64(t.shape) for t in self.tensors]
         self.steps = 0
         self.skipped_steps = 0
+        self._pending: list[Array] | None = None  # device totals not read yet
+        self._pending_steps = 0
+
+    def rebind(self, tensors: Sequence[TensorSpec], ops: ArrayOps | None = None) -> None:
+        """Measure a new set of tensors from now on, keeping everything recorded so far.
+
+        Every tensor measured now must be among ``tensors`` (same name and shape);
+        its totals and displacement carry over, and new tensors start at zero.
+        """
+        self.flush()
+        new = tuple(tensors)
+        by_name = {t.name: t for t in new}
+        lost = [t.name for t in self.tensors if by_name.get(t.name, None) is None]
+        changed = [
+            t.name for t in self.tensors if t.name in by_name and by_name[t.name].shape != t.shape
+        ]
+        if lost or changed:
+            raise ValueError(
+                f"EnergyMeter.rebind: tensors {lost + changed} would be dropped or change shape; "
+                "their energy so far cannot be carried over"
+            )
+        old = {t.name: i for i, t in enumerate(self.tensors)}
+        old_ops, self.ops = self.ops, ops or self.ops
+        m1, m_alpha, m0, displacement = self._m1, self._m_alpha, self._m0, self._displacement
+        steps, skipped = self.steps, self.skipped_steps
+        self.tensors = new
+        self.reset()
+        self.steps, self.skipped_steps = steps, skipped
+        for i, t in enumerate(new):
+            j = old.get(t.name)
+            if j is None:
+                continue
+            self._m1[i], self._m_alpha[i], self._m0[i] = m1[j], m_alpha[j], m0[j]
+            d = (
+                displacement[j]
+                if old_ops is self.ops
+                else self.ops.from_numpy(
+                    np.asarray(old_ops.to_numpy(displacement[j]), dtype=np.float64)
+                )
+            )
+            self._displacement[i] = self.ops.add_f64(self._displacement[i], d)
+
+    def record_deferred(self, m1: Array, m_alpha: Array, m0: Array, skipped: Array) -> None:
+        """Add one step's per-tensor totals computed on a device, without reading them.
+
+        ``m1``, ``m_alpha`` (float64) and ``m0`` (int64) hold one entry per tensor
+        (zeros for tensors that did not change); ``skipped`` is an int64 scalar, 1 if
+        the step held NaN/Inf and was undone (its totals are then zeros). They are
+        read to the host by :meth:`flush`, which :meth:`totals`, :meth:`report` and
+        :meth:`state_dict` call: a step costs no device synchronization.
+        """
+        if self._pending is None:
+            self._pending = [m1, m_alpha, m0, skipped]
+        else:
+            self._pending = [
+                a + b for a, b in zip(self._pending, (m1, m_alpha, m0, skipped), strict=True)
+            ]
+        self._pending_steps += 1
+
+    def flush(self) -> None:
+        """Read the device totals of :meth:`record_deferred` into the host totals."""
+        if self._pending is None:
+            return
+        m1, m_alpha, m0, skipped = (np.asarray(self.ops.to_numpy(a)) for a in self._pending)
+        steps = self._pending_steps
+        self._pending, self._pending_steps = None, 0
+        self._m1 += m1.astype(np.float64)
+        self._m_alpha += m_alpha.astype(np.float64)
+        self._m0 += m0.astype(np.int64)
+        lost = int(skipped)
+        self.steps += steps - lost
+        if lost:
+            self.skip_nonfinite(lost)
+
+    def pending_totals(self) -> tuple[Array, Array] | None:
+        """``(M1, M0)`` including unread device totals, as device scalars (no host read);
+        None when nothing is pending."""
+        if self._pending is None:
+            return None
+        m1, _, m0, _ = self._pending
+        return m1.sum() + float(self._m1.sum()), m0.sum() + int(self._m0.sum())
 
     def record(
         self,
@@ -199,11 +280,12 @@ class EnergyMeter:
         """Add a change of tensor ``index`` to its net displacement only (not to M1/M0)."""
         self._displacement[index] = self.ops.add_f64(self._displacement[index], delta)
 
-    def skip_nonfinite(self) -> None:
-        """Count (and warn about) a step whose updates held NaN or Inf."""
-        self.skipped_steps += 1
+    def skip_nonfinite(self, steps: int = 1) -> None:
+        """Count (and warn about) ``steps`` steps whose updates held NaN or Inf."""
+        self.skipped_steps += steps
+        what = "a step's updates hold" if steps == 1 else f"{steps} steps' updates held"
         warnings.warn(
-            f"plasticity: a step's updates hold NaN/Inf; it was skipped and not counted "
+            f"plasticity: {what} NaN/Inf; skipped, weights left as before, nothing counted "
             f"({self.skipped_steps} skipped so far)",
             RuntimeWarning,
             stacklevel=3,
@@ -211,9 +293,11 @@ class EnergyMeter:
 
     def totals(self) -> tuple[float, int]:
         """``(M1, M0)`` so far: cheap enough to log every step."""
+        self.flush()
         return float(self._m1.sum()), int(self._m0.sum())
 
     def report(self, samples_seen: int = 0, samples_learned: int = 0) -> EnergyReport:
+        self.flush()
         ops = self.ops
         per_layer = {}
         for i, t in enumerate(self.tensors):
@@ -251,6 +335,7 @@ class EnergyMeter:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain numbers and NumPy arrays only."""
+        self.flush()
         return {
             "names": [t.name for t in self.tensors],
             "m1": self._m1.copy(),
@@ -279,6 +364,7 @@ class EnergyMeter:
             displacement.append(
                 self.ops.add_f64(self.ops.zeros_f64(t.shape), self.ops.from_numpy(d))
             )
+        self._pending, self._pending_steps = None, 0
         self._m1 = np.array(state["m1"], dtype=np.float64)
         self._m_alpha = np.array(state["m_alpha"], dtype=np.float64)
         self._m0 = np.array(state["m0"], dtype=np.int64)

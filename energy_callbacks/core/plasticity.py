@@ -163,6 +163,30 @@ class Plasticity:
         )
         return self
 
+    def rebind(
+        self,
+        tensors: Topology | Sequence[TensorSpec],
+        adjacency: Sequence[tuple[str, str]] | None = None,
+        *,
+        ops: ArrayOps | None = None,
+    ) -> Plasticity:
+        """Bind to a new description of the network mid-run: its observed wiring, or
+        tensors that joined training. Every tensor bound now must still be there, with
+        its shape; the energy totals, the counters and the sample memory carry over
+        (new tensors start at zero). Before :meth:`setup`, this is :meth:`setup`.
+        """
+        if self._meter is None:
+            return self.setup(tensors, adjacency, ops=ops)
+        topology = tensors if isinstance(tensors, Topology) else Topology(tensors, adjacency)
+        for rule in self._rules():
+            rule.setup(topology)
+        self.meter.rebind(topology.tensors, ops)
+        if ops is not None:
+            self.ops = ops
+        self._topology = topology
+        self._ranked_buffers = {}
+        return self
+
     def _rules(self) -> list[UnitRule | SynapseRule]:
         return ([self.units] if self.units is not None else []) + list(self.synapses)
 

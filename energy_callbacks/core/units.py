@@ -189,18 +189,21 @@ class FixedSubnetwork(UnitRule):
         return f"FixedSubnetwork(k={self.k}, seed={self.seed})"
 
     def setup(self, topology: Topology) -> None:
+        """Bind to a network; a layer that was bound before keeps its units (a network
+        that grows mid-run keeps its subnetwork)."""
         super().setup(topology)
-        self._cache = {}
+        sizes = {layer.name: layer.n_units for layer in topology.hidden}
+        self._cache = {
+            name: units for name, units in self._cache.items() if sizes.get(name) == units.shape[0]
+        }
 
     def select(
         self, proposed: Sequence[Array | None], topology: Topology, ops: ArrayOps, step: int
     ) -> dict[str, Array]:
-        if not self._cache:
-            self._cache = {
-                layer.name: ops.from_numpy(_random_units(layer, self.count(layer), [self.seed, li]))
-                for li, layer in enumerate(topology.layers)
-                if layer in topology.hidden
-            }
+        for li, layer in enumerate(topology.layers):
+            if layer in topology.hidden and layer.name not in self._cache:
+                units = _random_units(layer, self.count(layer), [self.seed, li])
+                self._cache[layer.name] = ops.from_numpy(units)
         return self._cache
 
 
