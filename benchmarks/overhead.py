@@ -1,24 +1,26 @@
-"""Step-time overhead of PlasticityCallback inside Lightning, measured side by side.
+"""Step-time overhead of the torch adapter on three real workloads, measured side by side.
 
-The paper MLP 784-1000-10 (leaky ReLU, cross-entropy, SGD) trains on random
-data on the CPU. Each round fits every configuration for the same number of
-steps, alternating, in one process. Two step times are taken:
+Workloads (random data, CPU, one process):
 
-- ``compute``: from ``on_train_batch_start`` to ``on_train_batch_end`` (forward,
-  backward, optimizer step and the callback's hooks);
-- ``wall``: from one ``on_train_batch_start`` to the next, which adds Lightning's
-  own loop, logging and data loading: what a user waits for per step.
+- ``mlp``: the paper MLP 784-1000-10 (leaky ReLU, cross-entropy, SGD), batch 32;
+- ``cnn``: conv 32 - pool - conv 64 - pool - dense 128 - dense 10 on 28x28 images, batch 128;
+- ``transformer``: a 2-layer TransformerEncoder language model (width 128, 4 heads,
+  vocabulary 1000, causal mask), batch 32 x 128 tokens.
 
-The ratio is a configuration's median step time over the plain run's in the
-same round; the table shows the median ratio over the rounds.
+Each round trains every configuration of a workload for the same steps, in turn,
+in a plain torch loop (forward, backward, ``optimizer.step()``), which is also
+what runs inside the Lightning callback. Per configuration it reports:
 
-    python benchmarks/overhead.py                  # batch 8, 32, 128
-    python benchmarks/overhead.py --batch-sizes 32 --rounds 9
-    python benchmarks/overhead.py --keras tensorflow jax torch   # + Keras rows
+- the median step time and its ratio to the plain loop's in the same round;
+- the hooks' own time (timed inside ``optimizer.step()`` around the adapter's
+  pre- and post-step hooks), and that time divided by the median
+  ``torch.optim.Adam.step()`` on the same parameters, a machine-independent unit.
 
-Keras rows come from benchmarks/keras_overhead.py, run in a subprocess per
-backend (Keras fixes its backend per process) on the same model and batches;
-their step time is the wall time per step (Keras has no compute-only hook).
+The table shows the median over the rounds, with the range of the ratios.
+
+    python benchmarks/overhead.py                       # all three workloads
+    python benchmarks/overhead.py --workloads mlp --rounds 9
+    python benchmarks/overhead.py --keras tensorflow jax torch   # + Keras rows (the MLP)
 """
 
 from __future__ import annotations
@@ -31,144 +33,250 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from rules import configs  # noqa: E402
 from torch import nn  # noqa: E402
 
-from energy_callbacks.lightning import PlasticityCallback  # noqa: E402
+from energy_callbacks import Plasticity, TopFraction, TopUnits  # noqa: E402
+from energy_callbacks.torch import attach  # noqa: E402
 
-CONFIGS = configs(PlasticityCallback)
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class MLP(pl.LightningModule):
-    def __init__(self) -> None:
+@dataclass(frozen=True)
+class Workload:
+    model: Callable[[], nn.Module]
+    batches: Callable[[int], list[Batch]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    combined: dict[str, Any]
+    combined_name: str
+    steps: int
+    lr: float = 0.01
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 1000), nn.LeakyReLU(0.1), nn.Linear(1000, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
+class LM(nn.Module):
+    """A small causal TransformerEncoder language model: logits (batch, tokens, vocab)."""
+
+    def __init__(self, vocab: int = 1000, width: int = 128, depth: int = 2, tokens: int = 128):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(784, 1000), nn.LeakyReLU(0.1), nn.Linear(1000, 10))
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.zeros(1, tokens, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(tokens))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.position[:, : tokens.shape[1]]
+        return self.head(self.encoder(h, mask=self.mask, is_causal=True))
 
 
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
+def images(batch: int, size: tuple[int, ...]) -> Callable[[int], list[Batch]]:
+    def make(n: int) -> list[Batch]:
+        g = torch.Generator().manual_seed(0)
+        return [
+            (torch.randn(batch, *size, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(n)
+        ]
+
+    return make
+
+
+def token_batches(n: int) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        seq = torch.randint(0, 1000, (32, 129), generator=g)
+        out.append((seq[:, :-1], seq[:, 1:]))
+    return out
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+PATH_COMBINED = {"units": TopUnits(0.1, path=True), "synapses": 0.1}
+WORKLOADS = {
+    "mlp": Workload(mlp, images(32, (784,)), nn.functional.cross_entropy, PATH_COMBINED,
+                    "combined (path 10% units + top 10%)", 80),
+    "cnn": Workload(cnn, images(128, (1, 28, 28)), nn.functional.cross_entropy, PATH_COMBINED,
+                    "combined (path 10% units + top 10%)", 30),
+    # A transformer's wiring is residual: no path to prove, so its combined rule has none.
+    "transformer": Workload(LM, token_batches, token_loss,
+                            {"units": TopUnits(0.1), "synapses": 0.1},
+                            "combined (10% units + top 10%)", 12),
+}  # fmt: skip
+TARGETS = {  # (end-to-end ratio on cnn/transformer, hook cost in Adam steps)
+    "tracking only": (1.05, 1.0),
+    "TopFraction(0.1)": (1.3, 3.0),
+}
+
+
+def configs(workload: Workload) -> dict[str, dict[str, Any] | None]:
+    return {
+        "plain": None,
+        "tracking only": {},
+        "TopFraction(0.1)": {"synapses": TopFraction(0.1)},
+        workload.combined_name: dict(workload.combined),
+    }
+
+
+class HookTimer:
+    """Times the adapter's optimizer hooks from hooks registered around them."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
         self.times: list[float] = []
-        self.starts: list[float] = []
+        self._t = [0.0, 0.0, 0.0]
+        opt.register_step_pre_hook(lambda *a: self._mark(0))
+        opt.register_step_post_hook(lambda *a: self._mark(2))
 
-    def on_train_batch_start(self, *args) -> None:
-        self._start = time.perf_counter()
-        self.starts.append(self._start)
+    def inner(self) -> None:
+        """Register the second pair, after the adapter's hooks."""
+        self.opt.register_step_pre_hook(lambda *a: self._mark(1))
+        self.opt.register_step_post_hook(lambda *a: self._done())
 
-    def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._start)
+    def _mark(self, i: int) -> None:
+        self._t[i] = time.perf_counter()
+
+    def _done(self) -> None:
+        t0, t1, t2 = self._t
+        self.times.append((t1 - t0) + (time.perf_counter() - t2))
 
 
-def median_step(config, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
-    """Median (compute, wall) step time in seconds."""
+def run(workload: Workload, config: dict[str, Any] | None, batches: list[Batch], warmup: int):
+    """Median (step, hook) seconds of one fit of ``config``."""
     torch.manual_seed(0)
-    n = batch_size * (steps + warmup)
-    data = torch.utils.data.TensorDataset(torch.randn(n, 784), torch.randint(0, 10, (n,)))
-    timer = StepTimer()
-    callbacks = [timer] if config is None else [config(), timer]
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(MLP(), torch.utils.data.DataLoader(data, batch_size=batch_size))
-    starts = timer.starts[warmup:]
-    wall = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    return statistics.median(timer.times[warmup:]), statistics.median(wall)
+    model = workload.model()
+    opt = torch.optim.SGD(model.parameters(), lr=workload.lr)
+    timer = HookTimer(opt)
+    if config is not None:
+        attach(model, opt, Plasticity(**config))
+    timer.inner()
+    steps = []
+    for i in range(warmup + workload.steps):
+        x, y = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        workload.loss(model(x), y).backward()
+        opt.step()
+        steps.append(time.perf_counter() - t0)
+    hooks = timer.times[warmup:] if config is not None else [0.0]
+    return statistics.median(steps[warmup:]), statistics.median(hooks)
+
+
+def adam_step(workload: Workload, steps: int) -> float:
+    """Median seconds of ``torch.optim.Adam.step()`` on the workload's parameters."""
+    torch.manual_seed(0)
+    model = workload.model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    times = []
+    for _ in range(steps + 3):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per fit")
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
         "--keras",
         nargs="*",
         default=[],
         metavar="BACKEND",
-        help="also measure the Keras callback on these backends (tensorflow, jax, torch)",
+        help="also measure the Keras callback on the MLP on these backends (tensorflow, jax, "
+        "torch)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds")
-    print(
-        f"{'batch':>5}  {'configuration':<38} {'compute ms':>10} {'ratio':>6} (min-max)"
-        f"   {'wall ms':>8} {'ratio':>6} (min-max)"
-    )
-    for batch_size in args.batch_sizes:
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
-        ratios: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
-        for _ in range(args.rounds):
-            base = (1.0, 1.0)
-            for name, config in CONFIGS.items():
-                t = median_step(config, batch_size, args.steps, args.warmup)
-                base = t if config is None else base
-                runs[name].append(t)
-                ratios[name].append((t[0] / base[0], t[1] / base[1]))
-        for name in CONFIGS:
-            cols = []
-            for k in (0, 1):
-                r = [x[k] for x in ratios[name]]
-                ms = statistics.median(x[k] for x in runs[name]) * 1e3
-                cols.append(f"{ms:10.2f} {statistics.median(r):6.2f} ({min(r):.2f}-{max(r):.2f})")
-            print(f"{batch_size:>5}  {name:<38} {cols[0]}   {cols[1]}")
+    for name in args.workloads:
+        report(name, WORKLOADS[name], args)
     for backend in args.keras:
         keras_rows(backend, args)
 
 
+def report(name: str, workload: Workload, args: argparse.Namespace) -> None:
+    batches = workload.batches(8)
+    params = sum(p.numel() for p in workload.model().parameters())
+    cases = configs(workload)
+    steps: dict[str, list[float]] = {c: [] for c in cases}
+    ratios: dict[str, list[float]] = {c: [] for c in cases}
+    hooks: dict[str, list[float]] = {c: [] for c in cases}
+    in_adam: dict[str, list[float]] = {c: [] for c in cases}
+    adams: list[float] = []
+    for _ in range(args.rounds):
+        adam = adam_step(workload, 20)
+        adams.append(adam)
+        base = 1.0
+        for case, config in cases.items():
+            step, hook = run(workload, config, batches, args.warmup)
+            base = step if config is None else base
+            steps[case].append(step)
+            ratios[case].append(step / base)
+            hooks[case].append(hook)
+            in_adam[case].append(hook / adam)
+    adam_ms = statistics.median(adams) * 1e3
+    print(
+        f"\n{name}: {params / 1e3:.0f}k parameters, batch {workload.batches(1)[0][0].shape[0]}, "
+        f"Adam.step() {adam_ms:.2f} ms"
+    )
+    print(
+        f"  {'configuration':<38} {'step ms':>8} {'ratio':>6} {'(min-max)':>11} {'hooks ms':>9} "
+        f"{'in Adam steps':>14} {'(min-max)':>11}  target"
+    )
+    for case in cases:
+        r, a = ratios[case], in_adam[case]
+        target = TARGETS.get(case)
+        aim = ""
+        if target is not None:
+            aim = f"<= {target[1]:g} Adam" + (f", <= {target[0]:g}x" if name != "mlp" else "")
+        print(
+            f"  {case:<38} {statistics.median(steps[case]) * 1e3:8.2f} {statistics.median(r):6.3f} "
+            f"({min(r):.3f}-{max(r):.3f}) {statistics.median(hooks[case]) * 1e3:9.3f} "
+            f"{statistics.median(a):14.2f} ({min(a):.2f}-{max(a):.2f})  {aim}"
+        )
+
+
 def keras_rows(backend: str, args: argparse.Namespace) -> None:
-    """Run keras_overhead.py under ``backend`` and print its rows in this table's format."""
+    """Run keras_overhead.py under ``backend`` (the MLP, batch 32) and print its rows."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras_overhead.py")
-    cmd = [
-        sys.executable,
-        script,
-        "--json",
-        "--rounds",
-        str(args.rounds),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--batch-sizes",
-        *map(str, args.batch_sizes),
-    ]
+    cmd = [sys.executable, script, "--json", "--rounds", str(args.rounds), "--batch-sizes", "32"]
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     if backend == "torch":
         env.setdefault("OMP_NUM_THREADS", str(args.threads))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"keras_overhead.py failed on {backend}:\n{proc.stderr[-3000:]}")
-    out = proc.stdout
-    print(f"keras on {backend} (wall time per step)")
-    for r in json.loads(out.strip().splitlines()[-1]):
+    print(f"\nkeras on {backend}, the MLP (wall time per step)")
+    for r in json.loads(proc.stdout.strip().splitlines()[-1]):
         cols = f"{r['ms']:8.2f} {r['ratio']:6.2f} ({r['min']:.2f}-{r['max']:.2f})"
-        print(f"{r['batch']:>5}  {r['config']:<38} {'':>10} {'':>6} {'':>11}   {cols}")
+        print(f"  {r['config']:<38} {cols}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ Example::
 Logged keys (the Keras adapter uses the same ones):
 
 - ``plasticity/energy`` (M1 so far, in the progress bar) and
-  ``plasticity/updates`` (M0), every ``log_every_n_steps`` steps;
+  ``plasticity/updates`` (M0), at every step and at epoch end: like any
+  ``self.log(on_step=True, on_epoch=True)`` value, loggers get ``..._step``
+  and ``..._epoch`` columns (Lightning throttles logger writes by its
+  ``log_every_n_steps``), and ``trainer.callback_metrics`` always holds
+  ``plasticity/energy``, so ``EarlyStopping``/``ModelCheckpoint`` can monitor it;
 - ``plasticity/energy_min``, ``plasticity/inefficiency`` and
   ``plasticity/samples_learned`` (the share of this epoch's samples that
   passed the gate) at epoch end, with ``plasticity/energy/<tensor>`` when
@@ -36,8 +40,9 @@ from .core import EnergyReport, Plasticity, Topology
 from .core.plasticity import from_shorthands
 from .core.samples import SampleGate
 from .core.synapses import SynapseRule
+from .core.targets import IGNORE_INDEX
 from .core.units import UnitRule
-from .torch import AttachedPlasticity, attach, describe
+from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_hooks, module_names
 
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
@@ -90,7 +95,9 @@ class PlasticityCallback(Callback):
         targets: Callable[[Any], Any] | None = None,
         outputs: Callable[[Any], torch.Tensor] | None = None,
         sample_ids: Callable[[Any], Any] | None = None,
-        layers: Sequence[str] | None = None,
+        layers: Sequence[str] | str | None = None,
+        adjacency: Sequence[Sequence[Any]] | None = None,
+        ignore_index: int | None = IGNORE_INDEX,
         log_every_n_steps: int | None = None,
         per_layer: bool = False,
     ) -> None:
@@ -106,14 +113,27 @@ class PlasticityCallback(Callback):
             or log_every_n_steps < 1
         ):
             raise ValueError(
-                f"PlasticityCallback.log_every_n_steps must be an int >= 1 or None, "
-                f"got {log_every_n_steps!r}"
+                f"PlasticityCallback.log_every_n_steps must be an int >= 1 or None (every "
+                f"step), got {log_every_n_steps!r}"
+            )
+        if not isinstance(per_layer, bool):
+            raise ValueError(
+                f"PlasticityCallback.per_layer must be True or False, got {per_layer!r}"
+            )
+        if ignore_index is not None and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+        ):
+            raise ValueError(
+                f"PlasticityCallback.ignore_index must be an int (the target id of entries the "
+                f"gate skips, -100 by default) or None, got {ignore_index!r}"
             )
         self.plasticity = plasticity
         self.targets = targets or default_targets
         self.outputs = outputs
         self.sample_ids = sample_ids or default_sample_ids
-        self.layers = list(layers) if layers is not None else None
+        self.layers = module_names(layers, "PlasticityCallback.layers")
+        self.adjacency = edges(adjacency, "PlasticityCallback.adjacency")
+        self.ignore_index = ignore_index
         self.log_every_n_steps = log_every_n_steps
         self.per_layer = per_layer
         self._handle: AttachedPlasticity | None = None
@@ -135,14 +155,34 @@ class PlasticityCallback(Callback):
         if not specs:
             raise ValueError("PlasticityCallback: the LightningModule has no trainable parameter")
         # Check the rules against the model now, so that a misfit fails before training.
-        Plasticity(self.plasticity.synapses, self.plasticity.units).setup(Topology.chain(specs))
+        check = Plasticity(self.plasticity.synapses, self.plasticity.units)
+        if self.adjacency is not None:
+            check.setup(Topology(specs, self.adjacency))
+        else:
+            check.setup(Topology.chain(specs))
+        units = self.plasticity.units
+        if units is not None and len(check.topology.layers) < 2:
+            raise ValueError(
+                f"PlasticityCallback.units={units!r}: the model has "
+                f"{len(check.topology.layers)} trainable layer(s), so there is no hidden layer "
+                "whose units could compete (outputs keep all their units). Drop units=."
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A second fit() with this callback continues its totals (attach() starts afresh).
         if self._pending_state is None and self.plasticity.is_setup:
             self._pending_state = self.plasticity.state_dict()
+        hooks = self.plasticity.samples is not None or self.plasticity.units is not None
+        if hooks and getattr(pl_module, "_compiler_ctx", None) is not None:
+            forget_compiled_hooks()
         self._handle = attach(
-            pl_module, trainer.optimizers, self.plasticity, layers=self.layers, outputs=self.outputs
+            pl_module,
+            trainer.optimizers,
+            self.plasticity,
+            layers=self.layers,
+            adjacency=self.adjacency,
+            outputs=self.outputs,
+            ignore_index=self.ignore_index,
         )
         if self._pending_state is not None:
             self._handle.load_state_dict(self._pending_state)
@@ -178,17 +218,29 @@ class PlasticityCallback(Callback):
     ) -> None:
         handle = self._handle
         if handle is not None and handle.gate is not None and handle.gate.armed:
-            raise RuntimeError(
-                "PlasticityCallback: the sample gate saw no forward pass of the LightningModule "
-                "in training_step. Call self(x) (the module's forward) there, or use "
-                "samples=None."
-            )
+            if outputs is None or (isinstance(outputs, Mapping) and not outputs):
+                handle.gate.disarm()  # training_step returned None: Lightning skipped the batch
+            else:
+                raise RuntimeError(
+                    "PlasticityCallback: the sample gate saw no forward pass of the "
+                    "LightningModule in training_step. Call self(x) (the module's forward) "
+                    "there, or use samples=None."
+                )
         self._batches += 1
-        every = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
-        if self._batches % every == 0:
-            m1, m0 = self.plasticity.meter.totals()
-            pl_module.log("plasticity/energy", m1, prog_bar=True, on_step=True, on_epoch=False)
-            pl_module.log("plasticity/updates", float(m0), on_step=True, on_epoch=False)
+        every = self.log_every_n_steps or 1
+        if handle is not None and (self._batches % every == 0 or trainer.is_last_batch):
+            self._log_energy(pl_module)
+
+    def _log_energy(self, pl_module: pl.LightningModule) -> None:
+        """M1 and M0 so far, as any on_step + on_epoch value (the epoch value is the last)."""
+        assert self._handle is not None
+        m1, m0 = self._handle.energy()  # device scalars on GPU: nothing waits here
+        for key, value, bar in (("plasticity/energy", m1, True), ("plasticity/updates", m0, False)):
+            if isinstance(value, torch.Tensor):
+                value = value.to(torch.float64)
+            else:
+                value = float(value)
+            pl_module.log(key, value, prog_bar=bar, on_step=True, on_epoch=True, reduce_fx="max")
 
     # -- epochs ------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,5 +1,9 @@
 """ArrayOps on torch tensors, for any device and dtype (bf16, CUDA included).
 
+The rules' ops never read a device value back to the host (no ``.item()``, no
+boolean indexing), so masking a step does not wait for the device; the energy
+totals stay on the device too (:meth:`EnergyMeter.record_deferred`).
+
 CPU tensors in a NumPy dtype take the faster route of NumPy views (see
 :func:`ops_for`); this module serves the rest and is tested against the NumPy
 oracle on the same numbers. Selection keeps the core's tie rule: among equal
@@ -33,6 +37,7 @@ class TorchOps:
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device if device is not None else "cpu")
+        self._thresholds: dict[tuple[torch.dtype, float], torch.Tensor] = {}
 
     def abs(self, x: Array) -> Array:
         return x.abs()
@@ -69,8 +74,7 @@ class TorchOps:
         tied = s == cut
         need = kk - above.sum(1)
         mask = above | (tied & (tied.cumsum(1) <= need[:, None]))
-        mask[kk == 0] = False
-        return mask
+        return mask & (kk > 0)[:, None]  # no boolean indexing: it would wait for the device
 
     def approx_top_mask(self, scores: Array, k: int) -> Array:
         n = scores.numel()
@@ -80,7 +84,8 @@ class TorchOps:
         m = sample.numel()
         r = min(m - 1, max(0, m - round(k * m / n)))
         t = torch.kthvalue(sample.float(), r + 1).values.to(scores.dtype)
-        return scores > 0 if float(t) <= 0 else scores >= t
+        # scores >= t, or > 0 when t is 0 (zero scores never count); decided on the device
+        return (scores >= t) & ((t > 0) | (scores > 0))
 
     def top_magnitude_mask(self, x: Array, k: int, approximate: bool = False) -> Array:
         s = x.abs()
@@ -115,9 +120,15 @@ class TorchOps:
         return torch.mul(x, mask, out=out)
 
     def greater_equal(self, x: Array, threshold: float) -> Array:
-        t = torch.tensor(threshold, dtype=x.dtype, device=x.device)
-        if float(t) < threshold:  # round the threshold up into x's dtype: exact compare
-            t = torch.nextafter(t, torch.tensor(float("inf"), dtype=x.dtype, device=x.device))
+        # Rounded up into x's dtype once, on the host (exact compare), and used as a CPU
+        # scalar operand: no copy to the device, no wait for it.
+        key = (x.dtype, threshold)
+        t = self._thresholds.get(key)
+        if t is None:
+            t = torch.tensor(threshold, dtype=x.dtype)
+            if float(t) < threshold:
+                t = torch.nextafter(t, torch.tensor(float("inf"), dtype=x.dtype))
+            t = self._thresholds[key] = t
         return x >= t
 
     def from_numpy(self, x: np.ndarray) -> Array:

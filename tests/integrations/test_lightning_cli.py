@@ -76,8 +76,10 @@ def test_cli_yaml_drops_the_callback_in(train_module, tmp_path):
     keys = set().union(*rows)
     for key in (
         "train_loss",
-        "plasticity/energy",
-        "plasticity/updates",
+        "plasticity/energy_step",  # logged on_step and on_epoch, like any self.log value
+        "plasticity/energy_epoch",
+        "plasticity/updates_step",
+        "plasticity/updates_epoch",
         "plasticity/energy_min",
         "plasticity/inefficiency",
         "plasticity/samples_learned",
@@ -91,7 +93,7 @@ def test_cli_yaml_drops_the_callback_in(train_module, tmp_path):
     for r in epoch_rows:
         assert 0.0 < r["plasticity/samples_learned"] < 1.0  # lazy: correct samples skip
         assert r["plasticity/inefficiency"] >= 1.0
-        assert 0.0 < r["plasticity/energy_min"]
+        assert 0.0 < r["plasticity/energy_min"] <= r["plasticity/energy_epoch"]
 
     report = callback.report()
     assert report.steps > 0 and report.m1 > 0
@@ -99,9 +101,13 @@ def test_cli_yaml_drops_the_callback_in(train_module, tmp_path):
     per_layer = sum(last[f"plasticity/energy/{layer}"] for layer in LAYERS)
     assert per_layer == pytest.approx(report.m1, rel=1e-5)
     assert last["plasticity/energy_min"] == pytest.approx(report.m1_min, rel=1e-5)
-    energy = [r["plasticity/energy"] for r in rows if "plasticity/energy" in r]
+    energy = [r["plasticity/energy_step"] for r in rows if "plasticity/energy_step" in r]
     assert energy == sorted(energy) and energy[-1] <= report.m1 * (1 + 1e-6)
-    assert sorted(r["plasticity/updates"] for r in rows if "plasticity/updates" in r)[-1] > 0
+    epochs = [r["plasticity/energy_epoch"] for r in rows if "plasticity/energy_epoch" in r]
+    assert epochs[-1] == pytest.approx(report.m1, rel=1e-6)
+    assert (
+        sorted(r["plasticity/updates_step"] for r in rows if "plasticity/updates_step" in r)[-1] > 0
+    )
 
 
 def test_cli_bad_yaml_value_fails_before_training(train_module, tmp_path, capsys):

@@ -201,10 +201,10 @@ def test_lightning_skips_empty_batches_and_logs_the_share_learned():
     assert np.isfinite(float(t.callback_metrics["plasticity/inefficiency"]))
 
 
-def test_gate_needs_one_prediction_per_sample():
-    model = nn.Sequential(nn.Linear(6, 12), nn.Unflatten(1, (4, 3)))  # (batch, 4 tokens, 3)
+def test_gate_needs_one_prediction_per_sample_or_per_token():
+    model = nn.Sequential(nn.Linear(6, 24), nn.Unflatten(1, (2, 4, 3)))  # (batch, 2, 4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     handle = attach(model, opt, Plasticity(samples="lazy"))
-    handle.gate_batch(torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"\(batch, classes\)"):
+    handle.gate_batch(torch.zeros(2, 2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(batch, tokens, classes\)"):
         model(torch.randn(2, 6))

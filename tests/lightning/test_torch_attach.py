@@ -326,22 +326,23 @@ def test_fused_kernels_match_the_numpy_path(monkeypatch, rules):
     assert fused_report.m1 == pytest.approx(numpy_report.m1, rel=1e-12)
 
 
-def test_conv_net_path_links_the_convolutions_and_warns_about_flatten():
+def test_conv_net_path_links_the_convolutions_and_the_flatten():
+    """The path is read off the forward pass: conv -> relu -> conv -> flatten -> linear,
+    each channel of the last conv feeding its block of 4 x 4 flattened inputs."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 3)
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(RuntimeWarning, match=r"\('2', '4'\)"):
-        handle = attach(model, opt, Plasticity(units=TopUnits(k=2, path=True)))
-    topology = handle.plasticity.topology
-    assert [layer.name for layer in topology.hidden] == ["0", "2"]
-    assert topology.edges == (("0", "2"),)
+    handle = attach(model, opt, Plasticity(units=TopUnits(k=2, path=True)))
     before = [p.detach().clone() for p in model.parameters()]
     nn.functional.cross_entropy(
         model(torch.randn(5, 1, 8, 8)), torch.tensor([0, 1, 2, 0, 1])
     ).backward()
     opt.step()
+    topology = handle.plasticity.topology
+    assert [layer.name for layer in topology.hidden] == ["0", "2"]
+    assert topology.edges == (("0", "2"), ("2", "4")) and topology.spreads == (("2", "4", 16),)
     changed = [(p != b) for p, b in zip(model.parameters(), before)]
     conv1_units = changed[1]  # bias: the 2 selected units of conv 0
     conv2_units = changed[3]
@@ -349,8 +350,9 @@ def test_conv_net_path_links_the_convolutions_and_warns_about_flatten():
     # conv 2's kernel changes only between selected units: out (axis 0) and in (axis 1).
     plastic = conv2_units[:, None, None, None] & conv1_units[None, :, None, None]
     assert not (changed[2] & ~plastic).any()
-    # The dense output layer: all units; its inputs are not linked, so all plastic.
-    assert changed[4].float().mean() > 0.9
+    # The dense output layer keeps all its units; its inputs are the selected channels' blocks.
+    columns = conv2_units.repeat_interleave(16)
+    assert not changed[4][:, ~columns].any() and changed[4][:, columns].float().mean() > 0.9
 
 
 LAZY_RULES = {
