@@ -7,11 +7,14 @@ Workloads (random data, CPU, one process):
 - ``transformer``: a 2-layer TransformerEncoder language model (width 128, 4 heads,
   vocabulary 1000, causal mask), batch 32 x 128 tokens.
 
-Each round trains every configuration of a workload for the same steps, in turn,
-in a plain torch loop (forward, backward, ``optimizer.step()``), which is also
-what runs inside the Lightning callback. Per configuration it reports:
+Each round builds every configuration of a workload and steps them batch by
+batch, in a rotating order (with ``torch.optim.Adam.step()`` as one more), in a
+plain torch loop (forward, backward, ``optimizer.step()``), which is also what
+runs inside the Lightning callback; the machine's drift then hits every
+configuration alike. Per configuration it reports:
 
-- the median step time and its ratio to the plain loop's in the same round;
+- the median step time, and the median over batches of its step time over the
+  plain step of the same batch;
 - the hooks' own time (timed inside ``optimizer.step()`` around the adapter's
   pre- and post-step hooks), and that time divided by the median
   ``torch.optim.Adam.step()`` on the same parameters, a machine-independent unit.
@@ -115,13 +118,13 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 PATH_COMBINED = {"units": TopUnits(0.1, path=True), "synapses": 0.1}
 WORKLOADS = {
     "mlp": Workload(mlp, images(32, (784,)), nn.functional.cross_entropy, PATH_COMBINED,
-                    "combined (path 10% units + top 10%)", 80),
+                    "combined (path 10% units + top 10%)", 150),
     "cnn": Workload(cnn, images(128, (1, 28, 28)), nn.functional.cross_entropy, PATH_COMBINED,
-                    "combined (path 10% units + top 10%)", 30),
+                    "combined (path 10% units + top 10%)", 40),
     # A transformer's wiring is residual: no path to prove, so its combined rule has none.
     "transformer": Workload(LM, token_batches, token_loss,
                             {"units": TopUnits(0.1), "synapses": 0.1},
-                            "combined (10% units + top 10%)", 12),
+                            "combined (10% units + top 10%)", 16),
 }  # fmt: skip
 TARGETS = {  # (end-to-end ratio on cnn/transformer, hook cost in Adam steps)
     "tracking only": (1.05, 1.0),
@@ -161,40 +164,67 @@ class HookTimer:
         self.times.append((t1 - t0) + (time.perf_counter() - t2))
 
 
-def run(workload: Workload, config: dict[str, Any] | None, batches: list[Batch], warmup: int):
-    """Median (step, hook) seconds of one fit of ``config``."""
-    torch.manual_seed(0)
-    model = workload.model()
-    opt = torch.optim.SGD(model.parameters(), lr=workload.lr)
-    timer = HookTimer(opt)
-    if config is not None:
-        attach(model, opt, Plasticity(**config))
-    timer.inner()
-    steps = []
+class Runner:
+    """One configuration's model and optimizer, stepped one batch at a time."""
+
+    def __init__(self, workload: Workload, config: dict[str, Any] | None) -> None:
+        torch.manual_seed(0)
+        self.workload = workload
+        self.model = workload.model()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=workload.lr)
+        self.timer = HookTimer(self.opt)
+        if config is not None:
+            attach(self.model, self.opt, Plasticity(**config))
+        self.timer.inner()
+        self.times: list[float] = []
+
+    def step(self, batch: Batch) -> None:
+        x, y = batch
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        self.workload.loss(self.model(x), y).backward()
+        self.opt.step()
+        self.times.append(time.perf_counter() - t0)
+
+
+class AdamStep:
+    """``torch.optim.Adam.step()`` on a copy of the workload's parameters, timed."""
+
+    def __init__(self, workload: Workload) -> None:
+        torch.manual_seed(0)
+        model = workload.model()
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        self.times: list[float] = []
+
+    def step(self, batch: Batch) -> None:
+        t0 = time.perf_counter()
+        self.opt.step()
+        self.times.append(time.perf_counter() - t0)
+
+
+def one_round(workload: Workload, batches: list[Batch], warmup: int) -> dict[str, Any]:
+    """Every configuration (and Adam) steps in turn, batch by batch, in a rotating order,
+    so that the machine's drift hits all of them alike. Per configuration: the median
+    step, the median of its per-batch ratio to the plain step, the median hook time."""
+    runners: dict[str, Any] = {case: Runner(workload, c) for case, c in configs(workload).items()}
+    runners["adam"] = AdamStep(workload)
+    names = list(runners)
     for i in range(warmup + workload.steps):
-        x, y = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        workload.loss(model(x), y).backward()
-        opt.step()
-        steps.append(time.perf_counter() - t0)
-    hooks = timer.times[warmup:] if config is not None else [0.0]
-    return statistics.median(steps[warmup:]), statistics.median(hooks)
-
-
-def adam_step(workload: Workload, steps: int) -> float:
-    """Median seconds of ``torch.optim.Adam.step()`` on the workload's parameters."""
-    torch.manual_seed(0)
-    model = workload.model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    times = []
-    for _ in range(steps + 3):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[3:])
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            runners[name].step(batches[i % len(batches)])
+    plain = runners["plain"].times[warmup:]
+    adam = statistics.median(runners["adam"].times[warmup:])
+    out: dict[str, Any] = {"adam": adam}
+    for case in configs(workload):
+        r = runners[case]
+        times = r.times[warmup:]
+        hook = statistics.median(r.timer.times[warmup:]) if case != "plain" else 0.0
+        ratio = statistics.median(t / p for t, p in zip(times, plain, strict=True))
+        out[case] = (statistics.median(times), ratio, hook, hook / adam)
+    return out
 
 
 def main() -> None:
@@ -231,16 +261,14 @@ def report(name: str, workload: Workload, args: argparse.Namespace) -> None:
     in_adam: dict[str, list[float]] = {c: [] for c in cases}
     adams: list[float] = []
     for _ in range(args.rounds):
-        adam = adam_step(workload, 20)
-        adams.append(adam)
-        base = 1.0
-        for case, config in cases.items():
-            step, hook = run(workload, config, batches, args.warmup)
-            base = step if config is None else base
+        result = one_round(workload, batches, args.warmup)
+        adams.append(result["adam"])
+        for case in cases:
+            step, ratio, hook, adam_units = result[case]
             steps[case].append(step)
-            ratios[case].append(step / base)
+            ratios[case].append(ratio)
             hooks[case].append(hook)
-            in_adam[case].append(hook / adam)
+            in_adam[case].append(adam_units)
     adam_ms = statistics.median(adams) * 1e3
     print(
         f"\n{name}: {params / 1e3:.0f}k parameters, batch {workload.batches(1)[0][0].shape[0]}, "
