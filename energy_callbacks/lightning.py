@@ -161,11 +161,13 @@ class PlasticityCallback(Callback):
         else:
             check.setup(Topology.chain(specs))
         units = self.plasticity.units
-        if units is not None and len(check.topology.layers) < 2:
+        every, _ = describe(pl_module, layers=self.layers, keep=list(pl_module.parameters()))
+        n_layers = len({s.layer for s in every if s.input_axis is not None})
+        if units is not None and n_layers < 2:
             raise ValueError(
-                f"PlasticityCallback.units={units!r}: the model has "
-                f"{len(check.topology.layers)} trainable layer(s), so there is no hidden layer "
-                "whose units could compete (outputs keep all their units). Drop units=."
+                f"PlasticityCallback.units={units!r}: the model has {n_layers} layer(s), so "
+                "there is no hidden layer whose units could compete (outputs keep all their "
+                "units). Drop units=."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -91,6 +91,7 @@ class AttachedPlasticity:
         self._adjacency = None if adjacency is None else [tuple(e) for e in adjacency]
         self.params: list[nn.Parameter] = []
         self.specs: list[TensorSpec] = []
+        self._extra: list[nn.Parameter] = []  # tracked although not covered (from a checkpoint)
         self._reference: dict[int, torch.Tensor] = {}  # w at the last sync, per parameter
         self._steps: dict[int, tuple[Snapshot, list[int]]] = {}
         self._removers: list[Callable[[], None]] = []
@@ -123,7 +124,8 @@ class AttachedPlasticity:
     def _bind(self) -> None:
         """Describe the covered parameters, and (re)bind the rules and the snapshots."""
         in_optimizers = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
-        specs, params = describe(self.model, in_optimizers, self._layers, keep=self.params)
+        keep = [*self.params, *self._extra]
+        specs, params = describe(self.model, in_optimizers, self._layers, keep=keep)
         if not params:
             raise ValueError(
                 "attach: the optimizer(s) step none of the model's trainable parameters"
@@ -182,10 +184,19 @@ class AttachedPlasticity:
         units = self.plasticity.units
         topology = resolve(self.specs, self._probe.take(), used, path=units.path)
         if not topology.hidden:
-            raise ValueError(
-                f"units={units!r}: the trainable layers {[lyr.name for lyr in topology.layers]} "
-                "are all outputs (no trainable layer feeds another), so the unit rule would "
-                "change nothing. Drop units=, or train the hidden layers too."
+            names = [lyr.name for lyr in topology.layers]
+            every, _ = describe(self.model, keep=list(self.model.parameters()))
+            if len({s.layer for s in every if s.input_axis is not None}) <= len(names):
+                raise ValueError(
+                    f"units={units!r}: the trainable layers {names} are all outputs (no layer "
+                    "feeds another), so the unit rule would change nothing. Drop units=."
+                )
+            warnings.warn(
+                f"units={units!r}: the trainable layers {names} are all outputs; the frozen "
+                "layers that feed them keep the unit rule idle until they train (they are "
+                "picked up when unfrozen)",
+                RuntimeWarning,
+                stacklevel=4,
             )
         self.plasticity.rebind(topology)
         self._wired = True
@@ -338,7 +349,24 @@ class AttachedPlasticity:
         return self.plasticity.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state; the current weights become the reference for what follows."""
+        """Restore a state; the current weights become the reference for what follows.
+
+        Tensors the state measured that are not covered now (a layer unfrozen
+        mid-run, frozen again at the start of the resumed fit) are tracked again,
+        so their energy carries on.
+        """
+        covered = {s.name for s in self.specs}
+        missing = [str(n) for n in state["energy"]["names"] if str(n) not in covered]
+        if missing:
+            named = dict(self.model.named_parameters())
+            absent = [n for n in missing if n not in named]
+            if absent:
+                raise ValueError(
+                    f"plasticity: the checkpoint measured parameters {absent} that this model "
+                    "does not have; resume with the model the checkpoint was taken from"
+                )
+            self._extra = [named[n] for n in missing]
+            self._bind()
         self.plasticity.load_state_dict(state)
         with torch.no_grad():
             for p in self.params:

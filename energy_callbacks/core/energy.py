@@ -347,27 +347,36 @@ class EnergyMeter:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        names = [t.name for t in self.tensors]
-        if list(state["names"]) != names:
+        """Restore a :meth:`state_dict`. Tensors are matched by name: the saved ones
+        must all be measured here (same shapes); tensors measured here but not saved
+        (they joined training after that checkpoint) start at zero."""
+        saved = [str(n) for n in state["names"]]
+        index = {t.name: i for i, t in enumerate(self.tensors)}
+        unknown = [n for n in saved if n not in index]
+        if unknown or len(set(saved)) != len(saved):
             raise ValueError(
-                f"EnergyMeter.load_state_dict: saved tensors {list(state['names'])} do not match "
-                f"this network's {names}"
+                f"EnergyMeter.load_state_dict: saved tensors {saved} do not match this "
+                f"network's {list(index)} (not measured here: {unknown})"
             )
-        displacement = []
-        for t, d in zip(self.tensors, state["displacement"], strict=True):
-            d = np.asarray(d, dtype=np.float64)
+        m1 = np.zeros(len(self.tensors), dtype=np.float64)
+        m_alpha = np.zeros(len(self.tensors), dtype=np.float64)
+        m0 = np.zeros(len(self.tensors), dtype=np.int64)
+        displacement = [self.ops.zeros_f64(t.shape) for t in self.tensors]
+        for j, name in enumerate(saved):
+            i = index[name]
+            t = self.tensors[i]
+            d = np.asarray(state["displacement"][j], dtype=np.float64)
             if d.shape != t.shape:
                 raise ValueError(
                     f"EnergyMeter.load_state_dict: {t.name!r} was saved with shape {d.shape}, "
                     f"the network has {t.shape}"
                 )
-            displacement.append(
-                self.ops.add_f64(self.ops.zeros_f64(t.shape), self.ops.from_numpy(d))
-            )
+            displacement[i] = self.ops.add_f64(displacement[i], self.ops.from_numpy(d))
+            m1[i] = state["m1"][j]
+            m_alpha[i] = state["m_alpha"][j]
+            m0[i] = state["m0"][j]
         self._pending, self._pending_steps = None, 0
-        self._m1 = np.array(state["m1"], dtype=np.float64)
-        self._m_alpha = np.array(state["m_alpha"], dtype=np.float64)
-        self._m0 = np.array(state["m0"], dtype=np.int64)
+        self._m1, self._m_alpha, self._m0 = m1, m_alpha, m0
         self._displacement = displacement
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])

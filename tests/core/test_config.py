@@ -162,12 +162,26 @@ def test_state_dict_is_plain_data_and_resumes_exactly():
 
 
 def test_state_dict_rejects_another_network():
-    rule = Plasticity().setup(Topology.mlp([4, 3]))
+    rule = Plasticity().setup(Topology.mlp([4, 3, 2]))
+    rule.step([np.ones((3, 4)), np.ones(3), np.ones((2, 3)), np.ones(2)])
     state = rule.state_dict()
-    with pytest.raises(ValueError, match="do not match"):
-        Plasticity().setup(Topology.mlp([4, 3, 2])).load_state_dict(state)
+    with pytest.raises(ValueError, match="do not match"):  # saved tensors it does not measure
+        Plasticity().setup(Topology.mlp([4, 3])).load_state_dict(state)
+    with pytest.raises(ValueError, match="shape"):
+        Plasticity().setup(Topology.mlp([4, 3, 5])).load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
-        Plasticity().setup(Topology.mlp([4, 3])).load_state_dict({**state, "version": 99})
+        Plasticity().setup(Topology.mlp([4, 3, 2])).load_state_dict({**state, "version": 99})
+
+
+def test_state_dict_of_fewer_tensors_loads_into_a_grown_network():
+    """Tensors that joined training after the checkpoint start at zero; the rest resume."""
+    small = Plasticity().setup(Topology.mlp([4, 3]))
+    small.step([np.full((3, 4), 0.5), np.ones(3)])
+    grown = Plasticity().setup(Topology.mlp([4, 3, 2]))
+    grown.load_state_dict(small.state_dict())
+    report = grown.report()
+    assert report.m1 == small.report().m1 == 9.0
+    assert report.per_layer["layer1.weight"].m1 == 0.0 and report.steps == 1
 
 
 def test_report_metrics_and_cost():

@@ -301,6 +301,43 @@ def test_a_param_group_added_mid_run_is_masked_and_measured():
     assert report.per_layer["2.weight"].m1 > first.per_layer["2.weight"].m1
 
 
+def test_a_checkpoint_taken_after_layers_joined_resumes_with_them_frozen_again():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    handle = attach(model, opt, Plasticity(synapses=0.5))
+    step(model, opt, torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    state, report = handle.state_dict(), handle.report()
+    # A fresh run: the first layer is frozen at the start, as fine-tuning callbacks do.
+    resumed = mlp()
+    resumed.load_state_dict(model.state_dict())
+    resumed[0].requires_grad_(False)
+    again = attach(
+        resumed, torch.optim.SGD(resumed[2].parameters(), lr=0.5), Plasticity(synapses=0.5)
+    )
+    again.load_state_dict(state)
+    got = again.report()
+    assert set(got.per_layer) == set(report.per_layer)
+    assert got.m1 == report.m1 and got.m0 == report.m0 and got.m1_min == report.m1_min
+    with pytest.raises(ValueError, match="does not have"):
+        other = nn.Sequential(nn.Linear(6, 3))
+        attach(other, torch.optim.SGD(other.parameters(), lr=0.1)).load_state_dict(state)
+
+
+def test_units_wait_for_frozen_hidden_layers_and_act_once_they_join():
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.5)
+    handle = attach(model, opt, Plasticity(units=TopUnits(k=3)))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with pytest.warns(RuntimeWarning, match="frozen"):
+        step(model, opt, x, y)
+    model[0].requires_grad_(True)
+    opt.add_param_group({"params": list(model[0].parameters())})
+    changed = step(model, opt, x, y)
+    assert [layer.name for layer in handle.plasticity.topology.hidden] == ["0"]
+    assert int(changed["0.bias"].sum()) == 3  # the unit rule now ranks the joined layer
+
+
 def test_a_replaced_layer_is_an_error_that_says_what_to_do():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
