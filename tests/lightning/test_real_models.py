@@ -426,3 +426,17 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_path_runs_through_batch_norm_pooling_dropout_and_a_flatten():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * 3 * 3, 6), nn.GELU(), nn.Linear(6, 3),
+    )  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    handle = attach(model, opt, Plasticity(units=TopUnits(k=2, path=True)))
+    step(model, opt, torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,)))
+    topology = handle.plasticity.topology
+    assert topology.edges == (("0", "6"), ("6", "8")) and topology.spreads == (("0", "6", 9),)
+    assert [layer.name for layer in topology.hidden] == ["0", "6"]
