@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         nn.Linear(x.shape[1], args.hidden), nn.ReLU(), nn.Linear(args.hidden, n_classes)
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    # --8<-- [start:tasks]
     gate = MemorizedMistakes()
     handle = attach(model, optimizer, Plasticity(samples=gate))
     buffer = ReplayBuffer.empty(x.shape[1])
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.replay == "flagged":
             flagged = gate.memory.get(ids[new])  # this task's samples that were ever wrong
             buffer.add(x[new][flagged], y[new][flagged], ids[new][flagged])
+        # --8<-- [end:tasks]
         report = handle.report()
         seen_classes = [c for task in tasks[: t + 1] for c in task]
         shown = report.samples_seen - seen_before
