@@ -1,8 +1,11 @@
-"""Command line: ``energy-callbacks demo`` and ``energy-callbacks reproduce``.
+"""Command line: ``energy-callbacks demo | plot | reproduce``.
 
-``demo`` trains the reference MLP (SCIENCE.md section 3) on a bundled or local
-data set with each energy-saving rule, through the framework-free core, and
-prints the energy each one spent next to plain backprop.
+``demo`` trains a small MLP on the bundled digits with backprop and energy-saving
+rules, through PyTorch Lightning and Keras, prints the energy each spent and
+saves a plot (see :mod:`energy_callbacks.demo`).
+
+``plot FILE...`` turns Lightning or Keras ``CSVLogger`` files into the same plot
+of accuracy against energy (:mod:`energy_callbacks.plot`).
 
 ``reproduce EXPERIMENT`` reruns one of the papers' experiments through the
 framework callbacks and writes a CSV, a markdown table and a PNG plot
@@ -13,94 +16,79 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-
-from .core import FixedSubnetwork, Plasticity, TopFraction, TopUnits
-
-
-def demo_rules(n_hidden: int) -> dict[str, Callable[[], Plasticity]]:
-    """The rules the demo compares, by display name (fresh Plasticity each call)."""
-    k_fixed = max(1, n_hidden // 10)
-    return {
-        "backprop": lambda: Plasticity(),
-        "top 10% |dw|": lambda: Plasticity(synapses=0.1),
-        "top 5% |dw| equal count": lambda: Plasticity(synapses=TopFraction(0.05, equal_count=True)),
-        "top 10% units, path": lambda: Plasticity(units=TopUnits(0.1, path=True)),
-        f"fixed subnetwork k={k_fixed}": lambda: Plasticity(units=FixedSubnetwork(k_fixed)),
-        "units + synapses": lambda: Plasticity(units=TopUnits(0.1, path=True), synapses=0.05),
-        "lazy": lambda: Plasticity(samples="lazy"),
-        "memorized mistakes": lambda: Plasticity(samples="mistakes"),
-        "units + synapses + lazy": lambda: Plasticity(
-            units=TopUnits(0.1, path=True), synapses=0.05, samples="lazy"
-        ),
-    }
+from collections.abc import Sequence
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rich.console import Console
-    from rich.progress import track
+
+    from .data import IDXError
+    from .demo import DemoConfig, DemoConfigError, run_demo
+
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    try:
+        config = DemoConfig(
+            rules=_names(args.rules),
+            frameworks=_names(args.frameworks) if args.frameworks else None,
+            hidden=args.hidden,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            dataset=args.dataset,
+            data_dir=Path(args.data_dir) if args.data_dir else None,
+            train_samples=args.train_samples,
+            out=Path(args.out),
+        )
+        run_demo(config, console)
+    except (DemoConfigError, FileNotFoundError, IDXError) as exc:  # raised before training
+        print(f"energy-callbacks demo: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from rich.console import Console
     from rich.table import Table
 
-    from . import data
-    from .reference import PaperMLP, train
+    from .plot import MetricsFileError, distinct_labels, plot_curves, read_curve
 
-    console = Console() if sys.stdout.isatty() else Console(width=120)
-    if args.dataset == "digits":
-        ds = data.load_digits(seed=args.seed)
-    else:
-        ds = data.load_idx_dataset(args.data_dir or data.FASHION_MNIST_DIR)
-    x_train, mean = data.paper_inputs(ds.train.images)
-    x_test, _ = data.paper_inputs(ds.test.images, mean)
-    n_in = x_train.shape[1]
-    console.print(
-        f"[bold]{ds.name}[/]: {len(x_train)} train / {len(x_test)} test samples; "
-        f"MLP {n_in}-{args.hidden}-{ds.n_classes}, SGD lr {args.lr}, batch 1, "
-        f"stop at {args.target:.0%} test accuracy (at most {args.epochs} epochs)"
-    )
-    rules = demo_rules(args.hidden)
-    results = {}
-    for name in track(list(rules), description="training", console=console, transient=True):
-        results[name] = train(
-            PaperMLP(n_in, args.hidden, ds.n_classes, seed=args.seed),
-            rules[name](),
-            x_train,
-            ds.train.labels,
-            x_test,
-            ds.test.labels,
-            lr=args.lr,
-            max_samples=args.epochs * len(x_train),
-            eval_every=args.eval_every,
-            target_accuracy=args.target,
-            seed=args.seed,
-        )
-    base = results["backprop"].report
-    table = Table(title="Plasticity energy to reach the target (reference MLP, NumPy core)")
-    for col in ("rule", "epochs", "test acc", "M1", "M0", "M1_min", "inefficiency"):
-        table.add_column(col, justify="left" if col == "rule" else "right")
-    table.add_column("M1 saved", justify="right")
-    table.add_column("M0 saved", justify="right")
-    table.add_column("learned", justify="right")
-    for name, r in results.items():
-        rep = r.report
+    labels = _names(args.labels) if args.labels else distinct_labels(args.files)
+    try:
+        if len(labels) != len(args.files):
+            raise MetricsFileError(
+                f"--labels gives {len(labels)} labels for {len(args.files)} files; give one each"
+            )
+        curves = [
+            read_curve(path, accuracy=args.accuracy, label=label)
+            for path, label in zip(args.files, labels, strict=True)
+        ]
+    except MetricsFileError as exc:
+        print(f"energy-callbacks plot: {exc}", file=sys.stderr)
+        return 2
+    out = plot_curves(curves, args.out, title=args.title)
+    table = Table(title="Curves")
+    for col in ("run", "points", "accuracy column", "final accuracy", "M1", "M0"):
+        table.add_column(col, justify="left" if col in ("run", "accuracy column") else "right")
+    for c in curves:
         table.add_row(
-            name + ("" if r.reached else " (target missed)"),
-            f"{r.samples / len(x_train):.2f}",
-            f"{r.accuracy:.3f}",
-            f"{rep.m1:.3g}",
-            f"{rep.m0:.3g}",
-            f"{rep.m1_min:.3g}",
-            f"{rep.inefficiency:.1f}",
-            f"{base.m1 / rep.m1:.1f}x",
-            f"{base.m0 / rep.m0:.1f}x",
-            f"{rep.samples_learned / max(rep.samples_seen, 1):.0%}",
+            c.label,
+            str(len(c.accuracy)),
+            c.accuracy_column,
+            f"{c.accuracy[-1]:.3f}",
+            f"{c.energy[-1]:.4g}",
+            "-" if c.updates is None else f"{c.updates[-1]:.4g}",
         )
+    console = Console() if sys.stdout.isatty() else Console(width=150)
     console.print(table)
-    console.print(
-        "M1 = sum |dw| (plasticity energy), M0 = number of synaptic updates, M1_min = "
-        "sum |w_T - w_0| (the physical limit), inefficiency = M1 / M1_min; 'learned' = "
-        "share of samples that passed the sample gate."
-    )
+    console.print(f"Plot saved to {out}")
     return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
@@ -151,16 +139,52 @@ def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="energy-callbacks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compare the energy-saving rules on the reference MLP")
+    demo = sub.add_parser(
+        "demo",
+        help="train one network with backprop and energy-saving rules, through Lightning "
+        "and Keras: table and plot",
+        description="Train a small MLP on the bundled digits with each rule, through "
+        "PyTorch Lightning and (when installed) Keras; print a table of the energy spent "
+        "and save a plot of accuracy against energy.",
+    )
+    demo.add_argument(
+        "--rules",
+        default="backprop,combined,lazy",
+        help="rule names, comma-separated (default backprop,combined,lazy); "
+        "see energy_callbacks.reproduce.rules",
+    )
+    demo.add_argument(
+        "--frameworks",
+        help="lightning,keras (default: Lightning, and Keras when it is installed)",
+    )
+    demo.add_argument("--hidden", type=int, default=256, help="hidden units (default 256)")
+    demo.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    demo.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    demo.add_argument("--lr", type=float, default=0.2, help="SGD learning rate (default 0.2)")
+    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dataset", choices=["digits", "idx"], default="digits")
     demo.add_argument("--data-dir", help="directory of MNIST-style IDX files (with --dataset idx)")
-    demo.add_argument("--hidden", type=int, default=500, help="hidden units N (default 500)")
-    demo.add_argument("--target", type=float, default=0.9, help="test accuracy to stop at")
-    demo.add_argument("--epochs", type=int, default=5, help="at most this many epochs")
-    demo.add_argument("--lr", type=float, default=0.01)
-    demo.add_argument("--eval-every", type=int, default=200, help="samples between tests")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train-samples", type=int, help="use the first N training samples")
+    demo.add_argument(
+        "--out", default="demo-results", help="output directory (default demo-results)"
+    )
     demo.set_defaults(run=run_demo)
+
+    plot = sub.add_parser(
+        "plot",
+        help="accuracy against energy from Lightning or Keras CSVLogger files",
+        description="Turn Lightning or Keras CSVLogger files (with the plasticity/energy "
+        "column PlasticityCallback logs) into a plot of accuracy against energy, one line "
+        "per file.",
+    )
+    plot.add_argument("files", nargs="+", help="metrics CSV files")
+    plot.add_argument("--out", default="energy_vs_accuracy.png", help="PNG to write")
+    plot.add_argument(
+        "--accuracy", help="accuracy column (default: val_accuracy, val_acc, ... if present)"
+    )
+    plot.add_argument("--labels", help="legend labels, comma-separated, one per file")
+    plot.add_argument("--title", help="figure title")
+    plot.set_defaults(run=run_plot)
 
     from .reproduce.config import DATASETS
 
@@ -204,14 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "demo":
-        return int(args.run(args))
-    if not 0 < args.target <= 1:
-        print("energy-callbacks: --target must be an accuracy in (0, 1]", file=sys.stderr)
-        return 2
-    if args.hidden < 1 or args.epochs < 1 or args.eval_every < 1:
-        print("energy-callbacks: --hidden, --epochs and --eval-every must be >= 1", file=sys.stderr)
-        return 2
     return int(args.run(args))
 
 

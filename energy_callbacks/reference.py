@@ -6,8 +6,9 @@ units (slope 0.1) and linear outputs; weights and biases drawn from
 the batch; plain SGD, learning rate 0.01, batch size 1, samples drawn at random
 with replacement; test accuracy every 2000 samples, stop at a target.
 
-This is the oracle the framework adapters are checked against, and the engine
-of ``energy-callbacks demo``. Weights use the torch layout ``(out, in)``.
+This is the oracle the framework adapters are checked against, and the first
+step of every ``energy-callbacks reproduce`` run (the initial weights). Weights
+use the torch layout ``(out, in)``.
 """
 
 from __future__ import annotations

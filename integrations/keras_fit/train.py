@@ -1,8 +1,9 @@
 """A plain Keras training script with the energy callback dropped in.
 
 The model, data and compile call are ordinary Keras; the only addition is
-``PlasticityCallback`` in the callback list (before CSVLogger, so the energy
-columns reach the CSV). Runs on any backend::
+``PlasticityCallback`` in the callback list, before ``CSVLogger`` and
+``TensorBoard`` so that the energy keys reach the CSV file and the event files
+(``tensorboard --logdir OUT/tensorboard``). Runs on any backend::
 
     KERAS_BACKEND=jax python integrations/keras_fit/train.py --epochs 3 --out /tmp/run
 """
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+    # --8<-- [start:fit]
     energy = PlasticityCallback(units=0.5, synapses=0.1, samples="mistakes")
     history = model.fit(
         {"pixels": x_train, "index": np.arange(len(x_train))},  # ids for the mistake memory
@@ -56,12 +58,14 @@ def main(argv: list[str] | None = None) -> dict:
         epochs=args.epochs,
         verbose=2,
         callbacks=[
-            energy,
+            energy,  # first: the callbacks after it see the plasticity/* keys
             keras.callbacks.CSVLogger(os.path.join(args.out, "log.csv")),
+            keras.callbacks.TensorBoard(os.path.join(args.out, "tensorboard")),
             keras.callbacks.ModelCheckpoint(os.path.join(args.out, "model.keras")),
         ],
     )
     print(energy.report())
+    # --8<-- [end:fit]
     return history.history
 
 

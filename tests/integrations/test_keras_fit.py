@@ -1,20 +1,29 @@
-"""integrations/keras_fit: a plain Keras script with the callback, on the TF backend."""
+"""integrations/keras_fit: a plain Keras script with the callback, on the TF backend:
+the energy reaches CSVLogger, TensorBoard and the saved model."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "integrations" / "keras_fit" / "train.py"
 CHECK_SAVED = """
-import sys, keras
+import json, sys, keras
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util.tensor_util import make_ndarray
 from energy_callbacks.keras import PlasticityOptimizer
-model = keras.models.load_model(sys.argv[1])
+model = keras.models.load_model(sys.argv[1] + "/model.keras")
 assert isinstance(model.optimizer, PlasticityOptimizer), type(model.optimizer)
-print(model.optimizer.gate.flagged())
+events = EventAccumulator(sys.argv[1] + "/tensorboard/train", size_guidance={"tensors": 0})
+events.Reload()
+energy = [float(make_ndarray(e.tensor_proto)) for e in events.Tensors("epoch_plasticity/energy")]
+print(json.dumps({"flagged": int(model.optimizer.gate.flagged()), "tensorboard": energy}))
 """
 
 
@@ -37,11 +46,13 @@ def test_keras_script_logs_energy_and_saves_the_wrapper(tmp_path):
     assert all(0 < float(r["plasticity/samples_learned"]) <= 1 for r in rows)
     assert float(rows[-1]["val_accuracy"]) > 0.5
     saved = subprocess.run(
-        [sys.executable, "-c", CHECK_SAVED, str(tmp_path / "model.keras")],
+        [sys.executable, "-c", CHECK_SAVED, str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert saved.returncode == 0, saved.stderr[-3000:]
-    assert int(saved.stdout.strip().splitlines()[-1]) > 0  # the mistake memory was saved
+    checked = json.loads(saved.stdout.strip().splitlines()[-1])
+    assert checked["flagged"] > 0  # the mistake memory was saved with the model
+    assert checked["tensorboard"] == pytest.approx(energy, rel=1e-6)  # TensorBoard has M1 too

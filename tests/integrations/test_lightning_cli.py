@@ -141,3 +141,20 @@ def test_cli_bad_yaml_value_fails_before_training(train_module, tmp_path, capsys
     assert "TopFraction.p" in text and "1.5" in text
     assert not trained
     assert not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_cli_yaml_takes_rule_objects_as_class_paths(train_module, tmp_path):
+    """docs/lightning.md: a rule object is a nested class_path entry."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["trainer"]["max_epochs"] = 1
+    config["trainer"]["callbacks"][0]["init_args"]["units"] = {
+        "class_path": "energy_callbacks.TopUnits",
+        "init_args": {"k": 10, "path": True},
+    }
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump(config))
+    cli = run(train_module, nested, tmp_path)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, PlasticityCallback)]
+    units = callback.plasticity.units
+    assert type(units) is TopUnits and units.k == 10 and units.q is None and units.path
+    assert callback.report().steps > 0
