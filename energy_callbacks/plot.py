@@ -2,7 +2,8 @@
 
 - :func:`read_curve` reads one metrics file into a :class:`Curve`: the accuracy at
   each evaluation and the energy spent up to it (``plasticity/energy``, M1, and
-  ``plasticity/updates``, M0, as both adapters log them).
+  ``plasticity/updates``, M0: Keras's columns, or Lightning's ``..._step`` and
+  ``..._epoch`` ones).
 - :func:`figure` draws curves on log-energy axes, one line per curve, and
   :func:`plot_curves` saves it as a PNG. ``energy-callbacks plot`` and the demo
   use them.
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 ENERGY = "plasticity/energy"
 UPDATES = "plasticity/updates"
+SUFFIXES = ("", "_epoch", "_step")
+"""Lightning logs the energy on_step and on_epoch: ``plasticity/energy_step`` and
+``_epoch`` columns; Keras logs ``plasticity/energy``. A row's first one present counts."""
 ACCURACY_COLUMNS = (
     "val_accuracy",
     "val_acc",
@@ -92,7 +96,7 @@ def read_curve(
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
         rows = list(reader)
-    if ENERGY not in columns:
+    if not any(ENERGY + sfx in columns for sfx in SUFFIXES):
         raise MetricsFileError(
             f"{path} has no {ENERGY} column (columns: {', '.join(columns) or 'none'}); log it "
             "with energy_callbacks' PlasticityCallback (in Keras, list it before the CSVLogger)"
@@ -134,12 +138,19 @@ def _number(text: str | None) -> float | None:
 Point = tuple[float, float, float | None]  # accuracy, energy, updates
 
 
+def _logged(row: dict[str, str], key: str) -> float | None:
+    """``key`` in a row, as Keras (``key``) or Lightning (``key_epoch``/``key_step``) wrote it."""
+    return next(
+        (v for v in (_number(row.get(key + sfx)) for sfx in SUFFIXES) if v is not None), None
+    )
+
+
 def _epoch_points(rows: list[dict[str, str]], column: str) -> list[Point]:
     points = []
     for row in rows:
-        acc, energy = _number(row.get(column)), _number(row.get(ENERGY))
+        acc, energy = _number(row.get(column)), _logged(row, ENERGY)
         if acc is not None and energy is not None:
-            points.append((acc, energy, _number(row.get(UPDATES))))
+            points.append((acc, energy, _logged(row, UPDATES)))
     return points
 
 
@@ -150,9 +161,9 @@ def _lightning_points(rows: list[dict[str, str]], column: str) -> list[Point]:
         step = _number(row.get("step"))
         if step is None:
             continue
-        energy, acc = _number(row.get(ENERGY)), _number(row.get(column))
+        energy, acc = _logged(row, ENERGY), _number(row.get(column))
         if energy is not None:
-            logged.append((step, order, energy, _number(row.get(UPDATES))))
+            logged.append((step, order, energy, _logged(row, UPDATES)))
         if acc is not None:
             evals.append((step, acc))
     logged.sort()

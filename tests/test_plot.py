@@ -28,16 +28,22 @@ def write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
 
 
 def lightning_rows() -> list[dict[str, object]]:
-    """What Lightning's CSVLogger writes: energy rows and evaluation rows apart."""
+    """What Lightning's CSVLogger writes: energy rows (on_step and on_epoch columns) and
+    evaluation rows apart."""
     return [
-        {"epoch": 0, "step": 9, "plasticity/energy": 8.0, "plasticity/updates": 100},
-        {"epoch": 0, "step": 19, "plasticity/energy": 15.0, "plasticity/updates": 200},
-        {"epoch": 0, "step": 21, "val_acc": 0.6},  # paired with step 19's energy
-        {"epoch": 0, "step": 21, "plasticity/energy_min": 3.0},
-        {"epoch": 1, "step": 29, "plasticity/energy": 21.0, "plasticity/updates": 300},
+        {"epoch": 0, "step": 9, "plasticity/energy_step": 8.0, "plasticity/updates_step": 100},
+        {"epoch": 0, "step": 19, "plasticity/energy_step": 15.0, "plasticity/updates_step": 200},
+        {"epoch": 0, "step": 21, "val_acc": 0.6},  # paired with the epoch total below
+        {"epoch": 0, "step": 21, "plasticity/energy_epoch": 16.0, "plasticity/updates_epoch": 210},
+        {"epoch": 1, "step": 29, "plasticity/energy_step": 21.0, "plasticity/updates_step": 300},
         {"epoch": 1, "step": 43, "val_acc": 0.8},  # after step 39's energy, logged below
-        {"epoch": 1, "step": 39, "plasticity/energy": 25.0, "plasticity/updates": 400},
+        {"epoch": 1, "step": 39, "plasticity/energy_step": 25.0, "plasticity/updates_step": 400},
     ]
+
+
+def test_the_older_single_column_layout_reads_too(tmp_path):
+    rows = [{"step": 9, "plasticity/energy": 8.0}, {"step": 9, "val_acc": 0.5}]
+    assert read_curve(write_csv(tmp_path / "metrics.csv", rows)).energy == (8.0,)
 
 
 def keras_rows() -> list[dict[str, object]]:
@@ -51,8 +57,8 @@ def test_lightning_layout_pairs_each_evaluation_with_the_energy_before_it(tmp_pa
     curve = read_curve(write_csv(tmp_path / "lazy" / "metrics.csv", lightning_rows()))
     assert curve.label == "lazy" and curve.accuracy_column == "val_acc"
     assert curve.accuracy == (0.6, 0.8)
-    assert curve.energy == (15.0, 25.0)
-    assert curve.updates == (200.0, 400.0)
+    assert curve.energy == (16.0, 25.0)
+    assert curve.updates == (210.0, 400.0)
 
 
 def test_keras_layout_reads_one_row_per_epoch(tmp_path):
@@ -120,7 +126,7 @@ def test_figure_draws_one_line_per_curve_styled_by_rule_and_framework(tmp_path):
     assert colours[0] == colours[2] != colours[1]
     assert [line.get_linestyle() for line in m1_axes.lines] == ["-", "-", "--"]
     assert m1_axes.get_xscale() == "log" and len(m0_axes.lines) == 3
-    assert list(m1_axes.lines[0].get_xdata()) == [15.0, 25.0]
+    assert list(m1_axes.lines[0].get_xdata()) == [16.0, 25.0]
     png = plot_curves(curves, tmp_path / "out" / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
