@@ -29,6 +29,11 @@ How it works:
   sample passes, the optimizer step is skipped: no weight, moment or step
   count changes. Outside data parallelism the output is then detached, so the
   backward pass costs nothing.
+- **Synaptic caching** (``Plasticity(caching=...)``): after the masked step,
+  the applied change enters the transient store and the store's decay is
+  added to the parameters, so the network uses ``w_c + w_e``. Call
+  :meth:`AttachedPlasticity.consolidate` when training ends (the Lightning
+  callback does, in ``on_train_end``).
 
 Limits: the gate needs the model's ``forward`` to be called with the batch
 (``model(x)``). Models whose loss reads other outputs than the gated logits
@@ -361,7 +366,7 @@ class AttachedPlasticity:
     # -- the step ----------------------------------------------------------
     def _after(self, snap: _Snapshot, mine: list[int]) -> None:
         plasticity = self.plasticity
-        if all(snap.fused) and plasticity.meter.alpha == 1.0:
+        if all(snap.fused) and plasticity.meter.alpha == 1.0 and plasticity.caching is None:
             self._step_fused(snap, mine)
             return
         deltas, stats = snap.deltas()
@@ -393,8 +398,23 @@ class AttachedPlasticity:
             proposed, check_finite=not restricts, displacement=False, totals=totals
         ):
             snap.settle(current)
+            if plasticity.caching is not None:
+                self._cache(snap, mine, proposed)
         else:
             snap.undo()
+
+    def _cache(self, snap: _Snapshot, mine: list[int], applied: list[Any]) -> None:
+        """Synaptic caching: the applied changes enter the store; its decay goes into the
+        parameters (the next pre-hook then copies them afresh)."""
+        decay = self.plasticity.cache(applied)
+        with torch.no_grad():
+            for j, i in enumerate(mine):
+                d = decay[i]
+                if d is None:
+                    continue
+                p = self.params[i]
+                p.add_(torch.from_numpy(d) if self._use_numpy else d)
+                snap.current[j] = False
 
     def _step_fused(self, snap: _Snapshot, mine: list[int]) -> None:
         """A step on fused tensors (alpha = 1): the rules see lazy differences, and one
@@ -437,6 +457,14 @@ class AttachedPlasticity:
         if self.gate is None:
             raise RuntimeError("gate_batch: this Plasticity has no sample gate (samples=None)")
         self.gate.arm(targets, sample_ids)
+
+    def consolidate(self) -> None:
+        """Synaptic caching: consolidate the whole transient store (the end of training).
+
+        The weights do not change (they hold ``w_c + w_e`` already); the store's
+        ``sum |w_e|`` is paid as consolidation energy. Needs ``Plasticity(caching=...)``.
+        """
+        self.plasticity.consolidate()
 
     def report(self) -> EnergyReport:
         self.sync()
