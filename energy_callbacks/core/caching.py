@@ -100,6 +100,7 @@ class Caching:
         self.tau = float(tau)
         self.maintenance_cost = float(maintenance_cost)
         self.scope = scope
+        self.ops: ArrayOps = numpy_ops
         self._tensors: tuple[TensorSpec, ...] = ()
         self._store: list[Array | None] = []
         self._consolidation = np.zeros(0, dtype=np.float64)
@@ -137,9 +138,13 @@ class Caching:
         return Transient(rest, decay, ops.total(kept), ops.count_nonzero(kept), maintenance)
 
     # -- state on the host (NumPy, torch) ---------------------------------------
-    def setup(self, topology: Topology | Sequence[TensorSpec]) -> None:
-        """Bind to the network's tensors; empties the store and the totals."""
+    def setup(
+        self, topology: Topology | Sequence[TensorSpec], ops: ArrayOps = numpy_ops
+    ) -> None:
+        """Bind to the network's tensors, with the store in ``ops``'s arrays; empties
+        the store and the totals."""
         tensors = topology.tensors if isinstance(topology, Topology) else tuple(topology)
+        self.ops = ops
         n = len(tensors)
         self._tensors = tuple(tensors)
         self._store = [None] * n
@@ -147,9 +152,7 @@ class Caching:
         self._maintenance = np.zeros(n, dtype=np.float64)
         self._consolidations = np.zeros(n, dtype=np.int64)
 
-    def step(
-        self, applied: Sequence[Array | None], ops: ArrayOps = numpy_ops
-    ) -> list[Array | None]:
+    def step(self, applied: Sequence[Array | None]) -> list[Array | None]:
         """One step's applied updates (None: tensor not stepped) into the store.
 
         Returns per tensor the change the decay makes to the weights (None: none),
@@ -160,6 +163,7 @@ class Caching:
                 f"Caching.step: got {len(applied)} arrays for {len(self._tensors)} tensors; "
                 "call Plasticity.setup first"
             )
+        ops = self.ops
         decays: list[Array | None] = [None] * len(applied)
         for i, u in enumerate(applied):
             if u is None:
@@ -174,8 +178,9 @@ class Caching:
             decays[i] = out.decay
         return decays
 
-    def consolidate(self, ops: ArrayOps = numpy_ops) -> None:
+    def consolidate(self) -> None:
         """Consolidate the whole store (end of fit): costs ``sum |w_e|``; weights unchanged."""
+        ops = self.ops
         for i, held in enumerate(self._store):
             if held is None:
                 continue
@@ -183,18 +188,18 @@ class Caching:
             self._consolidations[i] += ops.count_nonzero(held)
             self._store[i] = ops.zeros_like(held)
 
-    def held(self, ops: ArrayOps = numpy_ops) -> list[float]:
+    def held(self) -> list[float]:
         """``sum |w_e|`` per tensor: what the store holds, not yet paid for."""
-        return [0.0 if s is None else ops.total(s) for s in self._store]
+        return [0.0 if s is None else self.ops.total(s) for s in self._store]
 
     def totals(self) -> tuple[float, int]:
         """``(consolidation + maintenance, consolidation writes)`` so far."""
         energy = float(self._consolidation.sum()) + float(self._maintenance.sum())
         return energy, int(self._consolidations.sum())
 
-    def annotate(self, report: EnergyReport, ops: ArrayOps = numpy_ops) -> EnergyReport:
+    def annotate(self, report: EnergyReport) -> EnergyReport:
         """``report`` with the caching figures, per tensor and in total."""
-        held = self.held(ops)
+        held = self.held()
         layers = {}
         for i, (name, layer) in enumerate(report.per_layer.items()):
             layers[name] = dataclasses.replace(
@@ -216,12 +221,12 @@ class Caching:
         )
         return dataclasses.replace(annotated, inefficiency=_ratio(annotated.energy, report.m1_min))
 
-    def state_dict(self, ops: ArrayOps = numpy_ops) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The store and the totals: plain NumPy arrays (an unwritten store is zeros)."""
         return {
             "names": [t.name for t in self._tensors],
             "store": [
-                np.zeros(t.shape, np.float32) if s is None else ops.to_numpy(s).copy()
+                np.zeros(t.shape, np.float32) if s is None else self.ops.to_numpy(s).copy()
                 for t, s in zip(self._tensors, self._store, strict=True)
             ],
             "consolidation": self._consolidation.copy(),
@@ -229,7 +234,7 @@ class Caching:
             "consolidations": self._consolidations.copy(),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], ops: ArrayOps = numpy_ops) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         names = [t.name for t in self._tensors]
         if list(state["names"]) != names:
             raise ValueError(
@@ -244,7 +249,7 @@ class Caching:
                     f"Caching.load_state_dict: {t.name!r} was saved with shape {s.shape}, "
                     f"the network has {t.shape}"
                 )
-            store.append(ops.from_numpy(s.copy()))
+            store.append(self.ops.from_numpy(s.copy()))
         self._store = store
         self._consolidation = np.array(state["consolidation"], dtype=np.float64)
         self._maintenance = np.array(state["maintenance"], dtype=np.float64)

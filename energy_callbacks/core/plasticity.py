@@ -186,7 +186,7 @@ class Plasticity:
         self._ranked_buffers = {}
         self._meter = EnergyMeter(topology.tensors, self.alpha, ops=self.ops)
         if self.caching is not None:
-            self.caching.setup(topology)
+            self.caching.setup(topology, self.ops)
         return self
 
     def _rules(self) -> list[UnitRule | SynapseRule]:
@@ -312,11 +312,11 @@ class Plasticity:
         Returns per tensor the decay's change to the weights (None: none), which the
         caller adds to them (the network uses ``w_c + w_e``). Needs ``caching=``.
         """
-        return self._caching("cache").step(applied, self.ops)
+        return self._caching("cache").step(applied)
 
     def consolidate(self) -> None:
         """Consolidate the whole transient store, as at the end of fit. Needs ``caching=``."""
-        self._caching("consolidate").consolidate(self.ops)
+        self._caching("consolidate").consolidate()
 
     def _caching(self, what: str) -> Caching:
         if self.caching is None:
@@ -337,7 +337,7 @@ class Plasticity:
         """The energy so far: the meter's figures, the caching figures and the joules."""
         report = self.meter.report(self.samples_seen, self.samples_learned)
         if self.caching is not None:
-            report = self.caching.annotate(report, self.ops)
+            report = self.caching.annotate(report)
         if self.cost is not None:
             report = dataclasses.replace(
                 report, joules=self.cost.joules_for(report.energy, report.updates)
@@ -354,7 +354,7 @@ class Plasticity:
             "samples_learned": self.samples_learned,
             "energy": self.meter.state_dict(),
             "samples": self.samples.state_dict() if self.samples is not None else {},
-            "caching": self.caching.state_dict(self.ops) if self.caching is not None else {},
+            "caching": self.caching.state_dict() if self.caching is not None else {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -372,7 +372,7 @@ class Plasticity:
             )
         self.meter.load_state_dict(state["energy"])
         if self.caching is not None:
-            self.caching.load_state_dict(saved_caching, self.ops)
+            self.caching.load_state_dict(saved_caching)
         if self.samples is not None:
             self.samples.load_state_dict(state["samples"])
         self.step_count = int(state["step_count"])
