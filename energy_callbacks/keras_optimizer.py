@@ -29,7 +29,7 @@ and the store's decay is part of the weights' new values
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -288,18 +288,21 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         ]
 
     # -- what the callback reads ----------------------------------------------
+    def _reader(self, values: Sequence[Any] | None) -> Callable[[Any], np.ndarray]:
+        """``read(variable) -> array``: from ``values`` (the current values of
+        :attr:`variables`, e.g. the JAX trainer's state) or from the variables."""
+        if values is None:
+            return lambda v: np.asarray(v.numpy())
+        own = {id(v): i for i, v in enumerate(self._variables)}
+        return lambda v: np.asarray(values[own[id(v)]])
+
     def energy_state(self, values: Sequence[Any] | None = None) -> dict[str, Any]:
         """The core :class:`~energy_callbacks.core.EnergyMeter` state of the totals so far.
 
         ``values`` are the current values of :attr:`variables` when they live outside
         the variables (the JAX trainer's state mid-epoch); by default, the variables.
         """
-        own = {id(v): i for i, v in enumerate(self._variables)}
-        read = (
-            (lambda v: np.asarray(v.numpy()))
-            if values is None
-            else (lambda v: np.asarray(values[own[id(v)]]))
-        )
+        read = self._reader(values)
         acc = {k: read(v) for k, v in self._totals.items()}
         steps, skipped = (int(x) for x in read(self._counters))
         m1 = acc["m1"].astype(np.float64) + acc["m1_error"]
@@ -328,13 +331,8 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         (``values`` as in :meth:`energy_state`)."""
         if self._caching is None:
             raise RuntimeError("PlasticityOptimizer.caching_state(): the rules have no caching")
-        own = {id(v): i for i, v in enumerate(self._variables)}
-        read = (
-            (lambda v: np.asarray(v.numpy()))
-            if values is None
-            else (lambda v: np.asarray(values[own[id(v)]]))
-        )
-        return self._caching.state([t.name for t in self.plasticity.topology.tensors], read)
+        names = [t.name for t in self.plasticity.topology.tensors]
+        return self._caching.state(names, self._reader(values))
 
     def consolidate(self) -> None:
         """Synaptic caching: consolidate the whole transient store (the end of fit)."""
@@ -359,13 +357,9 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
 
     def totals(self, values: Sequence[Any] | None = None) -> tuple[float, int]:
         """``(M1, M0)`` so far (with caching: energy and writes), cheap enough for every batch."""
-        own = {id(v): i for i, v in enumerate(self._variables)}
         if self._caching is not None:
-            return self._caching.host_totals(
-                (lambda v: np.asarray(v.numpy()))
-                if values is None
-                else (lambda v: np.asarray(values[own[id(v)]]))
-            )
+            return self._caching.host_totals(self._reader(values))
+        own = {id(v): i for i, v in enumerate(self._variables)}
         acc = self._totals
         if values is None:
             hi, lo = acc["m1"].numpy(), acc["m1_error"].numpy()
