@@ -6,6 +6,8 @@ so that importing this package pulls in no deep-learning framework.
 """
 
 from .core import (
+    Caching,
+    Cost,
     EnergyReport,
     FixedSubnetwork,
     Lazy,
@@ -24,6 +26,8 @@ from .core import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Caching",
+    "Cost",
     "EnergyReport",
     "FixedSubnetwork",
     "Lazy",

@@ -113,6 +113,15 @@ def run_reproduce(args: argparse.Namespace) -> int:
             max_samples=args.max_samples,
             eval_every=args.eval_every,
             threads=args.threads,
+            extra={
+                key: value
+                for key, value in (
+                    ("thetas", args.thetas),
+                    ("taus", args.taus),
+                    ("maintenance_costs", args.maintenance_costs),
+                )
+                if value
+            },
         )
         table, csv_path = reproduce(args.experiment, config)
     except (ValueError, FileNotFoundError, KerasUnavailable) as exc:
@@ -195,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Finished runs in OUT/EXPERIMENT.csv are not repeated.",
     )
     rep.add_argument(
-        "experiment", choices=["size-sweep", "lazy", "mistakes", "combined", "frameworks"]
+        "experiment",
+        choices=["size-sweep", "lazy", "mistakes", "combined", "frameworks", "caching"],
     )
     rep.add_argument(
         "--data-dir",
@@ -222,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-samples", type=int, help="training samples per run (budget)")
     rep.add_argument("--eval-every", type=int, help="samples between tests (default 2000)")
     rep.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    rep.add_argument("--thetas", help="caching: consolidation thresholds, comma-separated")
+    rep.add_argument("--taus", help="caching: decay times in steps, comma-separated (inf: none)")
+    rep.add_argument(
+        "--maintenance-costs", help="caching: maintenance costs per step, comma-separated"
+    )
     rep.set_defaults(run=run_reproduce)
     return parser
 

@@ -16,6 +16,10 @@ Logged keys (the same as the Lightning adapter): ``plasticity/energy`` and
 ``plasticity/updates`` every batch (progress bar), and at epoch end also
 ``plasticity/energy_min``, ``plasticity/inefficiency`` and
 ``plasticity/samples_learned``; with ``per_layer=True``, ``plasticity/energy/<var>``.
+With ``caching=``, ``plasticity/energy`` is consolidation + maintenance and the
+epoch logs add ``plasticity/energy_consolidation`` and
+``plasticity/energy_maintenance``; ``on_train_end`` consolidates the store.
+With ``cost=``, ``plasticity/joules``.
 Put the callback before ``CSVLogger``/``TensorBoard`` so they see the keys.
 
 Checkpoints written during ``fit`` (``ModelCheckpoint``, ``BackupAndRestore``)
@@ -32,7 +36,7 @@ from typing import Any
 
 import keras
 
-from .core import EnergyReport, Plasticity, SampleGate, SynapseRule, UnitRule
+from .core import Caching, Cost, EnergyReport, Plasticity, SampleGate, SynapseRule, UnitRule
 from .core.config import to_config
 from .core.plasticity import from_shorthands
 from .keras_distribute import strategy_scope
@@ -49,7 +53,8 @@ class PlasticityCallback(keras.callbacks.Callback):
 
     Give a ready :class:`~energy_callbacks.Plasticity`, or the shorthands
     ``synapses`` (a fraction or rule), ``units`` (a fraction or rule), ``samples``
-    (``"lazy"``, ``"mistakes"`` or a gate) and ``alpha``. ``sample_ids`` is
+    (``"lazy"``, ``"mistakes"`` or a gate), ``caching`` (a ``Caching``), ``cost``
+    (a ``Cost`` or a preset name) and ``alpha``. ``sample_ids`` is
     ``fn(x, y) -> ids`` when ids do not come in ``x["index"]``. ``layers`` names
     the layers the rules act on (default: all). ``per_layer`` logs each tensor.
     """
@@ -61,6 +66,8 @@ class PlasticityCallback(keras.callbacks.Callback):
         synapses: SynapseRule | Sequence[SynapseRule] | float | None = None,
         units: UnitRule | float | None = None,
         samples: SampleGate | str | None = None,
+        caching: Caching | None = None,
+        cost: Cost | str | None = None,
         alpha: float = 1.0,
         sample_ids: Callable[[Any, Any], Any] | None = None,
         layers: Sequence[str] | None = None,
@@ -68,7 +75,13 @@ class PlasticityCallback(keras.callbacks.Callback):
     ) -> None:
         super().__init__()
         plasticity = from_shorthands(
-            plasticity, synapses=synapses, units=units, samples=samples, alpha=alpha
+            plasticity,
+            synapses=synapses,
+            units=units,
+            samples=samples,
+            alpha=alpha,
+            caching=caching,
+            cost=cost,
         )
         if sample_ids is not None and not callable(sample_ids):
             raise ValueError("PlasticityCallback.sample_ids must be a callable fn(x, y) -> ids")
@@ -160,6 +173,8 @@ class PlasticityCallback(keras.callbacks.Callback):
                 logs.pop(f"val_plasticity/{key}", None)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.optimizer is not None and self.optimizer.plasticity.caching is not None:
+            self.optimizer.consolidate()  # the end of fit consolidates the transient store
         self._last = self.report()
         self._uninstall()
 
@@ -173,6 +188,8 @@ class PlasticityCallback(keras.callbacks.Callback):
             raise RuntimeError("PlasticityCallback.report(): nothing has been trained yet")
         plasticity = wrapper.plasticity
         plasticity.meter.load_state_dict(wrapper.energy_state())
+        if plasticity.caching is not None:
+            plasticity.caching.load_state_dict(wrapper.caching_state())
         plasticity.samples_seen, plasticity.samples_learned, lost = wrapper.gate.counts()
         if lost:
             warnings.warn(

@@ -21,12 +21,15 @@ and ``M0`` is exact after any number of steps. :meth:`energy_state` hands them t
 the core in float64/int64.
 
 Optimizer moments see every proposal (they are the inner optimizer's business);
-only the weights are masked, as in the Lightning adapter.
+only the weights are masked, as in the Lightning adapter. With synaptic caching
+the applied change then enters a transient store kept in optimizer variables,
+and the store's decay is part of the weights' new values
+(:mod:`energy_callbacks.keras_caching`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -38,11 +41,10 @@ from .core import Plasticity, TensorSpec, Topology
 from .core.config import from_config, to_config
 from .core.ops import numpy_ops
 from .core.units import RandomUnits
+from .keras_caching import CachingVariables
 from .keras_distribute import any_across_replicas, assign_all, restore_unless
 from .keras_gate import GateState
-
-COUNT_BITS = 20
-"""The low int32 word of a count holds ``COUNT_BITS`` bits; the rest carries over."""
+from .keras_totals import COUNT_BITS, carry_count, two_sum, two_sum_update  # noqa: F401
 
 
 def describe(variables: Sequence[Any], layers: Sequence[str] | None = None) -> list[TensorSpec]:
@@ -126,6 +128,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         self.layers = None if layers is None else [str(n) for n in layers]
         self.gate = GateState(plasticity.samples)
         self._covered: list[int] = []
+        self._caching: CachingVariables | None = None
 
     # -- building ------------------------------------------------------------
     @property
@@ -162,11 +165,13 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 (2,), initializer="zeros", dtype="int32", name="steps_skipped"
             )
             self._initial = [self.add_variable_from_reference(v, name="initial") for v in covered]
+            if self.plasticity.caching is not None:
+                self._caching = CachingVariables(self, self.plasticity.caching, covered)
         for w0, v in zip(self._initial, covered, strict=True):
             w0.assign(ops.copy(v.value))  # a buffer of its own (JAX donates both)
         # XLA fuses the masks' passes on TensorFlow; measuring alone runs faster without
         # (its reductions of two inputs took 1.5 ms against 0.6 ms in TF's own kernels)
-        restricts = self.plasticity.restricts
+        restricts = self._writes_weights
         self._masked_step_fn = (
             xla_on_tensorflow(self._masked_step) if restricts else self._masked_step
         )
@@ -189,8 +194,13 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             nonzero = [ops.any(ops.not_equal(g, 0)) for g in grads if g is not None]
             live = any_across_replicas(ops.any(ops.stack(nonzero)))
         after = [v.value for v in variables]
-        final, m1, m0, m_alpha, finite, go = self._masked_step_fn(before, after, live)
+        store = None if self._caching is None else [s.value for s in self._caching.store]
+        final, m1, m0, m_alpha, finite, go, cached = self._masked_step_fn(
+            before, after, live, store
+        )
         metered = self._metered(m1, m0, m_alpha, go, finite)
+        if self._caching is not None:
+            metered += self._caching.metered(*cached)
         if final is None:  # measure only: the weights change unless the step is skipped
             assign_all(metered)
             # a skipped step leaves no trace in the optimizer either (Adam's count, moments)
@@ -207,10 +217,19 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             + metered
         )
 
-    def _masked_step(self, before: list[Any], after: list[Any], live: Any) -> tuple:
+    @property
+    def _writes_weights(self) -> bool:
+        """True when the step computes the weights' values (masks or a caching decay)."""
+        return self.plasticity.restricts or self._caching is not None
+
+    def _masked_step(
+        self, before: list[Any], after: list[Any], live: Any, store: list[Any] | None = None
+    ) -> tuple:
         """The step as a pure function: new values of the variables (None when no rule
-        restricts: then they are ``after``, or ``before`` for a skipped step), per-tensor
-        M1, M0 and M_alpha of the real change, finiteness, and whether the step goes ahead."""
+        restricts and there is no caching: then they are ``after``, or ``before`` for a
+        skipped step), per-tensor M1, M0 and M_alpha of the real change, finiteness,
+        whether the step goes ahead, and the caching outputs (the store's new values and
+        the step's figures; None without caching)."""
         covered = self._covered
         proposed = [after[i] - before[i] for i in covered]
         masks = self.plasticity.masks(proposed)
@@ -227,19 +246,23 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         finite = ops.all(ops.isfinite(ops.stack(checks)))
         go = ops.logical_and(finite, live)
         final = None
-        if self.plasticity.restricts:
+        if self._writes_weights:
             keep: list[Any] = [go] * len(after)
             for i, m in zip(covered, masks, strict=True):
                 if m is not None:
                     keep[i] = ops.logical_and(m, go)
             final = [ops.where(k, a, b) for a, b, k in zip(after, before, keep, strict=True)]
+        cached = None
+        if self._caching is not None and store is not None:
+            final, new_store, figures = self._caching.step(final, covered, kept, store, go)
+            cached = (new_store, figures)
         m1 = ops.where(go, ops.stack(sums), 0.0)
         m0 = ops.where(go, ops.stack([keras_ops.count_nonzero(c) for c in kept]), 0)
         m_alpha = m1
         if self.plasticity.alpha != 1.0:
             alpha = ops.stack([keras_ops.total(c, self.plasticity.alpha) for c in kept])
             m_alpha = ops.where(go, alpha, 0.0)
-        return final, m1, m0, m_alpha, finite, go
+        return final, m1, m0, m_alpha, finite, go, cached
 
     @property
     def _skips_empty_steps(self) -> bool:
@@ -251,9 +274,9 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
     ) -> list[tuple[Any, Any]]:
         """The accumulators' new values after a step with per-tensor ``m1``, ``m0``."""
         acc = self._totals
-        out = _two_sum(acc["m1"], acc["m1_error"], m1)
+        out = two_sum_update(acc["m1"], acc["m1_error"], m1)
         if self.plasticity.alpha != 1.0:
-            out += _two_sum(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
+            out += two_sum_update(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
         low, high = carry_count(acc["m0_low"].value, acc["m0_high"].value, m0)
         counters = self._counters.value + ops.stack(
             [ops.cast(applied, "int32"), 1 - ops.cast(finite, "int32")]
@@ -265,18 +288,21 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         ]
 
     # -- what the callback reads ----------------------------------------------
+    def _reader(self, values: Sequence[Any] | None) -> Callable[[Any], np.ndarray]:
+        """``read(variable) -> array``: from ``values`` (the current values of
+        :attr:`variables`, e.g. the JAX trainer's state) or from the variables."""
+        if values is None:
+            return lambda v: np.asarray(v.numpy())
+        own = {id(v): i for i, v in enumerate(self._variables)}
+        return lambda v: np.asarray(values[own[id(v)]])
+
     def energy_state(self, values: Sequence[Any] | None = None) -> dict[str, Any]:
         """The core :class:`~energy_callbacks.core.EnergyMeter` state of the totals so far.
 
         ``values`` are the current values of :attr:`variables` when they live outside
         the variables (the JAX trainer's state mid-epoch); by default, the variables.
         """
-        own = {id(v): i for i, v in enumerate(self._variables)}
-        read = (
-            (lambda v: np.asarray(v.numpy()))
-            if values is None
-            else (lambda v: np.asarray(values[own[id(v)]]))
-        )
+        read = self._reader(values)
         acc = {k: read(v) for k, v in self._totals.items()}
         steps, skipped = (int(x) for x in read(self._counters))
         m1 = acc["m1"].astype(np.float64) + acc["m1_error"]
@@ -300,9 +326,27 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             "skipped_steps": skipped,
         }
 
+    def caching_state(self, values: Sequence[Any] | None = None) -> dict[str, Any]:
+        """The core :class:`~energy_callbacks.core.caching.Caching` state: store and totals
+        (``values`` as in :meth:`energy_state`)."""
+        if self._caching is None:
+            raise RuntimeError("PlasticityOptimizer.caching_state(): the rules have no caching")
+        names = [t.name for t in self.plasticity.topology.tensors]
+        return self._caching.state(names, self._reader(values))
+
+    def consolidate(self) -> None:
+        """Synaptic caching: consolidate the whole transient store (the end of fit)."""
+        if self._caching is None:
+            raise RuntimeError("PlasticityOptimizer.consolidate(): the rules have no caching")
+        self._caching.consolidate()
+
     def totals_in_graph(self) -> dict[str, Any]:
         """``plasticity/energy`` (M1) and ``plasticity/updates`` (M0) so far, as float64
-        tensors read inside the train step (:class:`EnergyReadout`)."""
+        tensors read inside the train step (:class:`EnergyReadout`); with caching the
+        consolidation + maintenance energy and the consolidation writes."""
+        if self._caching is not None:
+            energy, writes = self._caching.totals_in_graph()
+            return {"plasticity/energy": energy, "plasticity/updates": writes}
         acc = self._totals
         m1 = ops.sum(
             ops.cast(acc["m1"].value, "float64") + ops.cast(acc["m1_error"].value, "float64")
@@ -312,7 +356,9 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         return {"plasticity/energy": m1, "plasticity/updates": ops.cast(m0, "float64")}
 
     def totals(self, values: Sequence[Any] | None = None) -> tuple[float, int]:
-        """``(M1, M0)`` so far, cheap enough for every batch."""
+        """``(M1, M0)`` so far (with caching: energy and writes), cheap enough for every batch."""
+        if self._caching is not None:
+            return self._caching.host_totals(self._reader(values))
         own = {id(v): i for i, v in enumerate(self._variables)}
         acc = self._totals
         if values is None:
@@ -394,25 +440,3 @@ def _snapshot(variable: Any) -> Any:
     if keras.backend.backend() == "jax":
         return variable.value
     return ops.copy(variable.value)
-
-
-def two_sum(total: Any, error: Any, x: Any) -> tuple[Any, Any]:
-    """``(total', error')`` with ``total' + error' == total + error + x`` up to float32
-    rounding of ``error`` alone (Knuth's TwoSum keeps the rounding error of the sum)."""
-    s = total + x
-    bb = s - total
-    err = (total - (s - bb)) + (x - bb)
-    return s, error + err
-
-
-def carry_count(low: Any, high: Any, x: Any) -> tuple[Any, Any]:
-    """``(low', high')`` with ``high' * 2**COUNT_BITS + low' == high * 2**COUNT_BITS + low + x``
-    in int32 words (``x`` below ``2**31 - 2**COUNT_BITS``)."""
-    low = low + x
-    carry = ops.right_shift(low, COUNT_BITS)
-    return low - ops.left_shift(carry, COUNT_BITS), high + carry
-
-
-def _two_sum(total: Any, error: Any, x: Any) -> list[tuple[Any, Any]]:
-    new_total, new_error = two_sum(total.value, error.value, x)
-    return [(total, new_total), (error, new_error)]

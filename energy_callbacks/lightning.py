@@ -15,7 +15,11 @@ Logged keys (the Keras adapter uses the same ones):
 - ``plasticity/energy_min``, ``plasticity/inefficiency`` and
   ``plasticity/samples_learned`` (the share of this epoch's samples that
   passed the gate) at epoch end, with ``plasticity/energy/<tensor>`` when
-  ``per_layer=True``.
+  ``per_layer=True``;
+- with ``caching=``: ``plasticity/energy`` is consolidation + maintenance, and
+  ``plasticity/energy_consolidation``, ``plasticity/energy_maintenance`` come at
+  epoch end; with ``cost=``, ``plasticity/joules``. The transient store is
+  consolidated in ``on_train_end`` and saved in checkpoints.
 
 The mechanism is :mod:`energy_callbacks.torch`: optimizer step hooks mask the
 real update of any optimizer, and a forward hook gates samples through the
@@ -37,6 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .core import EnergyReport, Plasticity, Topology
+from .core.caching import Caching
+from .core.costs import Cost
 from .core.plasticity import from_shorthands
 from .core.samples import SampleGate
 from .core.synapses import SynapseRule
@@ -47,6 +53,11 @@ from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+EPOCH_EXTRA = (
+    "plasticity/energy_consolidation",
+    "plasticity/energy_maintenance",
+    "plasticity/joules",
+)
 
 
 def default_targets(batch: Any) -> Any:
@@ -77,7 +88,8 @@ class PlasticityCallback(Callback):
     """Apply energy-saving plasticity rules to a LightningModule and log the energy.
 
     Give a :class:`~energy_callbacks.Plasticity` or its shorthands
-    (``synapses=0.1``, ``units=0.5``, ``samples="lazy"``), not both.
+    (``synapses=0.1``, ``units=0.5``, ``samples="lazy"``, ``caching=Caching(...)``,
+    ``cost="sram"``), not both.
     ``targets``/``outputs``/``sample_ids`` are callables for batches and forward
     outputs outside the defaults (see :func:`default_targets`,
     :func:`~energy_callbacks.torch.default_logits`, :func:`default_sample_ids`).
@@ -91,6 +103,8 @@ class PlasticityCallback(Callback):
         synapses: SynapseRule | Sequence[SynapseRule] | float | None = None,
         units: UnitRule | float | None = None,
         samples: SampleGate | str | None = None,
+        caching: Caching | None = None,
+        cost: Cost | str | None = None,
         alpha: float = 1.0,
         targets: Callable[[Any], Any] | None = None,
         outputs: Callable[[Any], torch.Tensor] | None = None,
@@ -102,7 +116,13 @@ class PlasticityCallback(Callback):
         per_layer: bool = False,
     ) -> None:
         plasticity = from_shorthands(
-            plasticity, synapses=synapses, units=units, samples=samples, alpha=alpha
+            plasticity,
+            synapses=synapses,
+            units=units,
+            samples=samples,
+            alpha=alpha,
+            caching=caching,
+            cost=cost,
         )
         for name, fn in (("targets", targets), ("outputs", outputs), ("sample_ids", sample_ids)):
             if fn is not None and not callable(fn):
@@ -190,6 +210,10 @@ class PlasticityCallback(Callback):
             self._handle.load_state_dict(self._pending_state)
             self._pending_state = None
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._handle is not None and self.plasticity.caching is not None:
+            self._handle.consolidate()  # the end of fit consolidates the transient store
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._handle is not None:
             self._handle.detach()
@@ -260,9 +284,13 @@ class PlasticityCallback(Callback):
         }
         if seen:
             metrics["plasticity/samples_learned"] = learned / seen
+        full = report.metrics()
+        for key in EPOCH_EXTRA:  # caching and cost figures, when there are any
+            if key in full:
+                metrics[key] = full[key]
         if self.per_layer:
             metrics.update(
-                {f"plasticity/energy/{name}": e.m1 for name, e in report.per_layer.items()}
+                {f"plasticity/energy/{name}": e.energy for name, e in report.per_layer.items()}
             )
         # The values are equal on every rank by now; the mean over ranks keeps them.
         sync = _world_size() > 1

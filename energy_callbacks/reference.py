@@ -112,6 +112,8 @@ def train(
     batch in which no sample passes the gate changes nothing.
 
     The energy is the real weight change (``Plasticity.step(proposed, weights)``).
+    With synaptic caching the store's decay is written into the weights each step,
+    and the whole store is consolidated when training ends.
     ``on_batch(model, x, y, ids, gate, proposed, step)`` is called for every
     batch, seeing the weights from before the step (``proposed`` and ``step``
     are None for a gated-out batch); tests use it to check each step.
@@ -145,6 +147,8 @@ def train(
             accuracy = model.accuracy(x_test, y_test)
             history.append((seen, accuracy))
             reached = target_accuracy is not None and accuracy >= target_accuracy
+    if plasticity.caching is not None:
+        plasticity.consolidate()  # the end of fit consolidates everything
     return RunResult(
         plasticity.report(), seen, accuracy, reached, time.perf_counter() - start, history
     )

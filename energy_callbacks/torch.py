@@ -39,6 +39,11 @@ How it works:
   NumPy views; other devices and dtypes use torch ops, and their energy totals
   stay on the device until they are read (a report, a log): a step never waits
   for the device.
+- **Synaptic caching** (``Plasticity(caching=...)``): after the masked step,
+  the applied change enters the transient store and the store's decay is
+  added to the parameters, so the network uses ``w_c + w_e``. Call
+  :meth:`AttachedPlasticity.consolidate` when training ends (the Lightning
+  callback does, in ``on_train_end``).
 
 Limits: the gate needs the model's ``forward`` to be called with the batch
 (``model(x)``), and the loss to be made from that forward's output. Parameters
@@ -218,9 +223,10 @@ class AttachedPlasticity:
         elif self._probe is not None:
             self._probe.take()  # the wiring is known: drop this step's records
         snap, mine = entry
+        caching = self.plasticity.caching is not None
         if not self._use_numpy:
             self._step_on_device(snap, mine)
-        elif all(snap.fused) and self.plasticity.meter.alpha == 1.0:
+        elif all(snap.fused) and self.plasticity.meter.alpha == 1.0 and not caching:
             self._step_fused(snap, mine)
         else:
             self._step_numpy(snap, mine)
@@ -258,8 +264,23 @@ class AttachedPlasticity:
             proposed, check_finite=not restricts, displacement=False, totals=totals
         ):
             snap.settle(current)
+            if plasticity.caching is not None:
+                self._cache(snap, mine, proposed)
         else:
             snap.undo()
+
+    def _cache(self, snap: Snapshot, mine: list[int], applied: list[Any]) -> None:
+        """Synaptic caching: the applied changes enter the store; its decay goes into the
+        parameters (the next pre-hook then copies them afresh)."""
+        decay = self.plasticity.cache(applied)
+        with torch.no_grad():
+            for j, i in enumerate(mine):
+                d = decay[i]
+                if d is None:
+                    continue
+                p = self.params[i]
+                p.add_(torch.from_numpy(d) if self._use_numpy else d)
+                snap.current[j] = False
 
     def _step_fused(self, snap: Snapshot, mine: list[int]) -> None:
         """A step on fused tensors (alpha = 1): the rules see lazy differences, and one
@@ -312,6 +333,8 @@ class AttachedPlasticity:
             (~ok).to(torch.int64),
         )
         snap.settle([False] * len(mine))
+        if plasticity.caching is not None and bool(ok):  # caching reads its figures: one sync
+            self._cache(snap, mine, proposed)
 
     def sync(self) -> None:
         """Fold the weights' net change since the last sync into ``w_T - w_0``."""
@@ -336,8 +359,18 @@ class AttachedPlasticity:
     def energy(self) -> tuple[Any, Any]:
         """``(M1, M0)`` so far without waiting for the device: device scalars on the
         torch-ops path (read them when you log), floats otherwise."""
+        if self.plasticity.caching is not None:
+            return self.plasticity.totals()  # consolidation + maintenance, on the host
         pending = self.plasticity.meter.pending_totals()
         return pending if pending is not None else self.plasticity.meter.totals()
+
+    def consolidate(self) -> None:
+        """Synaptic caching: consolidate the whole transient store (the end of training).
+
+        The weights do not change (they hold ``w_c + w_e`` already); the store's
+        ``sum |w_e|`` is paid as consolidation energy. Needs ``Plasticity(caching=...)``.
+        """
+        self.plasticity.consolidate()
 
     def report(self) -> EnergyReport:
         self.sync()

@@ -54,6 +54,10 @@ class KerasOps:
         others = tuple(d for d in range(len(x.shape)) if d != axis)
         return ops.sum(ops.abs(x), axis=others) if others else ops.abs(x)
 
+    def row_max(self, x: Array, axis: int) -> Array:
+        others = tuple(d for d in range(len(x.shape)) if d != axis)
+        return ops.max(ops.abs(x), axis=others) if others else ops.abs(x)
+
     def top_k_mask(self, scores: Array, k: Any, largest: bool = True) -> Array:
         if len(scores.shape) != 2:
             raise ValueError(f"top_k_mask expects a 2-D array, got shape {scores.shape}")
@@ -101,6 +105,16 @@ class KerasOps:
 
     def logical_or(self, a: Array, b: Array) -> Array:
         return ops.logical_or(a, b)
+
+    def logical_not(self, a: Array) -> Array:
+        return ops.logical_not(a)
+
+    def add(self, a: Array, b: Array) -> Array:
+        return ops.add(a, b)
+
+    def scale(self, x: Array, factor: float) -> Array:
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        return ops.multiply(x, ops.convert_to_tensor(np.asarray(factor, dtype=dtype)))
 
     def ones_mask(self, shape: tuple[int, ...]) -> Array:
         return ops.ones(shape, dtype="bool")

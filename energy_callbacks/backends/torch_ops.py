@@ -59,6 +59,10 @@ class TorchOps:
         rows = x.detach().abs().double().movedim(axis, 0)
         return rows.reshape(rows.shape[0], -1).sum(1)
 
+    def row_max(self, x: Array, axis: int) -> Array:
+        rows = x.detach().abs().movedim(axis, 0)
+        return rows.reshape(rows.shape[0], -1).amax(1)
+
     def top_k_mask(self, scores: Array, k: Array | int, largest: bool = True) -> Array:
         if scores.dim() != 2:
             raise ValueError(f"top_k_mask expects a 2-D tensor, got shape {tuple(scores.shape)}")
@@ -107,6 +111,15 @@ class TorchOps:
 
     def logical_or(self, a: Array, b: Array) -> Array:
         return torch.logical_or(a, b)
+
+    def logical_not(self, a: Array) -> Array:
+        return torch.logical_not(a)
+
+    def add(self, a: Array, b: Array) -> Array:
+        return torch.add(a, b)
+
+    def scale(self, x: Array, factor: float) -> Array:
+        return x * torch.tensor(factor, dtype=x.dtype, device=x.device)
 
     def ones_mask(self, shape: tuple[int, ...]) -> Array:
         return torch.ones(shape, dtype=torch.bool, device=self.device)

@@ -5,7 +5,9 @@ Nothing here imports torch, keras, tensorflow or jax. Rules are written against
 (:data:`~energy_callbacks.core.ops.numpy_ops`) is the reference oracle.
 """
 
-from .energy import BIOLOGY_JOULES_PER_BIT, EnergyMeter, EnergyReport, LayerEnergy
+from .caching import Caching
+from .costs import BIOLOGY_JOULES_PER_BIT, PRESETS, Cost
+from .energy import EnergyMeter, EnergyReport, LayerEnergy
 from .ops import ArrayOps, NumpyOps, numpy_ops
 from .plasticity import GateResult, Plasticity, Step
 from .samples import Lazy, Margin, MemorizedMistakes, MistakeMemory, SampleGate
@@ -15,7 +17,10 @@ from .units import FixedSubnetwork, RandomUnits, TopUnits, UnitRule
 
 __all__ = [
     "BIOLOGY_JOULES_PER_BIT",
+    "PRESETS",
     "ArrayOps",
+    "Caching",
+    "Cost",
     "EnergyMeter",
     "EnergyReport",
     "FixedSubnetwork",

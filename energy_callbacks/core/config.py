@@ -5,7 +5,10 @@ dict of strings, numbers and lists (JSON-safe) that :func:`from_config` turns
 back into an equal rule. The Keras adapter stores it in a saved optimizer.
 
 Every rule is written as ``{"class": name, **its constructor arguments}``; the
-arguments are read back from the attributes of the same names.
+arguments are read back from the attributes of the same names. ``Caching`` and
+``Cost`` are written the same way (``tau=math.inf`` is the float ``inf``, which
+``json`` writes as ``Infinity``). Configs of earlier releases, with
+``joules_per_unit``/``cost_basis``, still load.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from .caching import Caching
+from .costs import Cost, legacy_cost
 from .plasticity import Plasticity
 from .samples import Lazy, Margin, MemorizedMistakes, SampleGate
 from .synapses import RandomSynapses, SynapseRule, Threshold, TopFraction
@@ -31,11 +36,13 @@ RULES: dict[str, type] = {
         Lazy,
         Margin,
         MemorizedMistakes,
+        Caching,
+        Cost,
     )
 }
 
 
-def rule_config(rule: SynapseRule | UnitRule | SampleGate) -> dict[str, Any]:
+def rule_config(rule: SynapseRule | UnitRule | SampleGate | Caching | Cost) -> dict[str, Any]:
     """``{"class": ..., **arguments}`` of one rule (nested gates become dicts)."""
     name = type(rule).__name__
     if RULES.get(name) is not type(rule):
@@ -74,20 +81,25 @@ def to_config(plasticity: Plasticity) -> dict[str, Any]:
         "synapses": [rule_config(r) for r in plasticity.synapses],
         "units": None if plasticity.units is None else rule_config(plasticity.units),
         "samples": None if plasticity.samples is None else rule_config(plasticity.samples),
+        "caching": None if plasticity.caching is None else rule_config(plasticity.caching),
+        "cost": None if plasticity.cost is None else rule_config(plasticity.cost),
         "alpha": plasticity.alpha,
-        "joules_per_unit": plasticity.joules_per_unit,
-        "cost_basis": plasticity.cost_basis,
     }
 
 
 def from_config(config: Mapping[str, Any]) -> Plasticity:
     """A fresh (not set up) :class:`Plasticity` from a :func:`to_config` dict."""
     units, samples = config.get("units"), config.get("samples")
+    caching, cost = config.get("caching"), config.get("cost")
+    if cost is None:  # a config of an earlier release
+        cost = legacy_cost(config.get("joules_per_unit"), config.get("cost_basis", "m1"))
+    elif isinstance(cost, Mapping) and "class" in cost:
+        cost = rule_from_config(cost)
     return Plasticity(
         synapses=[rule_from_config(r) for r in config.get("synapses", [])] or None,
         units=None if units is None else rule_from_config(units),
         samples=None if samples is None else rule_from_config(samples),
+        caching=None if caching is None else rule_from_config(caching),
+        cost=cost,
         alpha=config.get("alpha", 1.0),
-        joules_per_unit=config.get("joules_per_unit"),
-        cost_basis=config.get("cost_basis", "m1"),
     )

@@ -13,11 +13,11 @@ holds (up to float64 rounding). It equals ``sum |w_T - w_0|`` whenever every wei
 recorded (this costs one float64 copy of the parameters). Totals are float64,
 counts int64, whatever the parameter dtype.
 
-Cost in joules (optional): ``joules = joules_per_unit * (M1 or M0)``. Reference
-points: biological long-term memory costs about :data:`BIOLOGY_JOULES_PER_BIT`
-(10 mJ per bit, Girard, Jiang & van Rossum, arXiv:2301.09565); writing one
-weight to SRAM/DRAM costs on the order of 1e-12 to 1e-9 J, so give your own
-hardware's figure per update with ``cost_basis="m0"``.
+With synaptic caching (:mod:`~energy_callbacks.core.caching`) the report also
+carries the consolidation and maintenance energy; then ``energy`` is their sum,
+``updates`` the consolidation writes, and the inefficiency ``energy / M1_min``.
+The cost in joules (:mod:`~energy_callbacks.core.costs`) is added by
+:meth:`Plasticity.report <energy_callbacks.core.plasticity.Plasticity.report>`.
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ import numpy as np
 
 from .ops import Array, ArrayOps, numpy_ops
 from .topology import TensorSpec
-
-BIOLOGY_JOULES_PER_BIT = 10e-3
-"""About 10 mJ per bit of biological long-term memory (Girard et al. 2023)."""
-
-COST_BASES = ("m1", "m0")
 
 
 def _ratio(num: float, den: float) -> float:
@@ -57,11 +52,25 @@ class LayerEnergy:
     m_alpha: float
     m1_min: float
     m0_min: int
+    consolidation: float | None = None
+    maintenance: float | None = None
+    consolidations: int | None = None
+    transient: float | None = None
+
+    @property
+    def energy(self) -> float:
+        """The plasticity energy: M1, or consolidation + maintenance with caching."""
+        return _energy(self.m1, self.consolidation, self.maintenance)
+
+    @property
+    def updates(self) -> int:
+        """The synaptic updates: M0, or the consolidation writes with caching."""
+        return self.m0 if self.consolidations is None else self.consolidations
 
     @property
     def inefficiency(self) -> float:
-        """``m1 / m1_min``: NaN when nothing moved, inf when it moved and came back."""
-        return _ratio(self.m1, self.m1_min)
+        """``energy / m1_min``: NaN when nothing moved, inf when it moved and came back."""
+        return _ratio(self.energy, self.m1_min)
 
 
 @dataclass(frozen=True)
@@ -81,16 +90,51 @@ class EnergyReport:
     m_alpha: float = 0.0
     skipped_steps: int = 0
     joules: float | None = None
+    consolidation: float | None = None
+    """Synaptic caching only (else None): ``sum |w_e|`` at consolidation."""
+    maintenance: float | None = None
+    """Synaptic caching only: ``maintenance_cost * sum |w_e|`` summed over steps."""
+    consolidations: int | None = None
+    """Synaptic caching only: consolidation writes (synapses with ``w_e != 0``)."""
+    transient: float | None = None
+    """Synaptic caching only: ``sum |w_e|`` still in the store (0 after the end of fit)."""
+
+    @property
+    def caching(self) -> bool:
+        """True when the figures come from synaptic caching."""
+        return self.consolidation is not None
+
+    @property
+    def energy(self) -> float:
+        """``plasticity/energy``: M1, or consolidation + maintenance with caching."""
+        return _energy(self.m1, self.consolidation, self.maintenance)
+
+    @property
+    def updates(self) -> int:
+        """``plasticity/updates``: M0, or the consolidation writes with caching."""
+        return self.m0 if self.consolidations is None else self.consolidations
 
     def metrics(self, prefix: str = "plasticity", per_layer: bool = False) -> dict[str, float]:
-        """The figures under the logging keys both framework adapters use."""
+        """The figures under the logging keys both framework adapters use.
+
+        With caching, ``energy`` and ``updates`` are the cached figures, and
+        ``energy_consolidation``, ``energy_maintenance``, ``transient`` and the
+        figures of the updates themselves (``energy_uncached`` = M1,
+        ``updates_uncached`` = M0) are added.
+        """
         out = {
-            f"{prefix}/energy": self.m1,
-            f"{prefix}/updates": float(self.m0),
+            f"{prefix}/energy": self.energy,
+            f"{prefix}/updates": float(self.updates),
             f"{prefix}/energy_min": self.m1_min,
             f"{prefix}/updates_min": float(self.m0_min),
             f"{prefix}/inefficiency": self.inefficiency,
         }
+        if self.consolidation is not None:
+            out[f"{prefix}/energy_consolidation"] = self.consolidation
+            out[f"{prefix}/energy_maintenance"] = float(self.maintenance or 0.0)
+            out[f"{prefix}/energy_uncached"] = self.m1
+            out[f"{prefix}/updates_uncached"] = float(self.m0)
+            out[f"{prefix}/transient"] = float(self.transient or 0.0)
         if self.alpha != 1.0:
             out[f"{prefix}/energy_alpha"] = self.m_alpha
         if self.joules is not None:
@@ -99,7 +143,7 @@ class EnergyReport:
             out[f"{prefix}/samples_learned"] = self.samples_learned / self.samples_seen
         if per_layer:
             for name, layer in self.per_layer.items():
-                out[f"{prefix}/energy/{name}"] = layer.m1
+                out[f"{prefix}/energy/{name}"] = layer.energy
         return out
 
     def __str__(self) -> str:
@@ -107,6 +151,14 @@ class EnergyReport:
             f"M1 {self.m1:.4g}  M0 {self.m0:.4g}  M1_min {self.m1_min:.4g}  "
             f"M0_min {self.m0_min:.4g}  inefficiency {self.inefficiency:.3g}  steps {self.steps}"
         ]
+        if self.consolidation is not None:
+            lines.append(
+                f"caching: energy {self.energy:.4g} = consolidation {self.consolidation:.4g} "
+                f"+ maintenance {self.maintenance or 0.0:.4g}  writes {self.updates:.4g}  "
+                f"transient {self.transient or 0.0:.4g}"
+            )
+        if self.joules is not None:
+            lines.append(f"joules {self.joules:.4g}")
         for layer in self.per_layer.values():
             lines.append(
                 f"  {layer.name:<24} M1 {layer.m1:.4g}  M0 {layer.m0:.4g}  "
@@ -128,16 +180,11 @@ class EnergyMeter:
         tensors: Sequence[TensorSpec],
         alpha: float = 1.0,
         *,
-        joules_per_unit: float | None = None,
-        cost_basis: str = "m1",
         ops: ArrayOps = numpy_ops,
     ) -> None:
         check_alpha(alpha)
-        check_cost(joules_per_unit, cost_basis)
         self.tensors = tuple(tensors)
         self.alpha = float(alpha)
-        self.joules_per_unit = joules_per_unit
-        self.cost_basis = cost_basis
         self.ops = ops
         self.reset()
 
@@ -314,9 +361,6 @@ class EnergyMeter:
         m1 = float(self._m1.sum())
         m0 = int(self._m0.sum())
         m1_min = math.fsum(layer.m1_min for layer in per_layer.values())
-        joules = None
-        if self.joules_per_unit is not None:
-            joules = self.joules_per_unit * (m1 if self.cost_basis == "m1" else m0)
         return EnergyReport(
             m1=m1,
             m0=m0,
@@ -330,7 +374,6 @@ class EnergyMeter:
             alpha=self.alpha,
             m_alpha=float(self._m_alpha.sum()),
             skipped_steps=self.skipped_steps,
-            joules=joules,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -387,14 +430,7 @@ def check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be a finite number > 0 (1 gives M1), got {alpha!r}")
 
 
-def check_cost(joules_per_unit: float | None, cost_basis: str) -> None:
-    if cost_basis not in COST_BASES:
-        raise ValueError(f"cost_basis must be one of {COST_BASES}, got {cost_basis!r}")
-    if joules_per_unit is not None and not (
-        isinstance(joules_per_unit, (int, float))
-        and math.isfinite(joules_per_unit)
-        and joules_per_unit >= 0
-    ):
-        raise ValueError(
-            f"joules_per_unit must be a finite number >= 0 (or None), got {joules_per_unit!r}"
-        )
+def _energy(m1: float, consolidation: float | None, maintenance: float | None) -> float:
+    if consolidation is None:
+        return m1
+    return consolidation + (maintenance or 0.0)

@@ -43,6 +43,10 @@ class ArrayOps(Protocol):
         """L1 norm of every slice along ``axis`` (float64, shape ``(x.shape[axis],)``)."""
         ...
 
+    def row_max(self, x: Array, axis: int) -> Array:
+        """Largest ``|x|`` of every slice along ``axis`` (x's dtype, shape ``(x.shape[axis],)``)."""
+        ...
+
     def top_k_mask(self, scores: Array, k: Array | int, largest: bool = True) -> Array:
         """Mask of the ``k`` largest (or smallest) entries of every row of a 2-D array.
 
@@ -79,6 +83,16 @@ class ArrayOps(Protocol):
     def logical_and(self, a: Array, b: Array) -> Array: ...
 
     def logical_or(self, a: Array, b: Array) -> Array: ...
+
+    def logical_not(self, a: Array) -> Array: ...
+
+    def add(self, a: Array, b: Array) -> Array:
+        """``a + b`` elementwise, a new array in the promoted dtype of both."""
+        ...
+
+    def scale(self, x: Array, factor: float) -> Array:
+        """``x * factor``, with ``factor`` rounded to x's dtype first (a new array)."""
+        ...
 
     def ones_mask(self, shape: tuple[int, ...]) -> Array: ...
 
@@ -174,6 +188,12 @@ class NumpyOps:
         out: np.ndarray = np.add.reduce(a, axis=others, dtype=np.float64)
         return out
 
+    def row_max(self, x: Array, axis: int) -> Array:
+        a = np.abs(np.asarray(x))
+        others = tuple(d for d in range(a.ndim) if d != axis)
+        out: np.ndarray = np.max(a, axis=others) if others else a
+        return out
+
     def top_k_mask(self, scores: Array, k: Array | int, largest: bool = True) -> Array:
         s = np.asarray(scores)
         if s.ndim != 2:
@@ -221,6 +241,16 @@ class NumpyOps:
 
     def logical_or(self, a: Array, b: Array) -> Array:
         return np.logical_or(a, b)
+
+    def logical_not(self, a: Array) -> Array:
+        return np.logical_not(a)
+
+    def add(self, a: Array, b: Array) -> Array:
+        return np.add(a, b)
+
+    def scale(self, x: Array, factor: float) -> Array:
+        x = np.asarray(x)
+        return np.multiply(x, x.dtype.type(factor))
 
     def ones_mask(self, shape: tuple[int, ...]) -> Array:
         return np.ones(shape, dtype=bool)

@@ -14,30 +14,31 @@ Example (NumPy, a 3-2 layer)::
 Order of the rules: the unit rule first, then each synapse rule in turn. Each
 rule ranks the proposals left by the ones before it (dropped entries count as
 zero), and the final mask is the AND of all masks. So ``units=0.5,
-synapses=0.1`` keeps the largest updates *within* the selected units.
+synapses=0.1`` keeps the largest updates *within* the selected units. Synaptic
+caching (``caching=``) comes last: the masked, applied update enters its
+transient store (:mod:`energy_callbacks.core.caching`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .energy import EnergyMeter, EnergyReport, check_alpha, check_cost
+from .caching import Caching
+from .costs import Cost, legacy_cost
+from .energy import EnergyMeter, EnergyReport, check_alpha
 from .ops import Array, ArrayOps, numpy_ops
-from .samples import Lazy, MemorizedMistakes, SampleGate
-from .synapses import Masks, SynapseRule, TopFraction
+from .samples import SampleGate
+from .shorthands import sample_gate, synapse_rules, unit_rule
+from .synapses import Masks, SynapseRule
 from .targets import IGNORE_INDEX, class_targets, owners
 from .topology import TensorSpec, Topology
-from .units import TopUnits, UnitRule
-
-SAMPLE_SHORTHANDS = {
-    "lazy": Lazy,
-    "mistakes": MemorizedMistakes,
-    "memorized_mistakes": MemorizedMistakes,
-}
+from .units import UnitRule
 
 STATE_VERSION = 1
 
@@ -45,11 +46,13 @@ STATE_VERSION = 1
 @dataclass(frozen=True)
 class Step:
     """What :meth:`Plasticity.step` did: the masks (None = kept all), the applied
-    updates (None where nothing was proposed) and whether the step was skipped."""
+    updates (None where nothing was proposed), whether the step was skipped, and
+    with caching the decay of the transient store (None where there was none)."""
 
     masks: Masks
     applied: list[Array | None]
     skipped: bool = False
+    decay: list[Array | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,14 @@ class Plasticity:
       or a float ``p`` meaning ``TopFraction(p)``.
     - ``units``: a :class:`UnitRule`, or a float ``q`` meaning ``TopUnits(q)``.
     - ``samples``: a :class:`SampleGate`, or ``"lazy"`` / ``"mistakes"``.
+    - ``caching``: a :class:`~energy_callbacks.core.caching.Caching` store in
+      front of the weights (then ``energy`` = consolidation + maintenance).
+    - ``cost``: joules per unit of ``|dw|`` or per update, reported as
+      ``plasticity/joules``: a :class:`~energy_callbacks.core.costs.Cost`, a
+      preset (``"biology"``, ``"sram"``, ``"dram"``) or ``{"joules": J, "per": ...}``.
     - ``alpha``: exponent of ``M_alpha`` (> 0; M1 is always reported too).
-    - ``joules_per_unit`` and ``cost_basis`` (``"m1"`` or ``"m0"``): report a cost.
+    - ``joules_per_unit`` / ``cost_basis``: deprecated, ``cost=Cost(J, per="unit"
+      | "update")`` replaces them (``"m1"`` is per unit, ``"m0"`` per update).
 
     Call :meth:`setup` with the network's tensors before the first step.
     """
@@ -87,19 +96,38 @@ class Plasticity:
         units: UnitRule | float | None = None,
         samples: SampleGate | str | None = None,
         *,
+        caching: Caching | None = None,
+        cost: Cost | str | Mapping[str, Any] | None = None,
         alpha: float = 1.0,
         joules_per_unit: float | None = None,
         cost_basis: str = "m1",
         ops: ArrayOps = numpy_ops,
     ) -> None:
         check_alpha(alpha)
-        check_cost(joules_per_unit, cost_basis)
-        self.synapses = _synapse_rules(synapses)
-        self.units = _unit_rule(units)
-        self.samples = _sample_gate(samples)
+        if joules_per_unit is not None or cost_basis != "m1":
+            if cost is not None:
+                raise ValueError(
+                    "Plasticity: give cost=Cost(...) or the deprecated joules_per_unit=/"
+                    "cost_basis=, not both"
+                )
+            warnings.warn(
+                "Plasticity(joules_per_unit=, cost_basis=) is deprecated: use "
+                "cost=Cost(joules, per='unit') (for 'm1') or per='update' (for 'm0')",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            cost = legacy_cost(joules_per_unit, cost_basis)
+        if caching is not None and not isinstance(caching, Caching):
+            raise TypeError(
+                f"caching must be a Caching(theta, tau, maintenance_cost, scope=...) or None, "
+                f"got {caching!r}"
+            )
+        self.synapses = synapse_rules(synapses)
+        self.units = unit_rule(units)
+        self.samples = sample_gate(samples)
+        self.caching = caching
+        self.cost = Cost.from_value(cost)
         self.alpha = float(alpha)
-        self.joules_per_unit = joules_per_unit
-        self.cost_basis = cost_basis
         self.ops = ops
         self._topology: Topology | None = None
         self._meter: EnergyMeter | None = None
@@ -109,9 +137,14 @@ class Plasticity:
         self.samples_learned = 0
 
     def __repr__(self) -> str:
+        extra = "".join(
+            f", {name}={value!r}"
+            for name, value in (("caching", self.caching), ("cost", self.cost))
+            if value is not None
+        )
         return (
             f"Plasticity(synapses={self.synapses!r}, units={self.units!r}, "
-            f"samples={self.samples!r}, alpha={self.alpha})"
+            f"samples={self.samples!r}{extra}, alpha={self.alpha})"
         )
 
     @property
@@ -154,13 +187,9 @@ class Plasticity:
             rule.setup(topology)
         self._topology = topology
         self._ranked_buffers = {}
-        self._meter = EnergyMeter(
-            topology.tensors,
-            self.alpha,
-            joules_per_unit=self.joules_per_unit,
-            cost_basis=self.cost_basis,
-            ops=self.ops,
-        )
+        self._meter = EnergyMeter(topology.tensors, self.alpha, ops=self.ops)
+        if self.caching is not None:
+            self.caching.setup(topology, self.ops)
         return self
 
     def rebind(
@@ -183,6 +212,8 @@ class Plasticity:
         self.meter.rebind(topology.tensors, ops)
         if ops is not None:
             self.ops = ops
+        if self.caching is not None:
+            self.caching.rebind(topology, self.ops)
         self._topology = topology
         self._ranked_buffers = {}
         return self
@@ -280,6 +311,10 @@ class Plasticity:
 
         A step whose proposals hold NaN/Inf is skipped: nothing is applied or
         counted, a RuntimeWarning is issued and ``report().skipped_steps`` grows.
+
+        With caching, the applied updates then enter the transient store; its decay
+        is added to ``weights`` (and returned in ``Step.decay`` for callers
+        without weights, who must add it themselves).
         """
         ops = self.ops
         if not all(dw is None or ops.isfinite_all(dw) for dw in proposed):
@@ -298,7 +333,14 @@ class Plasticity:
             ]
         self.step_count += 1
         self.meter.record(applied, check_finite=False)
-        return Step(masks, applied)
+        if self.caching is None:
+            return Step(masks, applied)
+        decay = self.cache(applied)
+        for i, d in enumerate(decay):
+            if d is not None:
+                real = d if weights is None else ops.apply_update(weights[i], d)
+                self.meter.add_displacement(i, real)
+        return Step(masks, applied, decay=decay)
 
     def record(
         self,
@@ -319,8 +361,44 @@ class Plasticity:
             applied, check_finite=check_finite, displacement=displacement, totals=totals
         )
 
+    def cache(self, applied: Sequence[Array | None]) -> list[Array | None]:
+        """Synaptic caching after :meth:`record`: the step's applied changes (None for
+        tensors not stepped) enter the transient store.
+
+        Returns per tensor the decay's change to the weights (None: none), which the
+        caller adds to them (the network uses ``w_c + w_e``). Needs ``caching=``.
+        """
+        return self._caching("cache").step(applied)
+
+    def consolidate(self) -> None:
+        """Consolidate the whole transient store, as at the end of fit. Needs ``caching=``."""
+        self._caching("consolidate").consolidate()
+
+    def _caching(self, what: str) -> Caching:
+        if self.caching is None:
+            raise RuntimeError(
+                f"Plasticity.{what}(): this Plasticity has no synaptic caching; pass "
+                "caching=Caching(theta, tau, maintenance_cost) to use it"
+            )
+        return self.caching
+
+    def totals(self) -> tuple[float, int]:
+        """``(plasticity/energy, plasticity/updates)`` so far, cheap enough for every step:
+        ``(M1, M0)``, or with caching ``(consolidation + maintenance, writes)``."""
+        if self.caching is not None:
+            return self.caching.totals()
+        return self.meter.totals()
+
     def report(self) -> EnergyReport:
-        return self.meter.report(self.samples_seen, self.samples_learned)
+        """The energy so far: the meter's figures, the caching figures and the joules."""
+        report = self.meter.report(self.samples_seen, self.samples_learned)
+        if self.caching is not None:
+            report = self.caching.annotate(report)
+        if self.cost is not None:
+            report = dataclasses.replace(
+                report, joules=self.cost.joules_for(report.energy, report.updates)
+            )
+        return report
 
     # -- checkpointing -----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -332,6 +410,7 @@ class Plasticity:
             "samples_learned": self.samples_learned,
             "energy": self.meter.state_dict(),
             "samples": self.samples.state_dict() if self.samples is not None else {},
+            "caching": self.caching.state_dict() if self.caching is not None else {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -340,7 +419,16 @@ class Plasticity:
                 f"Plasticity.load_state_dict: state version {state.get('version')!r} is not "
                 f"{STATE_VERSION}; it was written by another energy_callbacks release"
             )
+        saved_caching = state.get("caching") or {}
+        if (self.caching is not None) != bool(saved_caching):
+            raise ValueError(
+                "Plasticity.load_state_dict: the state was saved "
+                f"{'with' if saved_caching else 'without'} synaptic caching and this "
+                f"Plasticity has caching={self.caching!r}; resume with the same rules"
+            )
         self.meter.load_state_dict(state["energy"])
+        if self.caching is not None:
+            self.caching.load_state_dict(saved_caching)
         if self.samples is not None:
             self.samples.load_state_dict(state["samples"])
         self.step_count = int(state["step_count"])
@@ -356,59 +444,22 @@ def from_shorthands(
     samples: Any = None,
     alpha: float = 1.0,
     owner: str = "PlasticityCallback",
+    caching: Caching | None = None,
+    cost: Any = None,
 ) -> Plasticity:
     """``plasticity``, or a new one from the shorthands; refuses both at once.
 
     The framework callbacks take either a ready :class:`Plasticity` or the shorthand
     arguments; this is their shared check.
     """
-    shorthand = synapses is not None or units is not None or samples is not None
+    shorthand = any(v is not None for v in (synapses, units, samples, caching, cost))
     if plasticity is not None and (shorthand or alpha != 1.0):
         raise ValueError(
             f"{owner}: give plasticity=Plasticity(...) or the shorthands "
-            "synapses=/units=/samples=/alpha=, not both"
+            "synapses=/units=/samples=/caching=/cost=/alpha=, not both"
         )
     if plasticity is None:
-        return Plasticity(synapses=synapses, units=units, samples=samples, alpha=alpha)
+        return Plasticity(
+            synapses=synapses, units=units, samples=samples, caching=caching, cost=cost, alpha=alpha
+        )
     return plasticity
-
-
-def _synapse_rules(value: Any) -> list[SynapseRule]:
-    if value is None:
-        return []
-    if isinstance(value, SynapseRule):
-        return [value]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [TopFraction(value)]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, SynapseRule) for v in value):
-        return list(value)
-    raise ValueError(
-        f"synapses must be a fraction in (0, 1] (TopFraction), a SynapseRule such as "
-        f"TopFraction/Threshold/RandomSynapses, or a list of them; got {value!r}"
-    )
-
-
-def _unit_rule(value: Any) -> UnitRule | None:
-    if value is None or isinstance(value, UnitRule):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return TopUnits(value)
-    raise ValueError(
-        f"units must be a fraction in (0, 1] (TopUnits), or a UnitRule such as "
-        f"TopUnits(k=...)/FixedSubnetwork/RandomUnits; got {value!r}"
-    )
-
-
-def _sample_gate(value: Any) -> SampleGate | None:
-    if value is None or isinstance(value, SampleGate):
-        return value
-    if isinstance(value, str):
-        gate: SampleGate
-        key = value.strip().lower().replace("-", "_")
-        if key in SAMPLE_SHORTHANDS:
-            gate = SAMPLE_SHORTHANDS[key]()
-            return gate
-    raise ValueError(
-        f"samples must be one of {sorted(SAMPLE_SHORTHANDS)} or a SampleGate such as "
-        f"Lazy()/Margin(0.9)/MemorizedMistakes(); got {value!r}"
-    )

@@ -7,7 +7,8 @@ Experiments (each trains through :class:`energy_callbacks.lightning.PlasticityCa
 - ``combined``: units + synapses (+ lazy / mistakes) against backprop at N = 1000;
 - ``lazy``: lazy learning against backprop (accuracy vs time and updates);
 - ``mistakes``: memorized mistakes vs lazy vs backprop, plain and class-incremental;
-- ``frameworks``: one small configuration through Lightning and Keras (TensorFlow).
+- ``frameworks``: one small configuration through Lightning and Keras (TensorFlow);
+- ``caching``: synaptic caching against consolidating every update, at equal accuracy.
 
 Each writes ``<out>/<experiment>.csv`` (one row per run; a rerun skips the runs
 already there), ``<experiment>_curves.csv`` (the test points), ``<experiment>.md``
@@ -19,13 +20,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Experiment
+from .caching import EXPERIMENTS as _CACHING
 from .config import Config, Data, load_data
 from .frameworks import EXPERIMENTS as _FRAMEWORKS
 from .gating import EXPERIMENTS as _GATING
 from .runner import Sweep
 from .sweep import EXPERIMENTS as _SWEEP
 
-EXPERIMENTS: dict[str, type[Experiment]] = {e.name: e for e in (*_SWEEP, *_GATING, *_FRAMEWORKS)}
+EXPERIMENTS: dict[str, type[Experiment]] = {
+    e.name: e for e in (*_SWEEP, *_GATING, *_FRAMEWORKS, *_CACHING)
+}
 
 __all__ = ["EXPERIMENTS", "Config", "Data", "Experiment", "load_data", "reproduce"]
 
@@ -39,6 +43,6 @@ def reproduce(
     experiment = EXPERIMENTS[name](config)
     experiment.preflight()
     experiment.load(data if data is not None else load_data(config))
-    sweep = Sweep(config.out, name)
+    sweep = Sweep(config.out, name, experiment.columns)
     rows = sweep.run(experiment.specs(), experiment.execute, show_progress=show_progress)
     return experiment.summarize(rows, config.out), sweep.csv

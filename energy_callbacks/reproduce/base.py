@@ -17,7 +17,7 @@ import torch
 from .config import Config, Data
 from .paper import fit_paper
 from .rules import get_rule
-from .runner import RunResult, RunSpec
+from .runner import COLUMNS, RunResult, RunSpec
 
 QUICK_TRAIN, QUICK_TEST = 5000, 1000
 
@@ -27,6 +27,8 @@ class Experiment(ABC):
 
     name: str = ""
     help: str = ""
+    columns: tuple[str, ...] = COLUMNS
+    """The CSV columns of its rows (the shared ones, unless an experiment adds some)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config

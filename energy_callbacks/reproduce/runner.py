@@ -138,14 +138,15 @@ def quiet_lightning() -> Iterator[None]:
 class Sweep:
     """The runs of one experiment in ``out``: what is done, and running the rest."""
 
-    def __init__(self, out: Path, experiment: str) -> None:
+    def __init__(self, out: Path, experiment: str, columns: Sequence[str] = COLUMNS) -> None:
         self.out = Path(out)
         self.experiment = experiment
+        self.columns = tuple(columns)
         self.csv = self.out / f"{experiment}.csv"
         self.curves_csv = self.out / f"{experiment}_curves.csv"
 
     def rows(self) -> list[dict[str, Any]]:
-        return read_table(self.csv, COLUMNS)
+        return read_table(self.csv, self.columns)
 
     def curves(self) -> dict[str, Curve]:
         curves: dict[str, Curve] = {}
@@ -216,7 +217,7 @@ class Sweep:
                             )
                         ),
                     )
-                append_rows(self.csv, COLUMNS, [row])  # the row last: it marks the run done
+                append_rows(self.csv, self.columns, [row])  # the row last: it marks the run done
                 progress.advance(task)
                 if show_progress and not console.is_terminal:  # a log file: one line per run
                     console.print(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from energy_callbacks import (
+    Cost,
     FixedSubnetwork,
     Lazy,
     Margin,
@@ -78,8 +79,9 @@ def test_shorthands():
         (lambda: Plasticity(synapses=2.0), "TopFraction.p"),
         (lambda: Plasticity(units=100), "TopUnits.q"),
         (lambda: Plasticity(units="half"), "units must be"),
-        (lambda: Plasticity(joules_per_unit=-1.0), "joules_per_unit"),
-        (lambda: Plasticity(cost_basis="m2"), "cost_basis"),
+        (lambda: Plasticity(cost={"joules": -1.0}), "Cost.joules"),
+        (lambda: Plasticity(cost={"joules": 1.0, "per": "bit"}), "Cost.per"),
+        (lambda: Plasticity(cost="flash"), "unknown preset 'flash'"),
     ],
 )
 def test_bad_configuration_names_the_field(make, field):
@@ -185,7 +187,7 @@ def test_state_dict_of_fewer_tensors_loads_into_a_grown_network():
 
 
 def test_report_metrics_and_cost():
-    rule = Plasticity(alpha=2.0, joules_per_unit=1e-3, cost_basis="m0").setup(Topology.mlp([2, 2]))
+    rule = Plasticity(alpha=2.0, cost=Cost(1e-3, per="update")).setup(Topology.mlp([2, 2]))
     rule.gate(np.eye(2), np.array([0, 0]))
     rule.step([np.array([[0.5, 0.0], [0.0, -0.25]]), np.array([0.0, 0.0])])
     rule.step([np.array([[-0.5, 0.0], [0.0, 0.0]]), None])

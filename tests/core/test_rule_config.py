@@ -1,11 +1,14 @@
 """Rules as plain data: to_config/from_config round-trips, and clear errors."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from energy_callbacks.core import (
+    Caching,
+    Cost,
     FixedSubnetwork,
     Lazy,
     Margin,
@@ -27,12 +30,13 @@ CASES = [
         synapses=[TopFraction(0.05, equal_count=True), Threshold(1e-4)],
         units=TopUnits(k=7, path=True, largest=False),
         samples=MemorizedMistakes(Margin(0.8, from_logits=False), capacity=1000),
-        joules_per_unit=2.5,
-        cost_basis="m0",
+        cost=Cost(2.5, per="update"),
     ),
     Plasticity(synapses=RandomSynapses(0.2, seed=3), units=FixedSubnetwork(4, seed=1)),
     Plasticity(synapses=TopFraction(0.1, per_unit=True), units=RandomUnits(0.3, seed=2)),
     Plasticity(synapses=TopFraction(0.1, approximate=True), samples=Lazy()),
+    Plasticity(synapses=0.2, caching=Caching(0.01, 50.0, 1e-3, scope="layer_sum"), cost="sram"),
+    Plasticity(caching=Caching(0.5, math.inf, 0.0), cost=Cost(1e-9, per="unit", name="mine")),
 ]
 
 

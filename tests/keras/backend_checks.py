@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scenarios import PAPER_RULES
+from scenarios import CACHING_RULES, PAPER_RULES
 
 M1_RTOL = 1e-6
 
@@ -120,3 +120,41 @@ def test_totals_stay_exact_over_1e5_steps(results):
     # the issue asks for 1e-6 relative over 1e5 steps; float32 alone drifts far beyond
     assert r["two_sum_rel_error"] < 1e-7 < 1e-6 < r["naive_rel_error"]
     assert r["count"] == r["count_exact"] > 2**35  # beyond int32, exactly
+
+
+@pytest.mark.parametrize("rule", list(CACHING_RULES))
+def test_caching_matches_the_numpy_reference(results, rule):
+    """The store, its decay and the consolidation in-graph equal the NumPy core."""
+    r = results["caching"][rule]
+    keras_, oracle = r["keras"], r["oracle"]
+    for key in ("updates", "m0", "steps", "learned"):
+        assert keras_[key] == oracle[key], key
+    assert keras_["transient"] == 0.0 == oracle["transient"]  # on_train_end consolidated
+    assert keras_["energy"] == pytest.approx(oracle["energy"], rel=1e-6)
+    for key in ("consolidation", "maintenance"):
+        assert keras_[key] == pytest.approx(oracle[key], abs=1e-6 * oracle["energy"]), key
+    assert keras_["energy"] < keras_["m1"]
+    assert keras_["joules"] == oracle["joules"]
+    assert r["max_weight_diff"] < 1e-5
+
+
+def test_caching_resumes_exactly_from_a_checkpoint(results):
+    r = results["caching_resume"]
+    straight, resumed = r["straight"], r["checkpoint"]
+    assert r["loaded_store"] > 0  # the checkpoint carried a transient store
+    for key in ("m0", "updates", "steps", "seen", "learned", "flagged"):
+        assert resumed[key] == straight[key], key
+    for key in ("m1", "energy", "consolidation", "maintenance"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-12), key
+    for a, b in zip(resumed["weights"], straight["weights"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_caching_logs(results):
+    r = results["caching_resume"]
+    for key in ("plasticity/energy_consolidation", "plasticity/energy_maintenance"):
+        assert key in r["history"], key
+    energy = r["batch_energy"]
+    assert energy == sorted(energy) and energy[-1] == pytest.approx(r["epoch_energy"][-1])
+    # the end of fit consolidates what the store still held: the report adds it
+    assert r["straight"]["energy"] > r["epoch_energy"][-1]

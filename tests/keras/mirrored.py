@@ -19,9 +19,12 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 import numpy as np  # noqa: E402
 from scenarios import compile_small, fit_small_twice, small_model  # noqa: E402
 
+from energy_callbacks.core import Caching  # noqa: E402
+
 RULES = {  # name: (rule, whether the lazy gate skips the first step)
     "masked": (dict(units=0.5, synapses=0.2, samples="mistakes"), False),
     "measure only": (dict(samples="lazy"), True),  # the skipped step is restored, not masked
+    "caching": (dict(synapses=0.2, samples="lazy", caching=Caching(0.1, 10.0, 1e-3)), True),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import sys
 import tempfile
@@ -18,7 +19,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from energy_callbacks.core import FixedSubnetwork, Plasticity, TopFraction, Topology, TopUnits
+from energy_callbacks.core import (
+    Caching,
+    FixedSubnetwork,
+    Plasticity,
+    TopFraction,
+    Topology,
+    TopUnits,
+)
 from energy_callbacks.data import load_digits, paper_inputs
 from energy_callbacks.keras import PlasticityCallback, PlasticityOptimizer
 from energy_callbacks.keras_optimizer import describe
@@ -58,6 +66,12 @@ def report_dict(report) -> dict[str, float]:
         "skipped": report.skipped_steps,
         "seen": report.samples_seen,
         "learned": report.samples_learned,
+        "energy": report.energy,
+        "updates": report.updates,
+        "consolidation": report.consolidation,
+        "maintenance": report.maintenance,
+        "transient": report.transient,
+        "joules": report.joules,
     }
 
 
@@ -85,16 +99,18 @@ def paper_oracle(ref: PaperMLP, rule: dict, x, y, order, lr=0.01):
         if not gate.any:
             continue
         plasticity.step([-lr * g for g in ref.gradients(x[ids], eye[y[ids]])], ref.params)
+    if plasticity.caching is not None:
+        plasticity.consolidate()  # as the callback's on_train_end
     return plasticity.report()
 
 
-def scenario_paper() -> None:
+def scenario_paper(rules: dict | None = None, key: str = "paper") -> None:
     ds = load_digits(seed=0)
     x, mean = paper_inputs(ds.train.images)
     y = ds.train.labels
     order = np.random.default_rng(1).integers(0, len(x), 150)
     out = {}
-    for name, rule in PAPER_RULES.items():
+    for name, rule in (rules or PAPER_RULES).items():
         ref = PaperMLP(64, 30, 10, seed=3)
         model = paper_model(ref)
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss=paper_loss)
@@ -116,7 +132,7 @@ def scenario_paper() -> None:
             "oracle": report_dict(expected),
             "max_weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(got, ref.params)),
         }
-    RESULTS["paper"] = out
+    RESULTS[key] = out
 
 
 # -- 2. batched Adam, replayed by hand with the NumPy masks ----------------------
@@ -171,6 +187,7 @@ def fit_small_twice(model, rule: dict, skip_first: bool = False) -> tuple[dict, 
     rep = cb.report()
     summary = {
         "m1": rep.m1,
+        "energy": rep.energy,
         "m0": rep.m0,
         "steps": rep.steps,
         "seen": rep.samples_seen,
@@ -250,7 +267,7 @@ class Interrupt(keras.callbacks.Callback):
 
 def fit_resume(model, callbacks, epochs, initial_epoch=0):
     x, y = small_data()
-    model.fit(
+    return model.fit(
         {"features": x, "index": np.arange(len(x))},
         y,
         batch_size=8,
@@ -477,6 +494,46 @@ def scenario_accumulators() -> None:
     }
 
 
+# -- 7. synaptic caching: the paper MLP against the NumPy reference; resume; logs -------
+CACHING_RULES = {
+    "synapse, decay": dict(caching=Caching(0.004, 40.0, 1e-3), cost="sram"),
+    "layer_max + top 10%": dict(synapses=0.1, caching=Caching(0.01, 25.0, 1e-4, "layer_max")),
+    "layer_sum + path": dict(
+        units=TopUnits(0.2, path=True), caching=Caching(0.5, math.inf, 1e-3, "layer_sum")
+    ),
+    "lazy + synapse": dict(samples="lazy", caching=Caching(0.004, 10.0, 1e-3)),
+}
+CACHING_RESUME = dict(synapses=0.3, samples="mistakes", caching=Caching(0.2, 30.0, 1e-3))
+
+
+def scenario_caching(tmp: str) -> None:
+    scenario_paper(CACHING_RULES, "caching")
+
+    straight = small_model()
+    compile_small(straight)
+    cb = PlasticityCallback(**copy.deepcopy(CACHING_RESUME))
+    batches = BatchLogs()
+    history = fit_resume(straight, [cb, batches], 2)
+    out = {"straight": summary(cb, straight) | report_dict(cb.report())}
+    out["history"] = sorted(history.history)
+    out["batch_energy"] = batches.energy
+    out["epoch_energy"] = history.history["plasticity/energy"]
+
+    path = os.path.join(tmp, "caching.keras")
+    first = small_model()
+    compile_small(first)
+    cb1 = PlasticityCallback(**copy.deepcopy(CACHING_RESUME))
+    fit_resume(first, [cb1, keras.callbacks.ModelCheckpoint(path)], 1)
+    loaded = keras.models.load_model(path, custom_objects={"paper_loss": paper_loss})
+    out["loaded_store"] = float(
+        sum(np.abs(s).sum() for s in loaded.optimizer.caching_state()["store"])
+    )
+    cb2 = PlasticityCallback(**copy.deepcopy(CACHING_RESUME))
+    fit_resume(loaded, [cb2], 2, initial_epoch=1)
+    out["checkpoint"] = summary(cb2, loaded) | report_dict(cb2.report())
+    RESULTS["caching_resume"] = out
+
+
 def main() -> None:
     out_path = sys.argv[1]
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
@@ -488,6 +545,7 @@ def main() -> None:
             ("misc", lambda: scenario_misc(tmp)),
             ("selection", scenario_selection),
             ("accumulators", scenario_accumulators),
+            ("caching", lambda: scenario_caching(tmp)),
         ]:
             if only is None or name in only:
                 fn()

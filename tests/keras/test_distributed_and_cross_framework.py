@@ -36,10 +36,14 @@ def test_mirrored_strategy_matches_one_device():
         assert r["weight_diff"] < 1e-6, name
         # energy and steps are counted once, not per replica; sample counts are summed
         assert multi["m1"] == pytest.approx(single["m1"], rel=1e-6), name
+        assert multi["energy"] == pytest.approx(single["energy"], rel=1e-6), name
         for key in ("m0", "steps", "seen", "learned", "flagged"):
             assert multi[key] == single[key], (name, key)
         assert multi["seen"] == 256, name
-    assert multi["steps"] == 15  # measure only: the lazy gate skipped one step
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["measure only"]["mirrored"]["steps"] == 15  # the lazy gate skipped one step
+    caching = r["caching"]["mirrored"]
+    assert caching["steps"] == 15 and caching["energy"] < caching["m1"]
 
 
 def test_jax_data_parallel_matches_one_device():
