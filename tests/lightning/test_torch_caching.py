@@ -228,16 +228,19 @@ def test_logs_the_caching_figures(tmp_path, loader):
         rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
     keys = set().union(*rows)
     for key in (
-        "plasticity/energy",
+        "plasticity/energy_step",
+        "plasticity/energy_epoch",
         "plasticity/energy_consolidation",
         "plasticity/energy_maintenance",
         "plasticity/joules",
     ):
         assert key in keys, key
     (epoch,) = [r for r in rows if "plasticity/energy_consolidation" in r]
-    step_energy = [r["plasticity/energy"] for r in rows if "plasticity/energy" in r]
+    step_energy = [r["plasticity/energy_step"] for r in rows if "plasticity/energy_step" in r]
     total = epoch["plasticity/energy_consolidation"] + epoch["plasticity/energy_maintenance"]
     assert step_energy[-1] <= total * (1 + 1e-6)  # the cached energy, growing
+    (epoch_energy,) = [r["plasticity/energy_epoch"] for r in rows if "plasticity/energy_epoch" in r]
+    assert epoch_energy == pytest.approx(total, rel=1e-6)
     assert step_energy == sorted(step_energy) and len(step_energy) == 3
 
 
