@@ -279,14 +279,11 @@ class PlasticityCallback(Callback):
         p.samples_seen = self._epoch_start[0] + int(delta[0])
         p.samples_learned = self._epoch_start[1] + int(delta[1])
         memory = getattr(p.samples, "memory", None)
-        if memory is not None:
-            size = torch.tensor([memory.size], dtype=torch.int64, device=device)
-            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
-            flags = np.zeros(int(size), dtype=np.uint8)
-            flags[memory.flagged()] = 1
-            shared = torch.from_numpy(flags).to(device)
-            torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
-            memory.set(np.flatnonzero(shared.cpu().numpy()))
+        if memory is not None:  # the packed memories (12.5 MB for 1e8 ids), ORed together
+            states: list[Any] = [None] * _world_size()
+            torch.distributed.all_gather_object(states, memory.state_dict())
+            for state in states:
+                memory.merge(state)
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
