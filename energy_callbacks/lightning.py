@@ -12,10 +12,11 @@ Logged keys (the Keras adapter uses the same ones):
   and ``..._epoch`` columns (Lightning throttles logger writes by its
   ``log_every_n_steps``), and ``trainer.callback_metrics`` always holds
   ``plasticity/energy``, so ``EarlyStopping``/``ModelCheckpoint`` can monitor it;
-- ``plasticity/energy_min``, ``plasticity/inefficiency`` and
-  ``plasticity/samples_learned`` (the share of this epoch's samples that
-  passed the gate) at epoch end, with ``plasticity/energy/<tensor>`` when
-  ``per_layer=True``.
+- ``plasticity/energy_min``, ``plasticity/inefficiency``,
+  ``plasticity/skipped_steps`` (steps undone for NaN/Inf, or skipped by the
+  16-mixed GradScaler, so far) and ``plasticity/samples_learned`` (the share of
+  this epoch's samples that passed the gate) at epoch end, with
+  ``plasticity/energy/<tensor>`` when ``per_layer=True``.
 
 The mechanism is :mod:`energy_callbacks.torch`: optimizer step hooks mask the
 real update of any optimizer, and a forward hook gates samples through the
@@ -184,6 +185,9 @@ class PlasticityCallback(Callback):
             outputs=self.outputs,
             ignore_index=self.ignore_index,
         )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # 16-mixed: steps the GradScaler skips count as skipped
+            self._handle.watch(scaler)
         if self._pending_state is not None:
             self._handle.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -255,6 +259,7 @@ class PlasticityCallback(Callback):
         metrics = {
             "plasticity/energy_min": report.m1_min,
             "plasticity/inefficiency": report.inefficiency,
+            "plasticity/skipped_steps": float(report.skipped_steps),
         }
         if seen:
             metrics["plasticity/samples_learned"] = learned / seen

@@ -94,6 +94,8 @@ class AttachedPlasticity:
         self._reference: dict[int, torch.Tensor] = {}  # w at the last sync, per parameter
         self._steps: dict[int, tuple[Snapshot, list[int]]] = {}
         self._removers: list[Callable[[], None]] = []
+        self._stepped = 0  # optimizer steps that reached the hooks
+        self._nonfinite_weights: set[str] = set()  # parameters warned about in sync()
         units = plasticity.units
         self._probe = WiringProbe(model) if units is not None and adjacency is None else None
         if self._probe is not None:
@@ -192,6 +194,7 @@ class AttachedPlasticity:
 
     # -- the step ----------------------------------------------------------
     def _before_step(self, opt: torch.optim.Optimizer) -> None:
+        self._stepped += 1
         if self._signature() != self._bound:
             self._bind()
         entry = self._steps.get(id(opt))
@@ -225,27 +228,25 @@ class AttachedPlasticity:
         deltas, stats = snap.deltas()
         proposed = self._proposed(mine, deltas)
         current = [False] * len(mine)  # snapshots that drop() brought up to date
-        restricts = plasticity.restricts
-        if restricts:
-            ops = self.ops
-            finite = all(
-                d is None or (ops.isfinite_all(d) if s is None else math.isfinite(s[0]))
-                for d, s in zip(deltas, stats, strict=True)
-            )
-            if not finite:
-                snap.undo()
-                plasticity.meter.skip_nonfinite()
-                return
+        ops = self.ops
+        finite = all(
+            d is None or (ops.isfinite_all(d) if s is None else math.isfinite(s[0]))
+            for d, s in zip(deltas, stats, strict=True)
+        )
+        if not finite:
+            snap.undo()
+            self._count_skipped(snap)
+            return
+        if plasticity.restricts:
             masks = plasticity.masks(proposed)
             for j, i in enumerate(mine):
                 if proposed[i] is not None and masks[i] is not None:
                     stats[j] = snap.drop(j, masks[i])
                     current[j] = snap.fused[j]
-        # The deltas now hold the real applied change: mask * dw.
+        # The deltas now hold the real applied change: mask * dw. record() still checks
+        # its sums (finite entries whose float64 sum overflows are skipped too).
         totals = self._proposed(mine, stats)
-        if plasticity.record(
-            proposed, check_finite=not restricts, displacement=False, totals=totals
-        ):
+        if plasticity.record(proposed, displacement=False, totals=totals):
             snap.settle(current)
         else:
             snap.undo()
@@ -260,8 +261,8 @@ class AttachedPlasticity:
         proposed = self._proposed(mine, diffs)
         masks = plasticity.masks(proposed) if plasticity.restricts else [None] * len(proposed)
         applied = snap.apply(diffs, [masks[i] for i in mine])
-        if applied is None:
-            plasticity.meter.skip_nonfinite()
+        if applied is None:  # NaN/Inf: apply() put the weights back
+            self._count_skipped(snap)
             return
         # record() reads only the totals here (alpha = 1, no displacement).
         totals = self._proposed(mine, applied)
@@ -302,18 +303,96 @@ class AttachedPlasticity:
         )
         snap.settle([False] * len(mine))
 
+    def _count_skipped(self, snap: Snapshot) -> None:
+        """Count a step that was undone for NaN/Inf; the first one of each cause warns."""
+        self.plasticity.meter.skip_nonfinite(reason=self._nonfinite_reason(snap))
+
+    def _nonfinite_reason(self, snap: Snapshot) -> str:
+        """Why an undone step held NaN/Inf: the weights themselves (back to their values
+        before the step) or only the update."""
+        names = {id(p): s.name for s, p in zip(self.specs, self.params, strict=True)}
+        with torch.no_grad():
+            bad = [names[id(p)] for p in snap.params if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return (
+                "a step's update held NaN/Inf (NaN/Inf gradients?): it was undone and nothing "
+                "was counted. The optimizer's own state (momentum, Adam moments) took those "
+                "gradients in; if the following steps are skipped too, stop non-finite "
+                "gradients before optimizer.step (torch.amp.GradScaler does)"
+            )
+        self._nonfinite_weights.update(bad)  # sync() need not warn about them again
+        return (
+            f"parameters {bad} held NaN/Inf before the step (written outside optimizer.step: "
+            "loaded, or set in place), so each step of them is undone and skipped, and their "
+            "net displacement (M1_min) stays at its last finite value, until they are finite "
+            "again; reload or repair those weights"
+        )
+
+    def watch(self, scaler: Any) -> None:
+        """Count the optimizer steps a ``torch.amp.GradScaler`` skips (inf/NaN gradients
+        at this loss scale) as skipped steps: they cost nothing and change no weight.
+
+        Without this the hooks never see those steps (the scaler does not call
+        ``optimizer.step``). Lightning's callback watches its precision plugin's scaler.
+        With a sample gate, a batch nobody learns from then still runs its backward
+        pass (into zero gradients): the scaler fails on parameters without gradients.
+        """
+        inner = scaler.step
+        had_attr = "step" in scaler.__dict__
+        if self.gate is not None:  # the scaler needs gradients, zeros when nobody learns
+            self.gate.detach_when_empty = False
+
+        def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            ours = any(optimizer is o for o in self.optimizers)
+            stepped = self._stepped
+            empty = self.gate.empty_steps if self.gate is not None else 0
+            out = inner(optimizer, *args, **kwargs)
+            skipped_by_gate = self.gate is not None and self.gate.empty_steps != empty
+            if ours and self._stepped == stepped and not skipped_by_gate:
+                self.plasticity.meter.skip_nonfinite(reason="")
+            return out
+
+        scaler.step = step
+
+        def restore() -> None:
+            if had_attr:
+                scaler.step = inner
+            else:
+                del scaler.step
+
+        self._removers.append(restore)
+
     def sync(self) -> None:
-        """Fold the weights' net change since the last sync into ``w_T - w_0``."""
+        """Fold the weights' net change since the last sync into ``w_T - w_0``.
+
+        A parameter holding NaN/Inf is left out (its displacement stays at its last
+        finite value, so M1_min stays finite) and is warned about once.
+        """
         meter = self.plasticity.meter
+        bad = []
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 ref = self._reference[id(p)]
                 if self._use_numpy:
                     delta = np.subtract(view(p), view(ref), dtype=np.float64)
+                    finite = bool(np.isfinite(delta).all())
                 else:
                     delta = p.detach().double() - ref.double()
+                    finite = bool(torch.isfinite(delta).all())
+                if not finite:
+                    bad.append(self.specs[i].name)
+                    continue
                 meter.add_displacement(i, delta)
                 ref.copy_(p.detach())
+        new = [name for name in bad if name not in self._nonfinite_weights]
+        if new:
+            self._nonfinite_weights.update(new)
+            warnings.warn(
+                f"plasticity: parameters {new} hold NaN/Inf; their net displacement "
+                "(M1_min) stays at its last finite value until they are finite again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- public --------------------------------------------------------------
     def gate_batch(self, targets: Any, sample_ids: Any = None) -> None:

@@ -279,7 +279,7 @@ class Plasticity:
         nothing. Without, the masked proposals themselves are recorded.
 
         A step whose proposals hold NaN/Inf is skipped: nothing is applied or
-        counted, a RuntimeWarning is issued and ``report().skipped_steps`` grows.
+        counted and ``report().skipped_steps`` grows (the first one warns).
         """
         ops = self.ops
         if not all(dw is None or ops.isfinite_all(dw) for dw in proposed):
