@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .core import EnergyReport, Plasticity, Topology
+from .core import EnergyReport, Plasticity, Topology, checks
 from .core.plasticity import from_shorthands
 from .core.samples import SampleGate
 from .core.synapses import SynapseRule
@@ -106,28 +106,19 @@ class PlasticityCallback(Callback):
             plasticity, synapses=synapses, units=units, samples=samples, alpha=alpha
         )
         for name, fn in (("targets", targets), ("outputs", outputs), ("sample_ids", sample_ids)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"PlasticityCallback.{name} must be a callable, got {fn!r}")
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"PlasticityCallback.log_every_n_steps must be an int >= 1 or None (every "
-                f"step), got {log_every_n_steps!r}"
-            )
-        if not isinstance(per_layer, bool):
-            raise ValueError(
-                f"PlasticityCallback.per_layer must be True or False, got {per_layer!r}"
-            )
-        if ignore_index is not None and (
-            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-        ):
-            raise ValueError(
-                f"PlasticityCallback.ignore_index must be an int (the target id of entries the "
-                f"gate skips, -100 by default) or None, got {ignore_index!r}"
-            )
+            checks.function(f"PlasticityCallback.{name}", fn)
+        if log_every_n_steps is not None:
+            try:
+                log_every_n_steps = checks.count("log_every_n_steps", log_every_n_steps)
+            except ValueError:
+                raise ValueError(
+                    f"PlasticityCallback.log_every_n_steps must be an int >= 1 or None (every "
+                    f"step), got {log_every_n_steps!r}"
+                ) from None
+        per_layer = checks.flag("PlasticityCallback.per_layer", per_layer)
+        if ignore_index is not None:
+            what = "an int (the target id of entries the gate skips, -100 by default) or None"
+            ignore_index = checks.integer("PlasticityCallback.ignore_index", ignore_index, what)
         self.plasticity = plasticity
         self.targets = targets or default_targets
         self.outputs = outputs

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from .backends.torch_ops import ops_for
-from .core import EnergyReport, Plasticity, TensorSpec, Topology
+from .core import EnergyReport, Plasticity, TensorSpec, Topology, checks
 from .core.ops import NumpyOps
 from .core.targets import IGNORE_INDEX
 from .torch_gate import OutputGate, default_logits, skip_empty_steps
@@ -433,13 +433,7 @@ class AttachedPlasticity:
 
 def module_names(layers: Any, field: str = "layers") -> list[str] | None:
     """``layers=`` as a list of module names: one name alone is a list of one."""
-    if layers is None:
-        return None
-    if isinstance(layers, str):
-        return [layers]
-    if isinstance(layers, Sequence) and all(isinstance(n, str) for n in layers):
-        return list(layers)
-    raise ValueError(f"{field} must be a module name or a list of them, got {layers!r}")
+    return checks.names(field, layers, "a module name")
 
 
 def edges(adjacency: Any, field: str = "adjacency") -> list[tuple[Any, ...]] | None:
@@ -453,12 +447,15 @@ def edges(adjacency: Any, field: str = "adjacency") -> list[tuple[Any, ...]] | N
             and not isinstance(edge, str)
             and len(edge) in (2, 3)
             and all(isinstance(n, str) for n in edge[:2])
-            and (len(edge) == 2 or (isinstance(edge[2], int) and not isinstance(edge[2], bool)))
+            and (
+                len(edge) == 2
+                or (isinstance(edge[2], int) and not isinstance(edge[2], bool) and edge[2] >= 1)
+            )
         )
         if not ok:
             raise ValueError(
                 f"{field} must list [pre, post] or [pre, post, spread] layer links (layer "
-                f"names are module names, e.g. 'net.0'), got {edge!r}"
+                f"names are module names, e.g. 'net.0'; spread an integer >= 1), got {edge!r}"
             )
         out.append(tuple(edge))
     return out

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import checks
 from .ops import Array, ArrayOps, numpy_ops
 from .topology import TensorSpec
 
@@ -390,18 +391,11 @@ class EnergyMeter:
 
 
 def check_alpha(alpha: float) -> None:
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0 (1 gives M1), got {alpha!r}")
+    checks.real("alpha", alpha, low=0.0, low_open=True, what="a finite number > 0 (1 gives M1)")
 
 
 def check_cost(joules_per_unit: float | None, cost_basis: str) -> None:
-    if cost_basis not in COST_BASES:
-        raise ValueError(f"cost_basis must be one of {COST_BASES}, got {cost_basis!r}")
-    if joules_per_unit is not None and not (
-        isinstance(joules_per_unit, (int, float))
-        and math.isfinite(joules_per_unit)
-        and joules_per_unit >= 0
-    ):
-        raise ValueError(
-            f"joules_per_unit must be a finite number >= 0 (or None), got {joules_per_unit!r}"
-        )
+    checks.choice("cost_basis", cost_basis, COST_BASES)
+    if joules_per_unit is not None:
+        what = "a finite number >= 0 (or None)"
+        checks.real("joules_per_unit", joules_per_unit, low=0.0, low_open=False, what=what)

@@ -19,6 +19,7 @@ synapses=0.1`` keeps the largest updates *within* the selected units.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +99,7 @@ class Plasticity:
         self.units = _unit_rule(units)
         self.samples = _sample_gate(samples)
         self.alpha = float(alpha)
-        self.joules_per_unit = joules_per_unit
+        self.joules_per_unit = None if joules_per_unit is None else float(joules_per_unit)
         self.cost_basis = cost_basis
         self.ops = ops
         self._topology: Topology | None = None
@@ -362,6 +363,12 @@ def from_shorthands(
     The framework callbacks take either a ready :class:`Plasticity` or the shorthand
     arguments; this is their shared check.
     """
+    check_alpha(alpha)
+    if plasticity is not None and not isinstance(plasticity, Plasticity):
+        raise ValueError(
+            f"{owner}.plasticity must be a Plasticity(...) (or None, with the shorthands "
+            f"synapses=/units=/samples=), got {plasticity!r}"
+        )
     shorthand = synapses is not None or units is not None or samples is not None
     if plasticity is not None and (shorthand or alpha != 1.0):
         raise ValueError(
@@ -378,8 +385,11 @@ def _synapse_rules(value: Any) -> list[SynapseRule]:
         return []
     if isinstance(value, SynapseRule):
         return [value]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [TopFraction(value)]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return [TopFraction(float(value))]
+        except ValueError as exc:
+            raise ValueError(f"synapses={value!r}: {exc}") from None
     if isinstance(value, (list, tuple)) and all(isinstance(v, SynapseRule) for v in value):
         return list(value)
     raise ValueError(
@@ -391,8 +401,11 @@ def _synapse_rules(value: Any) -> list[SynapseRule]:
 def _unit_rule(value: Any) -> UnitRule | None:
     if value is None or isinstance(value, UnitRule):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return TopUnits(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return TopUnits(float(value))
+        except ValueError as exc:
+            raise ValueError(f"units={value!r}: {exc}") from None
     raise ValueError(
         f"units must be a fraction in (0, 1] (TopUnits), or a UnitRule such as "
         f"TopUnits(k=...)/FixedSubnetwork/RandomUnits; got {value!r}"

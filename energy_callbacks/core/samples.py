@@ -15,13 +15,13 @@ passes must change no weight at all (skip the optimizer step).
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from . import checks
 from .memory import MistakeMemory
 from .ops import Array, ArrayOps, numpy_ops
 
@@ -96,14 +96,13 @@ class Margin(SampleGate):
     """
 
     def __init__(self, threshold: float, *, from_logits: bool = True) -> None:
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not (math.isfinite(threshold) and 0 < threshold <= 1)
-        ):
-            raise ValueError(f"Margin.threshold must be a probability in (0, 1], got {threshold!r}")
-        self.threshold = float(threshold)
-        self.from_logits = from_logits
+        try:
+            self.threshold = checks.fraction("Margin.threshold", threshold)
+        except ValueError:
+            raise ValueError(
+                f"Margin.threshold must be a probability in (0, 1], got {threshold!r}"
+            ) from None
+        self.from_logits = checks.flag("Margin.from_logits", from_logits)
 
     def __repr__(self) -> str:
         return f"Margin({self.threshold})"
@@ -139,13 +138,14 @@ class MemorizedMistakes(SampleGate):
         base = Lazy() if base is None else base
         if isinstance(base, MemorizedMistakes) or not isinstance(base, SampleGate):
             raise ValueError(f"MemorizedMistakes.base must be Lazy() or Margin(...), got {base!r}")
-        if capacity is not None and (
-            isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1
-        ):
-            raise ValueError(
-                f"MemorizedMistakes.capacity must be an integer >= 1 (the number of sample "
-                f"ids), got {capacity!r}"
-            )
+        if capacity is not None:
+            try:
+                capacity = checks.count("MemorizedMistakes.capacity", capacity)
+            except ValueError:
+                raise ValueError(
+                    f"MemorizedMistakes.capacity must be an integer >= 1 (the number of sample "
+                    f"ids), got {capacity!r}"
+                ) from None
         self.base = base
         self.capacity = capacity
         self.memory = MistakeMemory(capacity)
