@@ -62,7 +62,7 @@ from .core.ops import NumpyOps
 from .core.targets import IGNORE_INDEX
 from .torch_gate import OutputGate, default_logits, skip_empty_steps
 from .torch_layers import describe
-from .torch_snapshot import Snapshot, view
+from .torch_snapshot import ShapeChanged, Snapshot, view
 from .torch_wiring import WiringProbe, resolve
 
 __all__ = ["AttachedPlasticity", "attach", "default_logits", "describe"]
@@ -199,7 +199,16 @@ class AttachedPlasticity:
             self._bind()
         entry = self._steps.get(id(opt))
         if entry is not None:
-            entry[0].take()
+            try:
+                entry[0].take()
+            except ShapeChanged as exc:
+                name = self.specs[entry[1][exc.index]].name
+                raise RuntimeError(
+                    f"plasticity: parameter {name!r} changed shape from {exc.old} to {exc.new} "
+                    "mid-run (its data was replaced), so its energy cannot be carried on. "
+                    "Resize the model before attaching (or before fit), or detach(), read "
+                    "report(), and attach again."
+                ) from None
 
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
         entry = self._steps.get(id(opt))
