@@ -71,7 +71,8 @@ class TopFraction(SynapseRule):
     - ``largest=False``: the control that keeps the smallest updates instead.
     - ``approximate=True``: one comparison pass per tensor instead of an exact
       selection. A tensor of more than 16384 entries keeps ``|dw| >= t``, where
-      ``t`` comes from a strided sample of 16384 entries. Proposals of size zero
+      ``t`` comes from a sample of about 16384 entries at a prime stride (so that
+      columns of a structured tensor are all sampled). Proposals of size zero
       never count. For continuous ``|dw|`` the kept count is
       ``k * (1 +- 4 sqrt((1 - p) / (p * 16384)))`` with probability above 0.9999
       (``+-9%`` at ``p = 0.1``, ``+-3%`` at ``p = 0.5``); ties at ``t`` all go the
