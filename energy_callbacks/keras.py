@@ -37,6 +37,7 @@ import keras
 from .core import EnergyReport, Plasticity, SampleGate, SynapseRule, UnitRule, checks
 from .core.config import to_config
 from .core.plasticity import from_shorthands
+from .keras_carry import carry_over
 from .keras_distribute import strategy_scope
 from .keras_gate import GateState, gated_compute_loss
 from .keras_optimizer import EnergyReadout, PlasticityOptimizer, check_in_graph
@@ -122,7 +123,7 @@ class PlasticityCallback(keras.callbacks.Callback):
             with strategy_scope(model):
                 wrapper.build(model.trainable_variables)
                 if inner is not None and previous is not None:
-                    wrapper.carry_over(previous)
+                    carry_over(wrapper, previous)
         elif [id(v) for v in wrapper._trainable_variables] != [
             id(v) for v in model.trainable_variables
         ]:

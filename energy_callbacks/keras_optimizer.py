@@ -310,45 +310,6 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             (self._counters, counters),
         ]
 
-    def carry_over(self, previous: PlasticityOptimizer) -> None:
-        """Continue the totals of ``previous``, the wrapper of the same callback before
-        the model was compiled again (a new optimizer, layers unfrozen).
-
-        Tensors are matched by name: each keeps its totals and its ``w_0``; tensors that
-        join start at zero. A tensor that ``previous`` measured and this wrapper does not
-        (a layer frozen, then compiled again) is refused: its energy would be lost.
-        """
-        names, old = self._names, previous._names
-        dropped = [n for n in old if n not in names]
-        if dropped:
-            raise ValueError(
-                f"PlasticityCallback: {dropped} were trained with plasticity before this "
-                "compile and are not trainable now, so their energy so far would be lost. Read "
-                "report() now and fit with a new PlasticityCallback (new totals), or keep them "
-                "trainable (a learning rate of 0 keeps them fixed)."
-            )
-        index = {n: i for i, n in enumerate(old)}
-        pairs = [(i, index[n]) for i, n in enumerate(names) if n in index]
-        for key, total in self._totals.items():
-            value = np.array(total.numpy())
-            before = np.asarray(previous._totals[key].numpy())
-            for i, j in pairs:
-                value[i] = before[j]
-            total.assign(value)
-        self._counters.assign(previous._counters.numpy())
-        for i, j in pairs:
-            w0, was = self._initial[i], previous._initial[j]
-            if tuple(w0.shape) != tuple(was.shape):
-                raise ValueError(
-                    f"PlasticityCallback: {names[i]!r} changed shape from {tuple(was.shape)} to "
-                    f"{tuple(w0.shape)} since the last fit; its energy cannot be carried on. "
-                    "Fit with a new PlasticityCallback."
-                )
-            w0.assign(was.numpy())
-        if len(self.gate.variables) == len(previous.gate.variables):
-            for mine, theirs in zip(self.gate.variables, previous.gate.variables, strict=True):
-                mine.assign(theirs.numpy())
-
     # -- what the callback reads ----------------------------------------------
     def energy_state(self, values: Sequence[Any] | None = None) -> dict[str, Any]:
         """The core :class:`~energy_callbacks.core.EnergyMeter` state of the totals so far.

@@ -35,6 +35,10 @@ How it works:
   are zeroed on every tensor of the forward output, so they add nothing to any
   parameter gradient, and the loss keeps its own normalization. When no sample
   passes, the optimizer step is skipped: no weight, moment or step count changes.
+- **Faults.** A step whose update holds NaN/Inf is undone and counted in
+  ``report().skipped_steps`` (the first one of each cause warns). Steps a
+  ``torch.amp.GradScaler`` skips never reach the hooks: ``handle.watch(scaler)``
+  counts them as skipped (Lightning does it under ``16-mixed``).
 - **Devices.** CPU tensors in float16/32/64 are processed through zero-copy
   NumPy views; other devices and dtypes use torch ops, and their energy totals
   stay on the device until they are read (a report, a log): a step never waits
@@ -60,6 +64,7 @@ from .backends.torch_ops import ops_for
 from .core import EnergyReport, Plasticity, TensorSpec, Topology, checks
 from .core.ops import NumpyOps
 from .core.targets import IGNORE_INDEX
+from .torch_faults import nonfinite_reason, nonfinite_weights, watch_scaler
 from .torch_gate import OutputGate, default_logits, skip_empty_steps
 from .torch_layers import describe
 from .torch_snapshot import ShapeChanged, Snapshot, view
@@ -314,28 +319,10 @@ class AttachedPlasticity:
 
     def _count_skipped(self, snap: Snapshot) -> None:
         """Count a step that was undone for NaN/Inf; the first one of each cause warns."""
-        self.plasticity.meter.skip_nonfinite(reason=self._nonfinite_reason(snap))
-
-    def _nonfinite_reason(self, snap: Snapshot) -> str:
-        """Why an undone step held NaN/Inf: the weights themselves (back to their values
-        before the step) or only the update."""
         names = {id(p): s.name for s, p in zip(self.specs, self.params, strict=True)}
-        with torch.no_grad():
-            bad = [names[id(p)] for p in snap.params if not bool(torch.isfinite(p).all())]
-        if not bad:
-            return (
-                "a step's update held NaN/Inf (NaN/Inf gradients?): it was undone and nothing "
-                "was counted. The optimizer's own state (momentum, Adam moments) took those "
-                "gradients in; if the following steps are skipped too, stop non-finite "
-                "gradients before optimizer.step (torch.amp.GradScaler does)"
-            )
+        bad = nonfinite_weights([names[id(p)] for p in snap.params], snap.params)
         self._nonfinite_weights.update(bad)  # sync() need not warn about them again
-        return (
-            f"parameters {bad} held NaN/Inf before the step (written outside optimizer.step: "
-            "loaded, or set in place), so each step of them is undone and skipped, and their "
-            "net displacement (M1_min) stays at its last finite value, until they are finite "
-            "again; reload or repair those weights"
-        )
+        self.plasticity.meter.skip_nonfinite(reason=nonfinite_reason(bad))
 
     def watch(self, scaler: Any) -> None:
         """Count the optimizer steps a ``torch.amp.GradScaler`` skips (inf/NaN gradients
@@ -346,30 +333,18 @@ class AttachedPlasticity:
         With a sample gate, a batch nobody learns from then still runs its backward
         pass (into zero gradients): the scaler fails on parameters without gradients.
         """
-        inner = scaler.step
-        had_attr = "step" in scaler.__dict__
-        if self.gate is not None:  # the scaler needs gradients, zeros when nobody learns
-            self.gate.detach_when_empty = False
-
-        def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-            ours = any(optimizer is o for o in self.optimizers)
-            stepped = self._stepped
-            empty = self.gate.empty_steps if self.gate is not None else 0
-            out = inner(optimizer, *args, **kwargs)
-            skipped_by_gate = self.gate is not None and self.gate.empty_steps != empty
-            if ours and self._stepped == stepped and not skipped_by_gate:
-                self.plasticity.meter.skip_nonfinite(reason="")
-            return out
-
-        scaler.step = step
-
-        def restore() -> None:
-            if had_attr:
-                scaler.step = inner
-            else:
-                del scaler.step
-
-        self._removers.append(restore)
+        gate = self.gate
+        if gate is not None:
+            gate.detach_when_empty = False
+        self._removers.append(
+            watch_scaler(
+                scaler,
+                self.optimizers,
+                stepped=lambda: self._stepped,
+                gate_skips=lambda: 0 if gate is None else gate.empty_steps,
+                count=lambda: self.plasticity.meter.skip_nonfinite(reason=""),
+            )
+        )
 
     def sync(self) -> None:
         """Fold the weights' net change since the last sync into ``w_T - w_0``.
