@@ -1,6 +1,7 @@
 """Framework-free data loaders (NumPy only, never touches the network).
 
-* :func:`read_idx` reads one IDX file (the MNIST format), gzipped or raw, and validates it.
+* :func:`read_idx` reads one IDX file (the MNIST format), gzipped or raw, and validates it
+  (:func:`parse_idx` does the same for bytes).
 * :func:`load_idx_dataset` / :func:`load_fashion_mnist` load an MNIST-style directory
   (MNIST, Fashion-MNIST, EMNIST naming); Fashion-MNIST comes from the Debian package
   ``dataset-fashion-mnist`` at :data:`FASHION_MNIST_DIR`.
@@ -13,6 +14,8 @@ Every loader returns uint8 images (0..255) and int64 labels.
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -79,6 +82,12 @@ class ImageDataset:
     n_classes: int
 
 
+MAX_NDIM = 32
+"""The most dimensions an IDX file may declare here (data sets use 1 to 4; NumPy holds 64)."""
+
+_CHUNK = 1 << 24
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (gzip detected by its magic bytes) into a native-endian array.
 
@@ -86,37 +95,94 @@ def read_idx(path: str | Path) -> np.ndarray:
     length differs from what the header announces (truncated or trailing bytes).
     """
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise IDXError(f"{path} is not a valid gzip file ({exc}); {_FIX}") from exc
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES or raw[3] < 1:
+    return parse_idx(path.read_bytes(), str(path))
+
+
+def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
+    """:func:`read_idx` on the bytes of a file; ``name`` is what the errors call it.
+
+    Any input gives either the array its header describes or :class:`IDXError`. A
+    gzipped file is decompressed as it is read, never past what the header announces
+    (the rest is only counted), so a corrupt or hostile file cannot make it allocate
+    more than the array it claims to hold.
+    """
+    source = _Source(raw, name)
+    head = source.read(4)
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_TYPES or head[3] < 1:
         raise IDXError(
-            f"{path} has a bad IDX magic number {raw[:4].hex() or '(empty file)'}: expected "
+            f"{name} has a bad IDX magic number {head.hex() or '(empty file)'}: expected "
             f"00 00, a type code in {{{', '.join(f'{t:02x}' for t in _IDX_TYPES)}}} and "
             f"ndim >= 1; {_FIX}"
         )
-    code, ndim = raw[2], raw[3]
+    code, ndim = head[2], head[3]
+    if ndim > MAX_NDIM:
+        raise IDXError(f"{name} declares {ndim} dimensions, more than {MAX_NDIM}; {_FIX}")
+    dims = source.read(4 * ndim)
     header = 4 + 4 * ndim
-    if len(raw) < header:
+    if len(dims) < 4 * ndim:
         raise IDXError(
-            f"{path} is truncated: the header needs {header} bytes for {ndim} "
-            f"dimensions, file has {len(raw)}; {_FIX}"
+            f"{name} is truncated: the header needs {header} bytes for {ndim} "
+            f"dimensions, file has {4 + len(dims)}; {_FIX}"
         )
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
     dtype = _IDX_TYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    got = len(raw) - header
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if math.prod(d for d in shape if d) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise IDXError(
+            f"{name} declares dimensions {'x'.join(map(str, shape))}, too large for any "
+            f"array (even an empty one); {_FIX}"
+        )
+    data = source.read(expected)
+    got = len(data) + source.count_rest()
     if got != expected:
         what = "is truncated" if got < expected else f"has {got - expected} trailing bytes"
         raise IDXError(
-            f"{path} {what}: header says {'x'.join(map(str, shape))} {_TYPE_NAMES[code]} = "
+            f"{name} {what}: header says {'x'.join(map(str, shape))} {_TYPE_NAMES[code]} = "
             f"{expected} bytes of data, file has {got}; {_FIX}"
         )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    return data.astype(dtype.newbyteorder("="), copy=True)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+class _Source:
+    """The bytes of an IDX file, decompressed on the fly when they are gzipped."""
+
+    def __init__(self, raw: bytes, name: str) -> None:
+        self.name = name
+        self.raw = memoryview(raw)
+        self.at = 0
+        self.stream = gzip.GzipFile(fileobj=io.BytesIO(raw)) if raw[:2] == b"\x1f\x8b" else None
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes (fewer at the end)."""
+        if self.stream is None:
+            out = bytes(self.raw[self.at : self.at + n])
+            self.at += len(out)
+            return out
+        parts, left = [], n
+        while left > 0:
+            part = self._chunk(min(left, _CHUNK))
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    def count_rest(self) -> int:
+        """How many bytes are left (read and dropped, to check a gzip stream to its end)."""
+        if self.stream is None:
+            return len(self.raw) - self.at
+        total = 0
+        while part := self._chunk(_CHUNK):
+            total += len(part)
+        return total
+
+    def _chunk(self, n: int) -> bytes:
+        assert self.stream is not None
+        try:
+            return self.stream.read(n)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise IDXError(f"{self.name} is not a valid gzip file ({exc}); {_FIX}") from exc
 
 
 def _locate(directory: Path, stems: list[str]) -> list[Path]:

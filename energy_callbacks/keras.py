@@ -10,12 +10,14 @@ its ``compute_loss`` for a gated one (:mod:`energy_callbacks.keras_gate`); it
 forces a retrace so the compiled step includes both, and puts the user's
 optimizer and ``compute_loss`` back when ``fit`` ends. A ``fit`` that raised
 leaves them installed; the next ``fit`` notices and starts clean. A second
-``fit`` with the same callback continues its totals.
+``fit`` with the same callback continues its totals, also after the model was
+compiled again (layers unfrozen, a new optimizer); a layer frozen since the last
+``fit`` is refused, as its energy would be lost.
 
 Logged keys (the same as the Lightning adapter): ``plasticity/energy`` and
 ``plasticity/updates`` every batch (progress bar), and at epoch end also
-``plasticity/energy_min``, ``plasticity/inefficiency`` and
-``plasticity/samples_learned``; with ``per_layer=True``, ``plasticity/energy/<var>``.
+``plasticity/energy_min``, ``plasticity/inefficiency``, ``plasticity/skipped_steps``
+and ``plasticity/samples_learned``; with ``per_layer=True``, ``plasticity/energy/<var>``.
 With ``caching=``, ``plasticity/energy`` is consolidation + maintenance and the
 epoch logs add ``plasticity/energy_consolidation`` and
 ``plasticity/energy_maintenance``; ``on_train_end`` consolidates the store.
@@ -36,12 +38,13 @@ from typing import Any
 
 import keras
 
-from .core import Caching, Cost, EnergyReport, Plasticity, SampleGate, SynapseRule, UnitRule
+from .core import Caching, Cost, EnergyReport, Plasticity, SampleGate, SynapseRule, UnitRule, checks
 from .core.config import to_config
 from .core.plasticity import from_shorthands
+from .keras_carry import carry_over
 from .keras_distribute import strategy_scope
 from .keras_gate import GateState, gated_compute_loss
-from .keras_optimizer import EnergyReadout, PlasticityOptimizer
+from .keras_optimizer import EnergyReadout, PlasticityOptimizer, check_in_graph
 
 __all__ = ["PlasticityCallback", "PlasticityOptimizer"]
 
@@ -83,15 +86,17 @@ class PlasticityCallback(keras.callbacks.Callback):
             caching=caching,
             cost=cost,
         )
+        check_in_graph(plasticity)
         if sample_ids is not None and not callable(sample_ids):
             raise ValueError("PlasticityCallback.sample_ids must be a callable fn(x, y) -> ids")
         self.plasticity = plasticity
         self.sample_ids = sample_ids
-        self.layers = None if layers is None else list(layers)
-        self.per_layer = bool(per_layer)
+        self.layers = checks.names("PlasticityCallback.layers", layers, "a layer name")
+        self.per_layer = checks.flag("PlasticityCallback.per_layer", per_layer)
         self.optimizer: PlasticityOptimizer | None = None
         self._restore: dict[str, Any] | None = None
         self._last: EnergyReport | None = None
+        self._warned: set[str] = set()  # what has been warned about once
 
     # -- installing --------------------------------------------------------
     def set_model(self, model: Any) -> None:
@@ -119,7 +124,10 @@ class PlasticityCallback(keras.callbacks.Callback):
                 )
             wrapper, inner = current, None
         else:
+            previous = None
             if self.optimizer is None or self.optimizer.inner_optimizer is not current:
+                if self.optimizer is not None and self.optimizer.built:
+                    previous = self.optimizer  # compiled again: its totals go on
                 with strategy_scope(model):
                     self.optimizer = PlasticityOptimizer(current, self.plasticity, self.layers)
             wrapper, inner = self.optimizer, current
@@ -127,6 +135,16 @@ class PlasticityCallback(keras.callbacks.Callback):
         if not wrapper.built:
             with strategy_scope(model):
                 wrapper.build(model.trainable_variables)
+                if inner is not None and previous is not None:
+                    carry_over(wrapper, previous)
+        elif [id(v) for v in wrapper._trainable_variables] != [
+            id(v) for v in model.trainable_variables
+        ]:
+            raise ValueError(
+                "PlasticityCallback: the model's trainable variables changed since its optimizer "
+                "was built (a layer frozen or unfrozen?). Keras needs model.compile(...) again "
+                "after changing trainable; the callback then carries its totals over."
+            )
         self._restore = {
             "optimizer": inner,
             "compute_loss": model.__dict__.get("compute_loss"),
@@ -168,9 +186,49 @@ class PlasticityCallback(keras.callbacks.Callback):
             # (read before validation, whose metric reset zeroes the epoch counts)
             metrics = report.metrics(per_layer=self.per_layer)
             metrics.pop("plasticity/samples_learned", None)
+            metrics["plasticity/skipped_steps"] = float(report.skipped_steps)
             logs.update(metrics)
             for key in ("samples_learned", "energy", "updates"):  # validation's copies
                 logs.pop(f"val_plasticity/{key}", None)
+        self._warn_skipped(report)
+
+    def _warn_batches(self, lost: int, bad: int, gate: Any) -> None:
+        """Say once that ids were not remembered, and once that targets were no classes."""
+        if lost and "ids" not in self._warned:
+            self._warned.add("ids")
+            warnings.warn(
+                f"PlasticityCallback: {lost} samples so far had ids outside [0, {gate.capacity}) "
+                "(negative, or not below MemorizedMistakes(capacity=...)); they were judged but "
+                "not remembered. Give ids from 0 and raise capacity to the number of training "
+                "samples (on JAX ids must also fit in int32).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if bad and "targets" not in self._warned:
+            self._warned.add("targets")
+            warnings.warn(
+                f"PlasticityCallback: {bad} targets so far were not class ids of the outputs "
+                "(negative, too large, or fractional); the gate counted them as mistakes. "
+                "Check the labels and the number of output classes; for regression use "
+                "samples=None.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _warn_skipped(self, report: EnergyReport) -> None:
+        """Say once that steps were undone for NaN/Inf (a loss scaler's skips are normal)."""
+        assert self.optimizer is not None
+        scaler = isinstance(self.optimizer.inner_optimizer, keras.optimizers.LossScaleOptimizer)
+        if report.skipped_steps and not scaler and "skipped" not in self._warned:
+            self._warned.add("skipped")
+            warnings.warn(
+                f"plasticity: {report.skipped_steps} step(s) so far had NaN/Inf updates (NaN/Inf "
+                "gradients?); each was skipped: weights and optimizer state left as before, "
+                "nothing counted. Later ones are counted in report().skipped_steps and the "
+                "plasticity/skipped_steps log without another warning.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self.optimizer is not None and self.optimizer.plasticity.caching is not None:
@@ -190,15 +248,8 @@ class PlasticityCallback(keras.callbacks.Callback):
         plasticity.meter.load_state_dict(wrapper.energy_state())
         if plasticity.caching is not None:
             plasticity.caching.load_state_dict(wrapper.caching_state())
-        plasticity.samples_seen, plasticity.samples_learned, lost = wrapper.gate.counts()
-        if lost:
-            warnings.warn(
-                f"PlasticityCallback: {lost} samples had ids beyond the mistake memory's "
-                f"capacity and were not remembered; raise MemorizedMistakes(capacity=...) to "
-                f"the number of training samples",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        plasticity.samples_seen, plasticity.samples_learned, lost, bad = wrapper.gate.counts()
+        self._warn_batches(lost, bad, wrapper.gate)
         plasticity.step_count = plasticity.meter.steps
         return plasticity.report()
 

@@ -44,11 +44,13 @@ class GateState(keras.metrics.Metric):
         self.epoch_counts = self.add_variable(
             (2,), initializer="zeros", dtype="int32", aggregation="sum", name="epoch_counts"
         )
+        # seen, learned, ids not remembered (outside [0, capacity)), targets outside the classes
         self.total_counts = self.add_variable(
-            (3,), initializer="zeros", dtype="int32", aggregation="sum", name="total_counts"
+            (4,), initializer="zeros", dtype="int32", aggregation="sum", name="total_counts"
         )
         self.memory = None
         self._unremembered: Any = 0
+        self._bad_targets: Any = 0
         if isinstance(gate, MemorizedMistakes):
             capacity = getattr(gate, "capacity", None) or DEFAULT_CAPACITY
             # replicas keep identical copies (they all see every id): read the first
@@ -78,22 +80,30 @@ class GateState(keras.metrics.Metric):
         """Start a new epoch: the totals and the memory stay."""
         self.epoch_counts.assign(ops.zeros((2,), dtype="int32"))
 
-    def update_state(self, seen: Any, learned: Any, unremembered: Any = 0) -> None:
+    def update_state(
+        self, seen: Any, learned: Any, unremembered: Any = 0, bad_targets: Any = 0
+    ) -> None:
         step = ops.stack([ops.cast(seen, "int32"), ops.cast(learned, "int32")])
         self.epoch_counts.assign(self.epoch_counts.value + step)
-        lost = ops.reshape(ops.cast(unremembered, "int32"), (1,))
-        self.total_counts.assign(self.total_counts.value + ops.concatenate([step, lost]))
+        odd = ops.stack([ops.cast(unremembered, "int32"), ops.cast(bad_targets, "int32")])
+        self.total_counts.assign(self.total_counts.value + ops.concatenate([step, odd]))
 
     def result(self) -> Any:
         seen, learned = self.epoch_counts.value[0], self.epoch_counts.value[1]
         return ops.cast(learned, "float32") / ops.cast(ops.maximum(seen, 1), "float32")
 
     def decide(self, outputs: Any, targets: Any, ids: Any) -> Any:
-        """The gate's mask for a batch (all True without a gate); updates the memory."""
+        """The gate's mask for a batch (all True without a gate); updates the memory.
+
+        Checked when the step is traced: targets that cannot fit the outputs, ids that
+        are not integers. Counted in the step (it cannot raise): targets outside the
+        classes (they count as mistakes: the loss decides what they mean) and ids
+        outside ``[0, capacity)`` (judged, never remembered).
+        """
         gate = self.sample_gate
         if gate is None:
             return ops.ones((ops.shape(outputs)[0],), dtype="bool")
-        targets = _class_targets(targets)
+        targets, self._bad_targets = _class_targets(targets, outputs)
         if not isinstance(gate, MemorizedMistakes):
             return gate.gate(outputs, targets, ids, keras_ops)
         if ids is None:
@@ -103,10 +113,20 @@ class GateState(keras.metrics.Metric):
             )
         assert self.memory is not None
         wrong = gate.base.gate(outputs, targets, ids, keras_ops)
-        ids = ops.cast(ops.reshape(ids, (-1,)), "int32")
-        flagged = self._recall(ids)
-        self._remember(gather(ids), gather(ops.cast(wrong, "int32")) > 0)
-        self._unremembered = ops.sum(ops.cast(ops.greater_equal(ids, self.capacity), "int32"))
+        ids = ops.reshape(ops.convert_to_tensor(ids), (-1,))
+        kind = keras.backend.standardize_dtype(ids.dtype)
+        if "int" not in kind:
+            raise ValueError(
+                f"MemorizedMistakes: sample ids must be integers >= 0 (keys into the mistake "
+                f"memory), got {kind}; give the dataset index"
+            )
+        # compared in their own dtype (int64 on TensorFlow and torch), then made int32
+        valid = ops.logical_and(ops.greater_equal(ids, 0), ops.less(ids, self.capacity))
+        safe = ops.cast(ops.where(valid, ids, ops.zeros_like(ids)), "int32")
+        flagged = ops.logical_and(valid, ops.take(self.memory.value, safe) > 0)
+        wrong_rows = ops.logical_and(valid, wrong)
+        self._remember(gather(safe), gather(ops.cast(wrong_rows, "int32")) > 0)
+        self._unremembered = ops.sum(ops.cast(ops.logical_not(valid), "int32"))
         return ops.logical_or(wrong, flagged)
 
     @property
@@ -114,25 +134,21 @@ class GateState(keras.metrics.Metric):
         assert self.memory is not None
         return int(self.memory.shape[0])
 
-    def _recall(self, ids: Any) -> Any:
-        """The memory's flags of ``ids`` (False for ids beyond the capacity)."""
-        known = ops.less(ids, self.capacity)
-        return ops.logical_and(known, ops.take(self.memory.value, ops.where(known, ids, 0)) > 0)
-
     def _remember(self, ids: Any, wrong: Any) -> None:
-        """Flag the ``ids`` that are ``wrong`` (a repeated id: if any copy is wrong)."""
-        known = ops.less(ids, self.capacity)
-        safe = ops.where(known, ids, 0)
+        """Flag the ``ids`` that are ``wrong`` (a repeated id: if any copy is wrong). Every
+        row that shares an id writes the same value, so the scatter is deterministic."""
         same = ops.equal(ops.expand_dims(ids, 1), ops.expand_dims(ids, 0))
         wrong_any = ops.any(ops.logical_and(same, ops.expand_dims(wrong, 0)), axis=1)
-        stored = ops.take(self.memory.value, safe)
-        new = ops.where(known, ops.maximum(stored, ops.cast(wrong_any, "int8")), stored)
-        self.memory.assign(ops.scatter_update(self.memory.value, ops.expand_dims(safe, 1), new))
+        stored = ops.take(self.memory.value, ids)
+        new = ops.maximum(stored, ops.cast(wrong_any, "int8"))
+        self.memory.assign(ops.scatter_update(self.memory.value, ops.expand_dims(ids, 1), new))
 
-    def counts(self) -> tuple[int, int, int]:
-        """``(seen, learned, ids beyond the memory's capacity)`` since training began."""
-        seen, learned, lost = (int(x) for x in keras.ops.convert_to_numpy(self.total_counts.value))
-        return seen, learned, lost
+    def counts(self) -> tuple[int, int, int, int]:
+        """``(seen, learned, ids not remembered, targets outside the classes)`` so far."""
+        seen, learned, lost, bad = (
+            int(x) for x in keras.ops.convert_to_numpy(self.total_counts.value)
+        )
+        return seen, learned, lost, bad
 
     def flagged(self) -> int:
         """How many sample ids the mistake memory holds."""
@@ -141,15 +157,28 @@ class GateState(keras.metrics.Metric):
         return int(keras.ops.convert_to_numpy(ops.sum(ops.cast(self.memory.value, "int32"))))
 
 
-def _class_targets(targets: Any) -> Any:
+def _class_targets(targets: Any, outputs: Any) -> tuple[Any, Any]:
     """Class indices as int32 (Keras labels come as int64, float or shape (batch, 1));
-    one-hot or probability rows are left as they are."""
+    one-hot or probability rows are left as they are. Also how many class ids are not
+    ids of the outputs' classes (negative, too large, or not whole numbers)."""
     targets = ops.convert_to_tensor(targets)
+    classes = outputs.shape[-1]
     if len(targets.shape) == 2 and targets.shape[1] == 1:
         targets = ops.reshape(targets, (-1,))
     if len(targets.shape) == 1:
-        return ops.cast(targets, "int32")
-    return targets
+        ok = ops.logical_and(ops.greater_equal(targets, 0), ops.less(targets, classes))
+        if "float" in keras.backend.standardize_dtype(targets.dtype):
+            ok = ops.logical_and(ok, ops.equal(targets, ops.floor(targets)))
+        return ops.cast(targets, "int32"), ops.sum(ops.cast(ops.logical_not(ok), "int32"))
+    fits = len(targets.shape) == 2 and targets.shape[1] in (None, classes)
+    if not fits or len(outputs.shape) != 2:
+        raise ValueError(
+            f"sample gate: targets of shape {tuple(targets.shape)} do not fit outputs of shape "
+            f"{tuple(outputs.shape)}: give class ids of shape (batch,) or one-hot/probability "
+            "rows of shape (batch, classes). The gates judge one class prediction per sample; "
+            "for regression use samples=None."
+        )
+    return targets, 0
 
 
 def ids_from(x: Any) -> Any:
@@ -175,7 +204,7 @@ def gated_compute_loss(
             outputs = outputs[0]
         if isinstance(outputs, Mapping):
             outputs = next(iter(outputs.values()))
-        state._unremembered = 0
+        state._unremembered = state._bad_targets = 0
         mask = state.decide(ops.stop_gradient(outputs), y, ids)
         if state.sample_gate is not None:
             w = ops.cast(mask, "float32")
@@ -186,7 +215,7 @@ def gated_compute_loss(
                 sample_weight = sw * ops.reshape(w, (-1,) + (1,) * (len(sw.shape) - 1))
         loss = original(x, y, y_pred, sample_weight, **kwargs)
         learned = ops.sum(ops.cast(mask, "int32"))
-        state.update_state(ops.shape(mask)[0], learned, state._unremembered)
+        state.update_state(ops.shape(mask)[0], learned, state._unremembered, state._bad_targets)
         if state.sample_gate is not None:
             loss = ops.where(learned > 0, loss, loss * 0)
         return loss

@@ -11,13 +11,17 @@ compiled step on every backend, and they are saved with the optimizer
 Skipped steps change nothing at all, optimizer state included:
 
 - a step whose proposal holds NaN/Inf (counted in ``report().skipped_steps``);
+  a step the inner ``LossScaleOptimizer`` skips (``mixed_float16``: inf/NaN
+  gradients at this loss scale) changes nothing by itself and is counted there
+  too, while the loss scaler keeps its new, lower scale;
 - with a sample gate, a step where no sample passed. The gate zeroes the whole
   loss then, so the adapter reads "no sample" off an all-zero gradient.
 
 Exactness of the totals: per step, sums are float32 (JAX runs without x64). They
 are added to a float32 pair (value, rounding error) with an error-free sum, and
 counts to two int32 words, so ``M1`` stays within float32 rounding of one step
-and ``M0`` is exact after any number of steps. :meth:`energy_state` hands them to
+(1e6 steps: 1e-12 relative error, tests/reliability) and ``M0`` is exact after
+any number of steps. :meth:`energy_state` hands them to
 the core in float64/int64.
 
 Optimizer moments see every proposal (they are the inner optimizer's business);
@@ -37,7 +41,7 @@ import numpy as np
 from keras import ops
 
 from .backends.keras_ops import keras_ops, xla_on_tensorflow
-from .core import Plasticity, TensorSpec, Topology
+from .core import Plasticity, TensorSpec, Topology, checks
 from .core.config import from_config, to_config
 from .core.ops import numpy_ops
 from .core.units import RandomUnits
@@ -65,6 +69,16 @@ def describe(variables: Sequence[Any], layers: Sequence[str] | None = None) -> l
         else:
             specs.append(TensorSpec(v.path, shape, None))
     return specs
+
+
+def check_in_graph(plasticity: Plasticity) -> None:
+    """Refuse the rules a compiled Keras train step cannot run."""
+    if isinstance(plasticity.units, RandomUnits):
+        raise ValueError(
+            "units=RandomUnits redraws its units on the host at every step, which a "
+            "compiled Keras train step cannot do; use FixedSubnetwork or RandomSynapses "
+            "as the random control in Keras, or RandomUnits through the Lightning adapter"
+        )
 
 
 def _layer_of(v: Any) -> str:
@@ -107,7 +121,13 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             )
         super().__init__(learning_rate=0.0, name=name)
         if isinstance(inner_optimizer, Mapping):
-            inner_optimizer = keras.optimizers.deserialize(inner_optimizer)
+            try:
+                inner_optimizer = keras.optimizers.deserialize(dict(inner_optimizer))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"PlasticityOptimizer.inner_optimizer: {inner_optimizer!r} is no serialized "
+                    f"Keras optimizer ({exc!r})"
+                ) from None
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise ValueError(
                 f"PlasticityOptimizer.inner_optimizer must be a keras Optimizer, "
@@ -116,16 +136,19 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         if plasticity is None:
             plasticity = Plasticity()
         elif isinstance(plasticity, Mapping):
-            plasticity = from_config(plasticity)
-        if isinstance(plasticity.units, RandomUnits):
+            try:
+                plasticity = from_config(plasticity)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"PlasticityOptimizer.plasticity: {exc}") from None
+        elif not isinstance(plasticity, Plasticity):
             raise ValueError(
-                "units=RandomUnits redraws its units on the host at every step, which a "
-                "compiled Keras train step cannot do; use FixedSubnetwork or RandomSynapses "
-                "as the random control in Keras, or RandomUnits through the Lightning adapter"
+                f"PlasticityOptimizer.plasticity must be a Plasticity(...), its to_config() "
+                f"dict or None, got {plasticity!r}"
             )
+        check_in_graph(plasticity)
         self.inner_optimizer = inner_optimizer
         self.plasticity = plasticity
-        self.layers = None if layers is None else [str(n) for n in layers]
+        self.layers = checks.names("PlasticityOptimizer.layers", layers, "a layer name")
         self.gate = GateState(plasticity.samples)
         self._covered: list[int] = []
         self._caching: CachingVariables | None = None
@@ -145,8 +168,10 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 f"variables {[v.path for v in var_list]}; name layers of the model"
             )
         covered = [var_list[i] for i in self._covered]
+        specs = describe(covered)
+        self._names = [t.name for t in specs]  # the callback's Plasticity may be rebound later
         # the meter keeps host (NumPy) totals; the rules trace keras.ops into the step
-        self.plasticity.setup(Topology.chain(describe(covered)), ops=numpy_ops)
+        self.plasticity.setup(Topology.chain(specs), ops=numpy_ops)
         self.plasticity.ops = keras_ops
         n = len(covered)
         with keras.name_scope(self.name, caller=self):
@@ -187,7 +212,20 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         before = [_snapshot(v) for v in variables]
         state = self.inner_optimizer.variables
         state_before = [_snapshot(v) for v in state]
-        self.inner_optimizer.apply(grads, variables)
+        scaler_skips = None  # a LossScaleOptimizer skips steps with inf/NaN gradients itself
+        if isinstance(self.inner_optimizer, keras.optimizers.LossScaleOptimizer):
+            scaler_skips = ops.logical_not(self.inner_optimizer.check_finite(grads))
+        if scaler_skips is not None and keras.backend.backend() == "jax":
+            # its stateful apply assigns inside a jax cond: run its stateless form instead
+            new_values, new_state = self.inner_optimizer.stateless_apply(
+                [v.value for v in state], grads, [v.value for v in variables]
+            )
+            assign_all(
+                list(zip(variables, new_values, strict=True))
+                + list(zip(state, new_state, strict=True))
+            )
+        else:
+            self.inner_optimizer.apply(grads, variables)
 
         live = ops.convert_to_tensor(True)
         if self._skips_empty_steps:
@@ -198,7 +236,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         final, m1, m0, m_alpha, finite, go, cached = self._masked_step_fn(
             before, after, live, store
         )
-        metered = self._metered(m1, m0, m_alpha, go, finite)
+        metered = self._metered(m1, m0, m_alpha, go, finite, scaler_skips)
         if self._caching is not None:
             metered += self._caching.metered(*cached)
         if final is None:  # measure only: the weights change unless the step is skipped
@@ -270,16 +308,24 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         return self.plasticity.samples is not None and not accumulating
 
     def _metered(
-        self, m1: Any, m0: Any, m_alpha: Any, applied: Any, finite: Any
+        self, m1: Any, m0: Any, m_alpha: Any, applied: Any, finite: Any, scaler_skips: Any = None
     ) -> list[tuple[Any, Any]]:
-        """The accumulators' new values after a step with per-tensor ``m1``, ``m0``."""
+        """The accumulators' new values after a step with per-tensor ``m1``, ``m0``.
+
+        ``scaler_skips`` is True for a step the inner loss scaler skipped: it changed no
+        weight (its energy is 0) and counts as skipped, not as a step.
+        """
+        skipped = ops.logical_not(finite)
+        if scaler_skips is not None:
+            applied = ops.logical_and(applied, ops.logical_not(scaler_skips))
+            skipped = ops.logical_or(skipped, scaler_skips)
         acc = self._totals
         out = two_sum_update(acc["m1"], acc["m1_error"], m1)
         if self.plasticity.alpha != 1.0:
             out += two_sum_update(acc["m_alpha"], acc["m_alpha_error"], m_alpha)
         low, high = carry_count(acc["m0_low"].value, acc["m0_high"].value, m0)
         counters = self._counters.value + ops.stack(
-            [ops.cast(applied, "int32"), 1 - ops.cast(finite, "int32")]
+            [ops.cast(applied, "int32"), ops.cast(skipped, "int32")]
         )
         return out + [
             (acc["m0_low"], low),

@@ -15,7 +15,8 @@ Logged keys (the Keras adapter uses the same ones):
 - ``plasticity/energy_min``, ``plasticity/inefficiency`` and
   ``plasticity/samples_learned`` (the share of this epoch's samples that
   passed the gate) at epoch end, with ``plasticity/energy/<tensor>`` when
-  ``per_layer=True``;
+  ``per_layer=True``; ``plasticity/skipped_steps`` (steps undone for NaN/Inf,
+  or skipped by the 16-mixed GradScaler, so far) at epoch end;
 - with ``caching=``: ``plasticity/energy`` is consolidation + maintenance, and
   ``plasticity/energy_consolidation``, ``plasticity/energy_maintenance`` come at
   epoch end; with ``cost=``, ``plasticity/joules``. The transient store is
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .core import EnergyReport, Plasticity, Topology
+from .core import EnergyReport, Plasticity, Topology, checks
 from .core.caching import Caching
 from .core.costs import Cost
 from .core.plasticity import from_shorthands
@@ -125,28 +126,19 @@ class PlasticityCallback(Callback):
             cost=cost,
         )
         for name, fn in (("targets", targets), ("outputs", outputs), ("sample_ids", sample_ids)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"PlasticityCallback.{name} must be a callable, got {fn!r}")
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"PlasticityCallback.log_every_n_steps must be an int >= 1 or None (every "
-                f"step), got {log_every_n_steps!r}"
-            )
-        if not isinstance(per_layer, bool):
-            raise ValueError(
-                f"PlasticityCallback.per_layer must be True or False, got {per_layer!r}"
-            )
-        if ignore_index is not None and (
-            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-        ):
-            raise ValueError(
-                f"PlasticityCallback.ignore_index must be an int (the target id of entries the "
-                f"gate skips, -100 by default) or None, got {ignore_index!r}"
-            )
+            checks.function(f"PlasticityCallback.{name}", fn)
+        if log_every_n_steps is not None:
+            try:
+                log_every_n_steps = checks.count("log_every_n_steps", log_every_n_steps)
+            except ValueError:
+                raise ValueError(
+                    f"PlasticityCallback.log_every_n_steps must be an int >= 1 or None (every "
+                    f"step), got {log_every_n_steps!r}"
+                ) from None
+        per_layer = checks.flag("PlasticityCallback.per_layer", per_layer)
+        if ignore_index is not None:
+            what = "an int (the target id of entries the gate skips, -100 by default) or None"
+            ignore_index = checks.integer("PlasticityCallback.ignore_index", ignore_index, what)
         self.plasticity = plasticity
         self.targets = targets or default_targets
         self.outputs = outputs
@@ -206,6 +198,9 @@ class PlasticityCallback(Callback):
             outputs=self.outputs,
             ignore_index=self.ignore_index,
         )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # 16-mixed: steps the GradScaler skips count as skipped
+            self._handle.watch(scaler)
         if self._pending_state is not None:
             self._handle.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -281,6 +276,7 @@ class PlasticityCallback(Callback):
         metrics = {
             "plasticity/energy_min": report.m1_min,
             "plasticity/inefficiency": report.inefficiency,
+            "plasticity/skipped_steps": float(report.skipped_steps),
         }
         if seen:
             metrics["plasticity/samples_learned"] = learned / seen
@@ -309,14 +305,11 @@ class PlasticityCallback(Callback):
         p.samples_seen = self._epoch_start[0] + int(delta[0])
         p.samples_learned = self._epoch_start[1] + int(delta[1])
         memory = getattr(p.samples, "memory", None)
-        if memory is not None:
-            size = torch.tensor([memory.size], dtype=torch.int64, device=device)
-            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
-            flags = np.zeros(int(size), dtype=np.uint8)
-            flags[memory.flagged()] = 1
-            shared = torch.from_numpy(flags).to(device)
-            torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
-            memory.set(np.flatnonzero(shared.cpu().numpy()))
+        if memory is not None:  # the packed memories (12.5 MB for 1e8 ids), ORed together
+            states: list[Any] = [None] * _world_size()
+            torch.distributed.all_gather_object(states, memory.state_dict())
+            for state in states:
+                memory.merge(state)
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -35,6 +35,10 @@ How it works:
   are zeroed on every tensor of the forward output, so they add nothing to any
   parameter gradient, and the loss keeps its own normalization. When no sample
   passes, the optimizer step is skipped: no weight, moment or step count changes.
+- **Faults.** A step whose update holds NaN/Inf is undone and counted in
+  ``report().skipped_steps`` (the first one of each cause warns). Steps a
+  ``torch.amp.GradScaler`` skips never reach the hooks: ``handle.watch(scaler)``
+  counts them as skipped (Lightning does it under ``16-mixed``).
 - **Devices.** CPU tensors in float16/32/64 are processed through zero-copy
   NumPy views; other devices and dtypes use torch ops, and their energy totals
   stay on the device until they are read (a report, a log): a step never waits
@@ -62,12 +66,13 @@ import torch
 from torch import nn
 
 from .backends.torch_ops import ops_for
-from .core import EnergyReport, Plasticity, TensorSpec, Topology
+from .core import EnergyReport, Plasticity, TensorSpec, Topology, checks
 from .core.ops import NumpyOps
 from .core.targets import IGNORE_INDEX
+from .torch_faults import nonfinite_reason, nonfinite_weights, watch_scaler
 from .torch_gate import OutputGate, default_logits, skip_empty_steps
 from .torch_layers import describe
-from .torch_snapshot import Snapshot, view
+from .torch_snapshot import ShapeChanged, Snapshot, view
 from .torch_wiring import WiringProbe, resolve
 
 __all__ = ["AttachedPlasticity", "attach", "default_logits", "describe"]
@@ -100,6 +105,8 @@ class AttachedPlasticity:
         self._reference: dict[int, torch.Tensor] = {}  # w at the last sync, per parameter
         self._steps: dict[int, tuple[Snapshot, list[int]]] = {}
         self._removers: list[Callable[[], None]] = []
+        self._stepped = 0  # optimizer steps that reached the hooks
+        self._nonfinite_weights: set[str] = set()  # parameters warned about in sync()
         units = plasticity.units
         self._probe = WiringProbe(model) if units is not None and adjacency is None else None
         if self._probe is not None:
@@ -208,11 +215,21 @@ class AttachedPlasticity:
 
     # -- the step ----------------------------------------------------------
     def _before_step(self, opt: torch.optim.Optimizer) -> None:
+        self._stepped += 1
         if self._signature() != self._bound:
             self._bind()
         entry = self._steps.get(id(opt))
         if entry is not None:
-            entry[0].take()
+            try:
+                entry[0].take()
+            except ShapeChanged as exc:
+                name = self.specs[entry[1][exc.index]].name
+                raise RuntimeError(
+                    f"plasticity: parameter {name!r} changed shape from {exc.old} to {exc.new} "
+                    "mid-run (its data was replaced), so its energy cannot be carried on. "
+                    "Resize the model before attaching (or before fit), or detach(), read "
+                    "report(), and attach again."
+                ) from None
 
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
         entry = self._steps.get(id(opt))
@@ -242,27 +259,25 @@ class AttachedPlasticity:
         deltas, stats = snap.deltas()
         proposed = self._proposed(mine, deltas)
         current = [False] * len(mine)  # snapshots that drop() brought up to date
-        restricts = plasticity.restricts
-        if restricts:
-            ops = self.ops
-            finite = all(
-                d is None or (ops.isfinite_all(d) if s is None else math.isfinite(s[0]))
-                for d, s in zip(deltas, stats, strict=True)
-            )
-            if not finite:
-                snap.undo()
-                plasticity.meter.skip_nonfinite()
-                return
+        ops = self.ops
+        finite = all(
+            d is None or (ops.isfinite_all(d) if s is None else math.isfinite(s[0]))
+            for d, s in zip(deltas, stats, strict=True)
+        )
+        if not finite:
+            snap.undo()
+            self._count_skipped(snap)
+            return
+        if plasticity.restricts:
             masks = plasticity.masks(proposed)
             for j, i in enumerate(mine):
                 if proposed[i] is not None and masks[i] is not None:
                     stats[j] = snap.drop(j, masks[i])
                     current[j] = snap.fused[j]
-        # The deltas now hold the real applied change: mask * dw.
+        # The deltas now hold the real applied change: mask * dw. record() still checks
+        # its sums (finite entries whose float64 sum overflows are skipped too).
         totals = self._proposed(mine, stats)
-        if plasticity.record(
-            proposed, check_finite=not restricts, displacement=False, totals=totals
-        ):
+        if plasticity.record(proposed, displacement=False, totals=totals):
             snap.settle(current)
             if plasticity.caching is not None:
                 self._cache(snap, mine, proposed)
@@ -292,8 +307,8 @@ class AttachedPlasticity:
         proposed = self._proposed(mine, diffs)
         masks = plasticity.masks(proposed) if plasticity.restricts else [None] * len(proposed)
         applied = snap.apply(diffs, [masks[i] for i in mine])
-        if applied is None:
-            plasticity.meter.skip_nonfinite()
+        if applied is None:  # NaN/Inf: apply() put the weights back
+            self._count_skipped(snap)
             return
         # record() reads only the totals here (alpha = 1, no displacement).
         totals = self._proposed(mine, applied)
@@ -336,18 +351,66 @@ class AttachedPlasticity:
         if plasticity.caching is not None and bool(ok):  # caching reads its figures: one sync
             self._cache(snap, mine, proposed)
 
+    def _count_skipped(self, snap: Snapshot) -> None:
+        """Count a step that was undone for NaN/Inf; the first one of each cause warns."""
+        names = {id(p): s.name for s, p in zip(self.specs, self.params, strict=True)}
+        bad = nonfinite_weights([names[id(p)] for p in snap.params], snap.params)
+        self._nonfinite_weights.update(bad)  # sync() need not warn about them again
+        self.plasticity.meter.skip_nonfinite(reason=nonfinite_reason(bad))
+
+    def watch(self, scaler: Any) -> None:
+        """Count the optimizer steps a ``torch.amp.GradScaler`` skips (inf/NaN gradients
+        at this loss scale) as skipped steps: they cost nothing and change no weight.
+
+        Without this the hooks never see those steps (the scaler does not call
+        ``optimizer.step``). Lightning's callback watches its precision plugin's scaler.
+        With a sample gate, a batch nobody learns from then still runs its backward
+        pass (into zero gradients): the scaler fails on parameters without gradients.
+        """
+        gate = self.gate
+        if gate is not None:
+            gate.detach_when_empty = False
+        self._removers.append(
+            watch_scaler(
+                scaler,
+                self.optimizers,
+                stepped=lambda: self._stepped,
+                gate_skips=lambda: 0 if gate is None else gate.empty_steps,
+                count=lambda: self.plasticity.meter.skip_nonfinite(reason=""),
+            )
+        )
+
     def sync(self) -> None:
-        """Fold the weights' net change since the last sync into ``w_T - w_0``."""
+        """Fold the weights' net change since the last sync into ``w_T - w_0``.
+
+        A parameter holding NaN/Inf is left out (its displacement stays at its last
+        finite value, so M1_min stays finite) and is warned about once.
+        """
         meter = self.plasticity.meter
+        bad = []
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 ref = self._reference[id(p)]
                 if self._use_numpy:
                     delta = np.subtract(view(p), view(ref), dtype=np.float64)
+                    finite = bool(np.isfinite(delta).all())
                 else:
                     delta = p.detach().double() - ref.double()
+                    finite = bool(torch.isfinite(delta).all())
+                if not finite:
+                    bad.append(self.specs[i].name)
+                    continue
                 meter.add_displacement(i, delta)
                 ref.copy_(p.detach())
+        new = [name for name in bad if name not in self._nonfinite_weights]
+        if new:
+            self._nonfinite_weights.update(new)
+            warnings.warn(
+                f"plasticity: parameters {new} hold NaN/Inf; their net displacement "
+                "(M1_min) stays at its last finite value until they are finite again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- public --------------------------------------------------------------
     def gate_batch(self, targets: Any, sample_ids: Any = None) -> None:
@@ -415,13 +478,7 @@ class AttachedPlasticity:
 
 def module_names(layers: Any, field: str = "layers") -> list[str] | None:
     """``layers=`` as a list of module names: one name alone is a list of one."""
-    if layers is None:
-        return None
-    if isinstance(layers, str):
-        return [layers]
-    if isinstance(layers, Sequence) and all(isinstance(n, str) for n in layers):
-        return list(layers)
-    raise ValueError(f"{field} must be a module name or a list of them, got {layers!r}")
+    return checks.names(field, layers, "a module name")
 
 
 def edges(adjacency: Any, field: str = "adjacency") -> list[tuple[Any, ...]] | None:
@@ -435,12 +492,15 @@ def edges(adjacency: Any, field: str = "adjacency") -> list[tuple[Any, ...]] | N
             and not isinstance(edge, str)
             and len(edge) in (2, 3)
             and all(isinstance(n, str) for n in edge[:2])
-            and (len(edge) == 2 or (isinstance(edge[2], int) and not isinstance(edge[2], bool)))
+            and (
+                len(edge) == 2
+                or (isinstance(edge[2], int) and not isinstance(edge[2], bool) and edge[2] >= 1)
+            )
         )
         if not ok:
             raise ValueError(
                 f"{field} must list [pre, post] or [pre, post, spread] layer links (layer "
-                f"names are module names, e.g. 'net.0'), got {edge!r}"
+                f"names are module names, e.g. 'net.0'; spread an integer >= 1), got {edge!r}"
             )
         out.append(tuple(edge))
     return out

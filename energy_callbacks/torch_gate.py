@@ -83,6 +83,10 @@ class OutputGate:
         self._armed: tuple[Any, Any] | None = None
         self.decided = 0  # forward passes gated so far
         self.learned = 0  # samples that passed so far (summed over ranks)
+        self.empty_steps = 0  # optimizer steps skipped because no sample passed
+        # No sample learns: detach the output so the backward pass costs nothing. Off
+        # under a GradScaler, which needs every gradient to exist (zeros, then).
+        self.detach_when_empty = True
         self._reached: list[list[bool]] = []  # per gated forward since the last step
         self._hook = module.register_forward_hook(self._on_forward)
 
@@ -147,7 +151,8 @@ class OutputGate:
             learned = int(count.item())
         self.decided += 1
         self.learned += learned
-        if learned == 0 and not _distributed() and isinstance(output, torch.Tensor):
+        free = self.detach_when_empty and not _distributed()
+        if learned == 0 and free and isinstance(output, torch.Tensor):
             return output.detach().requires_grad_()  # nothing learns: a backward pass for free
         if result.learned < mask.numel():
             self._gate_gradients(output, mask)
@@ -236,6 +241,7 @@ def skip_empty_steps(opt: torch.optim.Optimizer, gate: OutputGate) -> Callable[[
         last[:] = [gate.decided, gate.learned]
         if learned == 0:
             gate.forget_reached()
+            gate.empty_steps += 1
             self._opt_called = True  # type: ignore[attr-defined]
             return loss
         gate.check_reached()

@@ -17,6 +17,14 @@ from torch import nn
 from .backends import fused
 
 
+class ShapeChanged(RuntimeError):
+    """Parameter ``index`` of a snapshot changed shape between steps."""
+
+    def __init__(self, index: int, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+        super().__init__(f"parameter {index} changed shape from {old} to {new}")
+        self.index, self.old, self.new = index, old, new
+
+
 class Snapshot:
     """The parameters one optimizer steps, as they were before its step.
 
@@ -58,6 +66,8 @@ class Snapshot:
         for i, (p, b) in enumerate(zip(self.params, self.before, strict=True)):
             if self.current[i] and self.stamps[i] == _stamp(p):
                 continue
+            if tuple(p.shape) != tuple(b.shape):  # new storage of another shape (p.data = ...)
+                raise ShapeChanged(i, tuple(b.shape), tuple(p.shape))
             if self.use_numpy:
                 torch.from_numpy(b).copy_(p.detach())  # torch copies with all threads
             else:

@@ -42,7 +42,14 @@ from typing import Any
 
 import numpy as np
 
-from ..core.ops import APPROX_SAMPLE, NumpyOps, approx_cut, bracket, bracket_sample
+from ..core.ops import (
+    APPROX_SAMPLE,
+    NumpyOps,
+    approx_cut,
+    approx_stride,
+    bracket,
+    bracket_sample,
+)
 
 try:  # numba is optional: the NumPy path gives the same numbers, slower
     from numba import njit
@@ -284,7 +291,7 @@ class FusedNumpyOps(NumpyOps):
             if x.dtype in FUSED_DTYPES and 0 < k < n and n > APPROX_SAMPLE:
                 # The sample of w - before is all the threshold needs: the difference
                 # itself is never written (the adapter applies the threshold as it undoes).
-                step = n // APPROX_SAMPLE
+                step = approx_stride(n)
                 t = approx_cut(np.abs(x.after[::step] - x.before[::step]), n, k)
                 return ThresholdMask(x, t, (n,))
         x = np.asarray(x)
@@ -293,7 +300,7 @@ class FusedNumpyOps(NumpyOps):
             return super().top_magnitude_mask(x, k, approximate)
         flat = x.reshape(-1)
         if approximate:
-            t = approx_cut(np.abs(flat[:: n // APPROX_SAMPLE]), n, k)
+            t = approx_cut(np.abs(flat[:: approx_stride(n)]), n, k)
             out = np.empty(n, dtype=bool)
             _magnitude_at_least(flat, t, t <= 0, out)
             return out

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from ..core.ops import APPROX_SAMPLE
+from ..core.ops import APPROX_SAMPLE, approx_stride
 
 _EXACT_FLOAT_COUNT = 1 << 24
 """Below this many entries a float32 sum of 0/1 values is an exact count."""
@@ -219,7 +219,7 @@ def _approx_top(scores: Array, k: int) -> Array:
     """``scores >= t``, ``t`` the matching order statistic of a strided sample (as the core)."""
     n = int(scores.shape[0])
     bits = ops.view(ops.cast(scores, "float32"), "int32")
-    sample = bits[:: n // APPROX_SAMPLE]
+    sample = bits[:: approx_stride(n)]
     m = int(sample.shape[0])
     r = min(m - 1, max(0, m - round(k * m / n)))
     # the r-th smallest of the sample (NumPy's partition) is its (m - r)-th largest

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from ..core.ops import APPROX_SAMPLE, Array, ArrayOps, NumpyOps
+from ..core.ops import APPROX_SAMPLE, Array, ArrayOps, NumpyOps, approx_stride
 from . import fused
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
@@ -84,7 +84,7 @@ class TorchOps:
         n = scores.numel()
         if n <= APPROX_SAMPLE or k <= 0 or k >= n:
             return self.top_k_mask(scores.reshape(1, n), k)[0]
-        sample = scores.reshape(-1)[:: n // APPROX_SAMPLE]
+        sample = scores.reshape(-1)[:: approx_stride(n)]
         m = sample.numel()
         r = min(m - 1, max(0, m - round(k * m / n)))
         t = torch.kthvalue(sample.float(), r + 1).values.to(scores.dtype)

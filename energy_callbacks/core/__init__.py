@@ -8,9 +8,10 @@ Nothing here imports torch, keras, tensorflow or jax. Rules are written against
 from .caching import Caching
 from .costs import BIOLOGY_JOULES_PER_BIT, PRESETS, Cost
 from .energy import EnergyMeter, EnergyReport, LayerEnergy
+from .memory import MistakeMemory
 from .ops import ArrayOps, NumpyOps, numpy_ops
 from .plasticity import GateResult, Plasticity, Step
-from .samples import Lazy, Margin, MemorizedMistakes, MistakeMemory, SampleGate
+from .samples import Lazy, Margin, MemorizedMistakes, SampleGate
 from .synapses import RandomSynapses, SynapseRule, Threshold, TopFraction, keep_count
 from .topology import Layer, TensorSpec, Topology
 from .units import FixedSubnetwork, RandomUnits, TopUnits, UnitRule

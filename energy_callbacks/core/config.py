@@ -87,8 +87,14 @@ def to_config(plasticity: Plasticity) -> dict[str, Any]:
     }
 
 
+CONFIG_KEYS = ("synapses", "units", "samples", "alpha", "joules_per_unit", "cost_basis")
+
+
 def from_config(config: Mapping[str, Any]) -> Plasticity:
     """A fresh (not set up) :class:`Plasticity` from a :func:`to_config` dict."""
+    unknown = [k for k in config if k not in CONFIG_KEYS]
+    if unknown:
+        raise ValueError(f"from_config: unknown keys {unknown}; a config holds {CONFIG_KEYS}")
     units, samples = config.get("units"), config.get("samples")
     caching, cost = config.get("caching"), config.get("cost")
     if cost is None:  # a config of an earlier release

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import checks
 from .ops import Array, ArrayOps, numpy_ops
 from .topology import TensorSpec
 
@@ -172,7 +173,7 @@ class EnergyMeter:
 
     Call :meth:`record` with one array per tensor (``None`` for a tensor that did
     not change this step). A step holding a NaN or Inf is not added: it is
-    counted in ``skipped_steps`` and a warning is issued.
+    counted in ``skipped_steps``, and the first one warns.
     """
 
     def __init__(
@@ -197,6 +198,7 @@ class EnergyMeter:
         self._displacement = [self.ops.zeros_f64(t.shape) for t in self.tensors]
         self.steps = 0
         self.skipped_steps = 0
+        self._warned: set[str] = set()  # causes of skipped steps warned about
         self._pending: list[Array] | None = None  # device totals not read yet
         self._pending_steps = 0
 
@@ -221,10 +223,10 @@ class EnergyMeter:
         old = {t.name: i for i, t in enumerate(self.tensors)}
         old_ops, self.ops = self.ops, ops or self.ops
         m1, m_alpha, m0, displacement = self._m1, self._m_alpha, self._m0, self._displacement
-        steps, skipped = self.steps, self.skipped_steps
+        steps, skipped, warned = self.steps, self.skipped_steps, self._warned
         self.tensors = new
         self.reset()
-        self.steps, self.skipped_steps = steps, skipped
+        self.steps, self.skipped_steps, self._warned = steps, skipped, warned
         for i, t in enumerate(new):
             j = old.get(t.name)
             if j is None:
@@ -327,13 +329,28 @@ class EnergyMeter:
         """Add a change of tensor ``index`` to its net displacement only (not to M1/M0)."""
         self._displacement[index] = self.ops.add_f64(self._displacement[index], delta)
 
-    def skip_nonfinite(self, steps: int = 1) -> None:
-        """Count (and warn about) ``steps`` steps whose updates held NaN or Inf."""
+    def skip_nonfinite(self, steps: int = 1, *, reason: str | None = None) -> None:
+        """Count ``steps`` skipped steps (they cost nothing) and warn, once per cause.
+
+        ``reason`` says why, for the warning; by default the steps' updates held NaN
+        or Inf. ``reason=""`` counts without a warning (a loss scaler's own skips).
+        The first step skipped for a cause warns; later ones are only counted in
+        ``report().skipped_steps``.
+        """
         self.skipped_steps += steps
-        what = "a step's updates hold" if steps == 1 else f"{steps} steps' updates held"
+        if reason == "":
+            return
+        if reason is None:
+            reason = (
+                "a step's updates hold NaN/Inf (NaN/Inf gradients?): it was skipped, the "
+                "weights were left as before and nothing was counted"
+            )
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
         warnings.warn(
-            f"plasticity: {what} NaN/Inf; skipped, weights left as before, nothing counted "
-            f"({self.skipped_steps} skipped so far)",
+            f"plasticity: {reason}. Later skipped steps are counted in report().skipped_steps "
+            f"without another warning ({self.skipped_steps} skipped so far).",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -426,8 +443,7 @@ class EnergyMeter:
 
 
 def check_alpha(alpha: float) -> None:
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0 (1 gives M1), got {alpha!r}")
+    checks.real("alpha", alpha, low=0.0, low_open=True, what="a finite number > 0 (1 gives M1)")
 
 
 def _energy(m1: float, consolidation: float | None, maintenance: float | None) -> float:

@@ -11,6 +11,8 @@ always returns exactly ``k`` entries, and the same ones on every backend.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -59,8 +61,9 @@ class ArrayOps(Protocol):
         """About the ``k`` largest entries of a 1-D array of scores ``>= 0``, in one pass.
 
         Keeps ``scores >= t``, where ``t`` is the matching order statistic of a
-        strided sample of :data:`APPROX_SAMPLE` entries (``> 0`` when ``t`` is 0,
-        so that zero scores never count). Exact below that many entries.
+        sample of about :data:`APPROX_SAMPLE` entries at a prime stride
+        (:func:`approx_stride`; ``> 0`` when ``t`` is 0, so that zero scores never
+        count). Exact below that many entries.
         """
         ...
 
@@ -217,7 +220,7 @@ class NumpyOps:
         n = s.size
         if n <= APPROX_SAMPLE or k <= 0 or k >= n:
             return self.top_k_mask(s[None, :], k)[0]
-        t = approx_cut(s[:: n // APPROX_SAMPLE], n, k)
+        t = approx_cut(s[:: approx_stride(n)], n, k)
         out: np.ndarray = s > 0 if t <= 0 else s >= t
         return out
 
@@ -349,6 +352,25 @@ def _top_k_row(s: np.ndarray, k: int) -> np.ndarray:
 
 APPROX_SAMPLE = 1 << 14
 """Sample size of :meth:`ArrayOps.approx_top_mask`."""
+
+
+@functools.lru_cache(maxsize=256)
+def approx_stride(n: int) -> int:
+    """The stride of :meth:`ArrayOps.approx_top_mask`'s sample of ``n`` entries: the
+    smallest prime ``>= n // APPROX_SAMPLE`` (1 for short arrays).
+
+    A prime shares no factor with a tensor's row length or channel count, so the
+    sample visits every column of a structured tensor. The plain ``n // 16384`` of a
+    4096 x 4096 matrix is 1024, which sampled 4 of its 4096 columns: with columns of
+    different scales (any dense gradient, ``outer(delta, x)``) the kept count was off
+    by 97%, and by 730% for a (262144, 64) embedding.
+    """
+    step = n // APPROX_SAMPLE
+    if step < 2:
+        return 1
+    while any(step % d == 0 for d in range(2, math.isqrt(step) + 1)):
+        step += 1
+    return step
 
 _BRACKET_MIN = 1 << 14
 _PARTITION_MIN = 2048

@@ -310,7 +310,7 @@ class Plasticity:
         nothing. Without, the masked proposals themselves are recorded.
 
         A step whose proposals hold NaN/Inf is skipped: nothing is applied or
-        counted, a RuntimeWarning is issued and ``report().skipped_steps`` grows.
+        counted and ``report().skipped_steps`` grows (the first one warns).
 
         With caching, the applied updates then enter the transient store; its decay
         is added to ``weights`` (and returned in ``Step.decay`` for callers
@@ -452,6 +452,12 @@ def from_shorthands(
     The framework callbacks take either a ready :class:`Plasticity` or the shorthand
     arguments; this is their shared check.
     """
+    check_alpha(alpha)
+    if plasticity is not None and not isinstance(plasticity, Plasticity):
+        raise ValueError(
+            f"{owner}.plasticity must be a Plasticity(...) (or None, with the shorthands "
+            f"synapses=/units=/samples=), got {plasticity!r}"
+        )
     shorthand = any(v is not None for v in (synapses, units, samples, caching, cost))
     if plasticity is not None and (shorthand or alpha != 1.0):
         raise ValueError(

@@ -9,18 +9,20 @@ passes must change no weight at all (skip the optimizer step).
 - :class:`Margin`: also learn on correct samples whose true-class probability
   is below ``threshold``.
 - :class:`MemorizedMistakes`: learn if wrong now *or* ever wrong before. The
-  flags live in a :class:`MistakeMemory` keyed by sample id (1 bit per sample).
+  flags live in a :class:`~energy_callbacks.core.memory.MistakeMemory` keyed by
+  sample id (1 bit per sample, bounded in memory whatever the ids).
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from . import checks
+from .memory import MistakeMemory
 from .ops import Array, ArrayOps, numpy_ops
 
 
@@ -94,14 +96,13 @@ class Margin(SampleGate):
     """
 
     def __init__(self, threshold: float, *, from_logits: bool = True) -> None:
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not (math.isfinite(threshold) and 0 < threshold <= 1)
-        ):
-            raise ValueError(f"Margin.threshold must be a probability in (0, 1], got {threshold!r}")
-        self.threshold = float(threshold)
-        self.from_logits = from_logits
+        try:
+            self.threshold = checks.fraction("Margin.threshold", threshold)
+        except ValueError:
+            raise ValueError(
+                f"Margin.threshold must be a probability in (0, 1], got {threshold!r}"
+            ) from None
+        self.from_logits = checks.flag("Margin.from_logits", from_logits)
 
     def __repr__(self) -> str:
         return f"Margin({self.threshold})"
@@ -121,94 +122,14 @@ class Margin(SampleGate):
         return _only(ops.logical_or(ops.argmax(outputs) != labels, unsure), counted, ops)
 
 
-class MistakeMemory:
-    """One persistent bit per sample id: "was misclassified at some presentation".
-
-    Grows with the largest id seen. ``merge`` ORs another memory in (use it to
-    combine data-parallel ranks). ``state_dict`` holds a packed uint8 array.
-    """
-
-    def __init__(self) -> None:
-        self._bits = np.zeros(0, dtype=np.uint8)
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def _grow(self, size: int) -> None:
-        if size > self.size:
-            need = (size + 7) // 8
-            if need > self._bits.size:
-                bigger = np.zeros(max(need, 2 * self._bits.size), dtype=np.uint8)
-                bigger[: self._bits.size] = self._bits
-                self._bits = bigger
-            self.size = size
-
-    @staticmethod
-    def _ids(ids: Any) -> np.ndarray:
-        arr: np.ndarray = np.asarray(ids)
-        if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0):
-            raise ValueError(
-                f"MistakeMemory: sample ids must be integers >= 0, got {arr.dtype} {arr.min()}"
-            )
-        return arr.astype(np.int64).ravel()
-
-    def get(self, ids: Any) -> np.ndarray:
-        """The flags of ``ids`` (False for ids never seen)."""
-        ids = self._ids(ids)
-        flags = np.zeros(ids.shape, dtype=bool)
-        known = ids < self.size
-        k = ids[known]
-        flags[known] = (self._bits[k >> 3] >> (k & 7).astype(np.uint8)) & 1 == 1
-        return flags
-
-    def set(self, ids: Any) -> None:
-        """Flag ``ids``."""
-        ids = self._ids(ids)
-        if ids.size == 0:
-            return
-        self._grow(int(ids.max()) + 1)
-        np.bitwise_or.at(self._bits, ids >> 3, (1 << (ids & 7)).astype(np.uint8))
-
-    def count(self) -> int:
-        """How many samples are flagged."""
-        return int(np.unpackbits(self._bits).sum())
-
-    def flagged(self) -> np.ndarray:
-        """The flagged ids: the replay buffer memorized-mistake gating needs."""
-        bits = np.unpackbits(self._bits, bitorder="little")[: self.size]
-        return np.asarray(np.flatnonzero(bits), dtype=np.int64)
-
-    def merge(self, other: MistakeMemory | Mapping[str, Any]) -> None:
-        """OR another memory (or its state_dict) into this one."""
-        if not isinstance(other, MistakeMemory):
-            mem = MistakeMemory()
-            mem.load_state_dict(other)
-            other = mem
-        self._grow(other.size)
-        n = (other.size + 7) // 8
-        self._bits[:n] |= other._bits[:n]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"bits": self._bits[: (self.size + 7) // 8].copy(), "size": self.size}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        bits = np.asarray(state["bits"], dtype=np.uint8).ravel()
-        size = int(state["size"])
-        if bits.size != (size + 7) // 8:
-            raise ValueError(f"MistakeMemory: {bits.size} bytes cannot hold size={size} flags")
-        bits = bits.copy()
-        if size % 8:  # bits past `size` are padding: clear them
-            bits[-1] &= np.uint8((1 << (size % 8)) - 1)
-        self._bits, self.size = bits, size
-
-
 class MemorizedMistakes(SampleGate):
     """Learn if wrong now (per ``base``, default :class:`Lazy`) or flagged before.
 
-    Needs a sample id per sample. Samples that are wrong now get flagged.
-    ``capacity`` bounds the ids (``0 <= id < capacity``): an in-graph adapter
-    (Keras) holds a fixed-size memory of that many flags, 2**20 by default there.
+    Needs a sample id per sample (integers >= 0). Samples that are wrong now get
+    flagged. ``capacity`` bounds the ids (``0 <= id < capacity``, larger ids raise):
+    the memory is then one bitmap of that size, and an in-graph adapter (Keras)
+    holds a fixed-size memory of that many flags, 2**20 by default there. Without
+    it any id is accepted and the memory stays bounded (:mod:`~energy_callbacks.core.memory`).
     """
 
     needs_ids = True
@@ -217,16 +138,17 @@ class MemorizedMistakes(SampleGate):
         base = Lazy() if base is None else base
         if isinstance(base, MemorizedMistakes) or not isinstance(base, SampleGate):
             raise ValueError(f"MemorizedMistakes.base must be Lazy() or Margin(...), got {base!r}")
-        if capacity is not None and (
-            isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1
-        ):
-            raise ValueError(
-                f"MemorizedMistakes.capacity must be an integer >= 1 (the number of sample "
-                f"ids), got {capacity!r}"
-            )
+        if capacity is not None:
+            try:
+                capacity = checks.count("MemorizedMistakes.capacity", capacity)
+            except ValueError:
+                raise ValueError(
+                    f"MemorizedMistakes.capacity must be an integer >= 1 (the number of sample "
+                    f"ids), got {capacity!r}"
+                ) from None
         self.base = base
         self.capacity = capacity
-        self.memory = MistakeMemory()
+        self.memory = MistakeMemory(capacity)
 
     def __repr__(self) -> str:
         return f"MemorizedMistakes({self.base!r})"

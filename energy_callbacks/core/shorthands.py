@@ -7,6 +7,7 @@ Anything else raises a ValueError that lists what is accepted.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from .samples import Lazy, MemorizedMistakes, SampleGate
@@ -25,8 +26,11 @@ def synapse_rules(value: Any) -> list[SynapseRule]:
         return []
     if isinstance(value, SynapseRule):
         return [value]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [TopFraction(value)]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return [TopFraction(float(value))]
+        except ValueError as exc:
+            raise ValueError(f"synapses={value!r}: {exc}") from None
     if isinstance(value, (list, tuple)) and all(isinstance(v, SynapseRule) for v in value):
         return list(value)
     raise ValueError(
@@ -38,8 +42,11 @@ def synapse_rules(value: Any) -> list[SynapseRule]:
 def unit_rule(value: Any) -> UnitRule | None:
     if value is None or isinstance(value, UnitRule):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return TopUnits(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return TopUnits(float(value))
+        except ValueError as exc:
+            raise ValueError(f"units={value!r}: {exc}") from None
     raise ValueError(
         f"units must be a fraction in (0, 1] (TopUnits), or a UnitRule such as "
         f"TopUnits(k=...)/FixedSubnetwork/RandomUnits; got {value!r}"

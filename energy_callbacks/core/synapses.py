@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from . import checks
 from .ops import Array, ArrayOps, numpy_ops
 from .topology import TensorSpec, Topology
 
@@ -38,9 +39,7 @@ def keep_count(fraction: float, n: int) -> int:
 
 
 def check_fraction(owner: str, field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{owner}.{field} must be a fraction in (0, 1], got {value!r}")
-    return float(value)
+    return checks.fraction(f"{owner}.{field}", value)
 
 
 class SynapseRule(ABC):
@@ -72,7 +71,8 @@ class TopFraction(SynapseRule):
     - ``largest=False``: the control that keeps the smallest updates instead.
     - ``approximate=True``: one comparison pass per tensor instead of an exact
       selection. A tensor of more than 16384 entries keeps ``|dw| >= t``, where
-      ``t`` comes from a strided sample of 16384 entries. Proposals of size zero
+      ``t`` comes from a sample of about 16384 entries at a prime stride (so that
+      columns of a structured tensor are all sampled). Proposals of size zero
       never count. For continuous ``|dw|`` the kept count is
       ``k * (1 +- 4 sqrt((1 - p) / (p * 16384)))`` with probability above 0.9999
       (``+-9%`` at ``p = 0.1``, ``+-3%`` at ``p = 0.5``); ties at ``t`` all go the
@@ -89,6 +89,10 @@ class TopFraction(SynapseRule):
         approximate: bool = False,
     ) -> None:
         self.p = check_fraction("TopFraction", "p", p)
+        per_unit = checks.flag("TopFraction.per_unit", per_unit)
+        equal_count = checks.flag("TopFraction.equal_count", equal_count)
+        largest = checks.flag("TopFraction.largest", largest)
+        approximate = checks.flag("TopFraction.approximate", approximate)
         if per_unit and equal_count:
             raise ValueError("TopFraction: choose per_unit=True or equal_count=True, not both")
         if approximate and (per_unit or not largest):
@@ -169,13 +173,9 @@ class Threshold(SynapseRule):
     """Keep updates with ``|dw| >= theta`` (absolute threshold, finite theta >= 0)."""
 
     def __init__(self, theta: float) -> None:
-        if (
-            isinstance(theta, bool)
-            or not isinstance(theta, (int, float))
-            or not (math.isfinite(theta) and theta >= 0)
-        ):
-            raise ValueError(f"Threshold.theta must be a finite number >= 0, got {theta!r}")
-        self.theta = float(theta)
+        self.theta = checks.real(
+            "Threshold.theta", theta, low=0.0, low_open=False, what="a finite number >= 0"
+        )
 
     def __repr__(self) -> str:
         return f"Threshold({self.theta})"
@@ -201,7 +201,7 @@ class RandomSynapses(SynapseRule):
 
     def __init__(self, p: float, *, seed: int = 0) -> None:
         self.p = check_fraction("RandomSynapses", "p", p)
-        self.seed = int(seed)
+        self.seed = checks.seed("RandomSynapses.seed", seed)
         self._cache: dict[int, Array] = {}
 
     def __repr__(self) -> str:

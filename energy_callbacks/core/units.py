@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import checks
 from .ops import Array, ArrayOps, numpy_ops
 from .synapses import Masks, check_fraction, keep_count
 from .topology import Layer, Topology
@@ -36,9 +37,9 @@ class UnitRule(ABC):
             raise ValueError(f"{name}: give exactly one of q (a fraction) or k (a unit count)")
         if q is not None:
             q = check_fraction(name, "q", q)
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"{name}.k must be an integer >= 1, got {k!r}")
-        self.q, self.k, self.path = q, k, bool(path)
+        if k is not None:
+            k = checks.count(f"{name}.k", k)
+        self.q, self.k, self.path = q, k, checks.flag(f"{name}.path", path)
 
     def __repr__(self) -> str:
         size = f"q={self.q}" if self.q is not None else f"k={self.k}"
@@ -131,7 +132,7 @@ class TopUnits(UnitRule):
         largest: bool = True,
     ) -> None:
         super().__init__(q, k, path=path)
-        self.largest = largest
+        self.largest = checks.flag("TopUnits.largest", largest)
 
     def select(
         self, proposed: Sequence[Array | None], topology: Topology, ops: ArrayOps, step: int
@@ -159,7 +160,7 @@ class RandomUnits(UnitRule):
         self, q: float | None = None, *, k: int | None = None, seed: int = 0, path: bool = False
     ) -> None:
         super().__init__(q, k, path=path)
-        self.seed = int(seed)
+        self.seed = checks.seed("RandomUnits.seed", seed)
 
     def select(
         self, proposed: Sequence[Array | None], topology: Topology, ops: ArrayOps, step: int
@@ -181,8 +182,8 @@ class FixedSubnetwork(UnitRule):
     """
 
     def __init__(self, k: int, *, seed: int = 0) -> None:
-        super().__init__(None, k, path=True)
-        self.seed = int(seed)
+        super().__init__(None, checks.count("FixedSubnetwork.k", k), path=True)
+        self.seed = checks.seed("FixedSubnetwork.seed", seed)
         self._cache: dict[str, Array] = {}
 
     def __repr__(self) -> str:
