@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from . import checks
 from .energy import EnergyReport, _ratio
 from .ops import Array, ArrayOps, numpy_ops
 from .topology import TensorSpec, Topology
@@ -83,19 +84,19 @@ class Caching:
     def __init__(
         self, theta: float, tau: float, maintenance_cost: float, scope: str = "synapse"
     ) -> None:
-        if not _number(theta) or not math.isfinite(theta) or theta <= 0:
-            raise ValueError(f"Caching.theta must be a finite number > 0, got {theta!r}")
-        if not _number(tau) or math.isnan(tau) or tau < 1:
+        checks.real("Caching.theta", theta, low=0.0, low_open=True, what="a finite number > 0")
+        if not checks.is_real(tau) or math.isnan(tau) or tau < 1:
             raise ValueError(
                 f"Caching.tau must be a number of steps >= 1 (math.inf: no decay), got {tau!r}"
             )
-        cost = maintenance_cost
-        if not _number(cost) or not math.isfinite(cost) or cost < 0:
-            raise ValueError(
-                f"Caching.maintenance_cost must be a finite number >= 0, got {maintenance_cost!r}"
-            )
-        if scope not in SCOPES:
-            raise ValueError(f"Caching.scope must be one of {SCOPES}, got {scope!r}")
+        checks.real(
+            "Caching.maintenance_cost",
+            maintenance_cost,
+            low=0.0,
+            low_open=False,
+            what="a finite number >= 0",
+        )
+        checks.choice("Caching.scope", scope, SCOPES)
         self.theta = float(theta)
         self.tau = float(tau)
         self.maintenance_cost = float(maintenance_cost)
@@ -271,7 +272,3 @@ class Caching:
         state = self.state_dict()
         self.setup(topology, ops)
         self.load_state_dict(state)
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -30,6 +30,11 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_bool(value)
 
 
+def is_real(value: Any) -> bool:
+    """A real number (NumPy scalars too), not a bool."""
+    return _is_real(value)
+
+
 def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_))
 

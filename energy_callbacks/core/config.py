@@ -87,7 +87,16 @@ def to_config(plasticity: Plasticity) -> dict[str, Any]:
     }
 
 
-CONFIG_KEYS = ("synapses", "units", "samples", "alpha", "joules_per_unit", "cost_basis")
+CONFIG_KEYS = (
+    "synapses",
+    "units",
+    "samples",
+    "alpha",
+    "caching",
+    "cost",
+    "joules_per_unit",
+    "cost_basis",
+)
 
 
 def from_config(config: Mapping[str, Any]) -> Plasticity:

@@ -29,9 +29,10 @@ order. Give your own hardware's figure with ``Cost(joules, per="update")``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
+
+from . import checks
 
 BIOLOGY_JOULES_PER_BIT = 10e-3
 """About 10 mJ per bit of biological long-term memory (Girard et al. 2023)."""
@@ -52,11 +53,10 @@ class Cost:
     """
 
     def __init__(self, joules: float, per: str = "update", name: str = "custom") -> None:
-        if isinstance(joules, bool) or not (
-            isinstance(joules, (int, float)) and math.isfinite(joules) and joules >= 0
-        ):
-            raise ValueError(f"Cost.joules must be a finite number >= 0, got {joules!r}")
-        if per not in BASES:
+        joules = checks.real(
+            "Cost.joules", joules, low=0.0, low_open=False, what="a finite number >= 0"
+        )
+        if not isinstance(per, str) or per not in BASES:
             raise ValueError(
                 f"Cost.per must be 'unit' (joules per unit of |dw|, times M1) or 'update' "
                 f"(joules per synaptic update, times M0), got {per!r}"
@@ -130,19 +130,14 @@ PRESETS: dict[str, Cost] = {
 
 def legacy_cost(joules_per_unit: float | None, cost_basis: str) -> Cost | None:
     """The :class:`Cost` of the old ``joules_per_unit=`` / ``cost_basis=`` arguments."""
-    if cost_basis not in ("m1", "m0"):
-        raise ValueError(
-            f"cost_basis must be 'm1' or 'm0', got {cost_basis!r}; prefer "
-            "cost=Cost(joules, per='unit' | 'update')"
-        )
+    checks.choice("cost_basis", cost_basis, ("m1", "m0"))
     if joules_per_unit is None:
         return None
-    if isinstance(joules_per_unit, bool) or not (
-        isinstance(joules_per_unit, (int, float))
-        and math.isfinite(joules_per_unit)
-        and joules_per_unit >= 0
-    ):
-        raise ValueError(
-            f"joules_per_unit must be a finite number >= 0 (or None), got {joules_per_unit!r}"
-        )
+    joules_per_unit = checks.real(
+        "joules_per_unit",
+        joules_per_unit,
+        low=0.0,
+        low_open=False,
+        what="a finite number >= 0 (or None)",
+    )
     return Cost(joules_per_unit, per="unit" if cost_basis == "m1" else "update")

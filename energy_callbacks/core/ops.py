@@ -372,6 +372,7 @@ def approx_stride(n: int) -> int:
         step += 1
     return step
 
+
 _BRACKET_MIN = 1 << 14
 _PARTITION_MIN = 2048
 _BRACKET_SAMPLE = 16384

@@ -104,7 +104,7 @@ class Plasticity:
         ops: ArrayOps = numpy_ops,
     ) -> None:
         check_alpha(alpha)
-        if joules_per_unit is not None or cost_basis != "m1":
+        if joules_per_unit is not None or not (isinstance(cost_basis, str) and cost_basis == "m1"):
             if cost is not None:
                 raise ValueError(
                     "Plasticity: give cost=Cost(...) or the deprecated joules_per_unit=/"

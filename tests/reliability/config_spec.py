@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -32,6 +32,8 @@ from energy_callbacks import (
     TopFraction,
     TopUnits,
 )
+from energy_callbacks.core import Caching, Cost
+from energy_callbacks.core.costs import PRESETS
 from energy_callbacks.core.samples import SampleGate
 from energy_callbacks.core.synapses import SynapseRule
 from energy_callbacks.core.units import UnitRule
@@ -234,12 +236,58 @@ def _units_cross(kw: dict[str, Any]) -> list[str]:
 def _shorthand_cross(kw: dict[str, Any]) -> list[str]:
     if kw.get("plasticity") is None:
         return []
-    given = any(kw.get(n) is not None for n in ("synapses", "units", "samples"))
+    given = any(
+        kw.get(n) is not None for n in ("synapses", "units", "samples", "caching", "cost")
+    )
     alpha = kw.get("alpha", 1.0)
     return ["not both"] if given or (positive(alpha) and float(alpha) != 1.0) else []
 
 
+def _legacy_cost_cross(kw: dict[str, Any]) -> list[str]:
+    """``cost=`` and the deprecated ``joules_per_unit=``/``cost_basis=`` together are refused."""
+    basis = kw.get("cost_basis", "m1")
+    legacy = kw.get("joules_per_unit") is not None or not (isinstance(basis, str) and basis == "m1")
+    return ["not both"] if legacy and kw.get("cost") is not None else []
+
+
+def caching(v: Any) -> bool:
+    return v is None or isinstance(v, Caching)
+
+
+def tau(v: Any) -> bool:
+    return is_real(v) and not math.isnan(float(v)) and float(v) >= 1
+
+
+def per(v: Any) -> bool:
+    return isinstance(v, str) and v in ("unit", "update")
+
+
+def label(v: Any) -> bool:
+    return isinstance(v, str) and len(v) > 0
+
+
+def cost(v: Any) -> bool:
+    if v is None or isinstance(v, Cost):
+        return True
+    if isinstance(v, str):
+        return v.strip().lower() in PRESETS
+    if isinstance(v, Mapping):
+        keys = set(v) - {"class"}
+        return (
+            "joules" in keys
+            and keys <= {"joules", "per", "name"}
+            and nonneg(v["joules"])
+            and per(v.get("per", "update"))
+            and label(v.get("name", "custom"))
+        )
+    return False
+
+
 CORE_SHORTHANDS = {
+    "caching": Field(caching, "caching", (None, Caching(0.01, math.inf, 0.0))),
+    "cost": Field(
+        cost, "cost", (None, "dram", "SRAM", {"joules": 1e-12, "per": "unit"}, {"per": "update"}, 5)
+    ),
     "synapses": Field(synapses, "synapses", (0.1, 1, TopFraction(0.2), [Threshold(0.0)])),
     "units": Field(units, "units", (0.5, TopUnits(k=2), RandomUnits(0.5))),
     "samples": Field(samples, "samples", ("lazy", "mistakes", Lazy(), None)),
@@ -312,6 +360,29 @@ CASES: dict[str, Case] = {
             "capacity": Field(optional(count), "MemorizedMistakes.capacity", (None, 100, 0)),
         },
     ),
+    "Caching": Case(
+        Caching,
+        {
+            "theta": Field(positive, "Caching.theta", (0.01, 1)),
+            "tau": Field(tau, "Caching.tau", (math.inf, 1, 100.0, 0.5)),
+            "maintenance_cost": Field(nonneg, "Caching.maintenance_cost", (0, 1e-3)),
+            "scope": Field(
+                lambda v: isinstance(v, str) and v in ("synapse", "layer_max", "layer_sum"),
+                "Caching.scope",
+                ("synapse", "layer_max", "layer_sum"),
+            ),
+        },
+        required=("theta", "tau", "maintenance_cost"),
+    ),
+    "Cost": Case(
+        Cost,
+        {
+            "joules": Field(nonneg, "Cost.joules", (0, 1e-12)),
+            "per": Field(per, "Cost.per", ("unit", "update")),
+            "name": Field(label, "Cost.name", ("custom", "")),
+        },
+        required=("joules",),
+    ),
     "Plasticity": Case(
         Plasticity,
         CORE_SHORTHANDS
@@ -321,6 +392,7 @@ CASES: dict[str, Case] = {
                 lambda v: isinstance(v, str) and v in ("m1", "m0"), "cost_basis", ("m1", "m0")
             ),
         },
+        _legacy_cost_cross,
     ),
 }
 

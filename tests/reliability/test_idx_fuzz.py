@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from energy_callbacks.data import MAX_NDIM, IDXError, parse_idx, read_idx
 
 TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
 def fuzz(n: int) -> settings:
     return settings(
         max_examples=n, deadline=None, suppress_health_check=list(HealthCheck), database=None

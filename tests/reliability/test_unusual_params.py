@@ -154,8 +154,7 @@ def test_lightning_trains_the_odd_model_with_two_optimizers():
     report = callback.report()
     assert report.steps == 12  # two optimizers, six batches
     net = {
-        n: float((p.detach() - start[n]).abs().double().sum())
-        for n, p in module.named_parameters()
+        n: float((p.detach() - start[n]).abs().double().sum()) for n, p in module.named_parameters()
     }
     for n, e in report.per_layer.items():
         assert e.m1_min == pytest.approx(net[n], rel=1e-6, abs=1e-12), n
