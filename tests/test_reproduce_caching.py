@@ -86,3 +86,16 @@ def test_bad_sweep_values_fail_before_training(tmp_path, capsys):
     assert main([*args, "--taus", "0.5"]) == 2
     assert "Caching.tau" in capsys.readouterr().err
     assert not (tmp_path / "caching.csv").exists()
+
+
+def test_a_sweep_where_no_run_reached_the_target_still_plots(tmp_path):
+    from energy_callbacks.reproduce.caching import _plot
+    from energy_callbacks.reproduce.report import write_outputs
+
+    rows = [
+        dict(rule=rule, theta=theta, tau=float("inf"), maintenance_cost=1e-3, reached=False,
+             energy=5.0)
+        for rule, theta in ((EVERY_UPDATE, ""), ("caching", 0.01))
+    ]  # fmt: skip
+    png = write_outputs(tmp_path, "caching", "table", lambda fig: _plot(fig, rows))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -220,21 +220,33 @@ def caching_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(figure: Any, rows: list[dict[str, Any]]) -> None:
+    """Energy to the target against theta, one line per (tau, c); runs that missed it are left
+    out, and an empty plot says so (log axes need one positive value)."""
     ax = figure.subplots(1, 1)
+    plotted = False
     base = _stopped([r for r in rows if r["rule"] == EVERY_UPDATE])
     if base:
         ax.axhline(mean_sd(values(base, "energy"))[0], color="grey", label="every update")
+        plotted = True
     cached = [r for r in rows if r["rule"] != EVERY_UPDATE]
     for (tau, c), g in group(cached, "tau", "maintenance_cost").items():
-        by_theta = group(g, "theta")
-        thetas = sorted(t for (t,) in by_theta)
-        energy = [mean_sd(values(_stopped(by_theta[(t,)]), "energy"))[0] for t in thetas]
-        ax.plot(thetas, energy, marker="o", label=f"tau={tau:g}, c={c:g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+        points = []
+        for (theta,), runs in sorted(group(g, "theta").items()):
+            reached = _stopped(runs)
+            energy = mean_sd(values(reached, "energy"))[0] if reached else math.nan
+            if energy > 0:
+                points.append((theta, energy))
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"tau={tau:g}, c={c:g}")
+            plotted = True
     ax.set_xlabel("consolidation threshold theta")
     ax.set_ylabel("energy to the target (runs that reached it)")
     ax.grid(True, alpha=0.3)
+    if not plotted:
+        ax.text(0.5, 0.5, "no run reached the target", ha="center", transform=ax.transAxes)
+        return
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.legend(fontsize=8)
 
 
