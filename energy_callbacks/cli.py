@@ -113,6 +113,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
             max_samples=args.max_samples,
             eval_every=args.eval_every,
             threads=args.threads,
+            preprocessing=args.preprocessing,
+            output_lr=args.output_lr,
             extra={
                 key: value
                 for key, value in (
@@ -232,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-samples", type=int, help="training samples per run (budget)")
     rep.add_argument("--eval-every", type=int, help="samples between tests (default 2000)")
     rep.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    rep.add_argument(
+        "--preprocessing",
+        choices=["package", "reference"],
+        default="package",
+        help="package: subtract the per-pixel training mean; reference: the authors' code "
+        "(one mean over all pixels, N(0, 0.001) noise on the training inputs)",
+    )
+    rep.add_argument(
+        "--output-lr",
+        default="same",
+        help="output layer step size: same (0.01, as the hidden layer), scaled "
+        "(0.01 * min(1, 1000 / N): stable at large N) or a number",
+    )
     rep.add_argument("--thetas", help="caching: consolidation thresholds, comma-separated")
     rep.add_argument("--taus", help="caching: decay times in steps, comma-separated (inf: none)")
     rep.add_argument(

@@ -313,21 +313,24 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> ImageDataset:
 
 
 def paper_inputs(
-    images: np.ndarray, mean: np.ndarray | None = None
+    images: np.ndarray, mean: np.ndarray | None = None, *, per_pixel: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flatten uint8 images, scale 0..255 to [0.01, 0.99] as float32, subtract ``mean``.
 
-    ``mean`` (one value per feature) defaults to the mean of ``images``: compute it on the
-    training images and pass it in for the test images. Returns ``(inputs, mean)``.
+    ``mean`` defaults to the mean of ``images``, one value per feature (``per_pixel``) or
+    one value over all pixels (``per_pixel=False``, the authors' reference code): compute
+    it on the training images and pass it in for the test images. Returns
+    ``(inputs, mean)``.
     """
     if images.dtype != np.uint8:
         raise TypeError(f"expected uint8 images (0..255), got {images.dtype}")
     x = images.reshape(len(images), -1).astype(np.float32) / np.float32(255.0)
     x = x * np.float32(0.98) + np.float32(0.01)
     if mean is None:
-        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-    elif mean.shape != x.shape[1:]:
-        raise ValueError(f"mean has shape {mean.shape}, expected ({x.shape[1]},)")
+        axis = 0 if per_pixel else None
+        mean = np.asarray(x.mean(axis=axis, dtype=np.float64), dtype=np.float32)
+    elif mean.shape not in (x.shape[1:], ()):
+        raise ValueError(f"mean has shape {mean.shape}, expected ({x.shape[1]},) or ()")
     mean = np.asarray(mean, dtype=np.float32)
     return x - mean, mean
 

@@ -181,7 +181,8 @@ def test_lightning_run_matches_numpy_reference(fashion, rule):
 
 
 @pytest.mark.parametrize(
-    "name, fraction", [("combined", 0.1), ("combined-20", 0.2), ("combined-30", 0.3)]
+    "name, fraction",
+    [("combined", 0.1), ("competitive", 0.1), ("competitive-20", 0.2), ("competitive-30", 0.3)],
 )
 def test_combined_variants_keep_their_fraction_of_the_path(name, fraction):
     """Per step, per tensor: ``fraction`` of the k units' 784 incoming weights; equal
@@ -199,6 +200,23 @@ def test_combined_variants_keep_their_fraction_of_the_path(name, fraction):
     assert run.report.m0 == steps * (round(fraction * k * 784) + k + 10 * (k + 1))
 
 
+def test_combined_is_the_authors_fixed_path_and_competitive_is_ours():
+    """The authors' combined rule: a fixed subnetwork of k units (the same units at every
+    step, drawn from the seed) and the top 10% of its synapses; ``competitive`` picks the
+    k units that change most at each step."""
+    from energy_callbacks import FixedSubnetwork, TopFraction, TopUnits
+    from energy_callbacks.reproduce.rules import get_rule
+
+    combined = get_rule("combined").build(1000, 2)
+    assert isinstance(combined.units, FixedSubnetwork)
+    assert (combined.units.k, combined.units.seed) == (100, 2)
+    (top,) = combined.synapses
+    assert isinstance(top, TopFraction) and top.p == pytest.approx(0.01) and top.equal_count
+    assert get_rule("combined+lazy").build(1000, 0).samples is not None
+    competitive = get_rule("competitive").build(1000, 0)
+    assert isinstance(competitive.units, TopUnits) and competitive.units.path
+
+
 def test_combined_without_the_path_keeps_an_equal_count_of_output_weights():
     """Without the path every hidden unit feeds plastic output weights: equal count
     keeps as many of them as of the k units' incoming weights (here all 10 * n)."""
@@ -212,7 +230,7 @@ def test_combined_without_the_path_keeps_an_equal_count_of_output_weights():
     k = units_k(n)
     kept = round(0.1 * k * 784)
     run = fit_paper(
-        get_rule("combined-nopath").build(n, 0),
+        get_rule("competitive-nopath").build(n, 0),
         x,
         y,
         x[:10],
@@ -221,6 +239,56 @@ def test_combined_without_the_path_keeps_an_equal_count_of_output_weights():
         max_samples=steps,
     )
     assert run.report.m0 == steps * (kept + k + min(10 * n, kept) + 10)
+
+
+# -- the reference's preprocessing and the output step size -------------------------------
+def test_reference_preprocessing_is_one_global_mean_and_small_input_noise():
+    from energy_callbacks.data import paper_inputs
+
+    images = np.random.default_rng(0).integers(0, 256, (50, 4, 4), dtype=np.uint8)
+    per_pixel, mean = paper_inputs(images)
+    assert mean.shape == (16,) and np.abs(per_pixel.mean(0)).max() < 1e-6
+    glob, scalar = paper_inputs(images, per_pixel=False)
+    assert scalar.shape == () and abs(glob.mean()) < 1e-6
+    assert np.abs(glob.mean(0)).max() > 0.01  # the pixels keep their own offsets
+    test, _ = paper_inputs(images[:5], scalar)
+    np.testing.assert_array_equal(test, glob[:5])
+
+
+@needs_data
+@pytest.mark.data
+def test_reference_preprocessing_data_and_keys_are_their_own(fashion):
+    ref = load_data(Config(preprocessing="reference"))
+    assert ref.name == "fashion-mnist (reference preprocessing)"
+    offset = ref.x_train - fashion.x_train  # per pixel: its mean minus the global mean, + noise
+    noise = offset - offset.mean(0)
+    assert 0.0008 < float(noise.std()) < 0.0012 and abs(float(noise.mean())) < 1e-4
+    # the test inputs get the same one mean and no noise
+    shift = np.broadcast_to(offset.mean(0), fashion.x_test.shape)
+    np.testing.assert_allclose(ref.x_test - fashion.x_test, shift, atol=3e-5)
+    from energy_callbacks.reproduce.sweep import Combined
+
+    keys = {
+        Combined(c).key(N=10)
+        for c in (Config(), Config(preprocessing="reference"), Config(output_lr="scaled"))
+    }
+    assert len(keys) == 3 and Combined(Config()).key(N=10) == "combined|fashion-mnist|full|N=10"
+
+
+def test_output_lr_scales_with_n_and_trains_the_output_layer_with_it():
+    from energy_callbacks.reproduce.paper import PaperModule
+
+    scaled = Config(output_lr="scaled")
+    assert scaled.output_lr_for(500) == 0.01 and scaled.output_lr_for(10_000) == pytest.approx(1e-3)
+    assert (
+        Config().output_lr_for(10_000) == 0.01
+        and Config(output_lr="0.002").output_lr_for(5) == 0.002
+    )
+    module = PaperModule(784, 40, output_lr=0.001)
+    (hidden, output) = module.configure_optimizers().param_groups
+    assert (hidden["lr"], output["lr"]) == (0.01, 0.001)
+    assert [p.shape for p in output["params"]] == [(10, 40), (10,)]
+    assert len(PaperModule(784, 40).configure_optimizers().param_groups) == 1
 
 
 # -- frameworks ---------------------------------------------------------------------------
@@ -274,6 +342,9 @@ def test_keras_sees_the_lightning_sample_order():
         (["size-sweep", "--seeds", "0"], "--seeds must be >= 1"),
         (["size-sweep", "--sizes", "10,x"], "--sizes takes comma-separated integers"),
         (["combined", "--target", "1.5"], "--target must be an accuracy"),
+        (["combined", "--output-lr", "fast"], "--output-lr must be 'same', 'scaled'"),
+        (["combined", "--output-lr", "-0.1"], "--output-lr must be 'same', 'scaled'"),
+        (["frameworks", "--output-lr", "scaled"], "drop --output-lr"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, tmp_path, capsys):

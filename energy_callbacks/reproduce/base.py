@@ -62,8 +62,7 @@ class Experiment(ABC):
 
     def key(self, **params: Any) -> str:
         """``name|dataset|quick|k=v|...``: a run's identity in the CSV."""
-        c = self.config
-        parts = [self.name, c.dataset, "quick" if c.quick else "full"]
+        parts = [self.name, self.config.settings_key()]
         parts += [f"{k}={v}" for k, v in params.items()]
         return "|".join(parts)
 
@@ -90,6 +89,7 @@ def paper_run(
         n_hidden=p["n_hidden"],
         n_outputs=data.n_classes,
         loss=loss,
+        output_lr=experiment.config.output_lr_for(p["n_hidden"]),
         max_samples=max_samples,
         eval_every=eval_every,
         target=target,

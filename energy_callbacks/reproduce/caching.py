@@ -110,6 +110,7 @@ class CachingSweep(Experiment):
             data.y_test,
             n_hidden=p["n_hidden"],
             n_outputs=data.n_classes,
+            output_lr=self.config.output_lr_for(p["n_hidden"]),
             max_samples=max_samples,
             eval_every=eval_every,
             target=self.config.accuracy_target,
@@ -237,7 +238,12 @@ def _plot(figure: Any, rows: list[dict[str, Any]]) -> None:
             if energy > 0:
                 points.append((theta, energy))
         if points:
-            ax.plot(*zip(*points), marker="o", label=f"tau={tau:g}, c={c:g}")
+            ax.plot(
+                [t for t, _ in points],
+                [e for _, e in points],
+                marker="o",
+                label=f"tau={tau:g}, c={c:g}",
+            )
             plotted = True
     ax.set_xlabel("consolidation threshold theta")
     ax.set_ylabel("energy to the target (runs that reached it)")

@@ -80,6 +80,11 @@ class Frameworks(Experiment):
 
     def preflight(self) -> None:
         super().preflight()
+        if self.config.output_lr != "same":
+            raise ValueError(
+                "frameworks compares one step size in both layers through Lightning and "
+                "Keras; drop --output-lr"
+            )
         check_keras()
 
     def settings(self) -> tuple[int, int]:

@@ -147,6 +147,7 @@ class Mistakes(_Gating):
             n_hidden=p["n_hidden"],
             n_outputs=data.n_classes,
             loss="cross_entropy",
+            output_lr=self.config.output_lr_for(p["n_hidden"]),
             max_samples=max_samples // 2,
             eval_every=eval_every,
             target=None,

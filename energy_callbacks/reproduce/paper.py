@@ -35,7 +35,10 @@ LOSSES = ("mse", "cross_entropy")
 
 
 class PaperModule(pl.LightningModule):
-    """The reference MLP; ``loss="mse"`` (the paper's) or ``"cross_entropy"``."""
+    """The reference MLP; ``loss="mse"`` (the paper's) or ``"cross_entropy"``.
+
+    SGD with ``lr`` in both layers, or ``output_lr`` in the output layer when given.
+    """
 
     def __init__(
         self,
@@ -45,6 +48,7 @@ class PaperModule(pl.LightningModule):
         *,
         loss: str = "mse",
         lr: float = 0.01,
+        output_lr: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -60,6 +64,7 @@ class PaperModule(pl.LightningModule):
         self.n_outputs = n_outputs
         self.loss_name = loss
         self.lr = lr
+        self.output_lr = lr if output_lr is None else output_lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -72,7 +77,15 @@ class PaperModule(pl.LightningModule):
         return 0.5 * ((out - target) ** 2).sum(1).mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        if self.output_lr == self.lr:
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        hidden, output = self.net[0], self.net[2]
+        return torch.optim.SGD(
+            [
+                {"params": list(hidden.parameters()), "lr": self.lr},
+                {"params": list(output.parameters()), "lr": self.output_lr},
+            ]
+        )
 
     @torch.no_grad()
     def predict_labels(self, x: torch.Tensor, chunk: int = 2000) -> torch.Tensor:
@@ -275,6 +288,7 @@ def fit_paper(
     n_outputs: int = 10,
     loss: str = "mse",
     lr: float = 0.01,
+    output_lr: float | None = None,
     max_samples: int,
     eval_every: int = 2000,
     target: float | None = None,
@@ -290,8 +304,11 @@ def fit_paper(
     ``max_samples`` samples and until its ``phase_targets`` entry (default ``target``).
     A phase may be a callable that gets the energy callback (its mistake memory)
     and returns the pool. ``subsets`` are test-set masks whose accuracy is kept.
+    ``output_lr`` is the output layer's step size (default ``lr``).
     """
-    module = PaperModule(x_train.shape[1], n_hidden, n_outputs, loss=loss, lr=lr, seed=seed)
+    module = PaperModule(
+        x_train.shape[1], n_hidden, n_outputs, loss=loss, lr=lr, output_lr=output_lr, seed=seed
+    )
     energy = PlasticityCallback(plasticity)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     tester = TestEvery(

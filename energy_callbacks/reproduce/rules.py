@@ -6,26 +6,24 @@ of the units up to ``N = 1000`` (the issue's fidelity table), then the same 100
 plastic units at every larger size, as the papers found plasticity to
 concentrate in roughly 60-100 units.
 
-The combined rule (SCIENCE.md 2b, "unit/path restriction, then top fraction of
-|dw| within each layer") keeps, per layer, 10% of the selected units' incoming
-synapses: ``TopFraction(p, equal_count=True)`` with ``p = 0.1 * k / N``, since a
-whole-tensor fraction counts the unselected units' zeros. With equal count the
-output layer keeps as many entries as the hidden layer, which is all of its
-path synapses (the paper's ``p_out = min(78.4 p, 1)``). Ranking within each
-unit (``per_unit=True``) selects almost the same synapses but cost 8 ms a step
-against about 4 ms here.
+The combined rule is the authors' form (their reference code, frugal_24
+runnet.py): a fixed path of ``k`` hidden units (``FixedSubnetwork(k)``: the
+incoming and outgoing synapses of ``k`` units drawn once) plus the largest
+updates over each whole layer, ``TopFraction(p, equal_count=True)`` with
+``p = 0.1 * k / N`` (p < k/N, or the synapse rule keeps the whole path). At
+N = 1000 that is the top 1% of the first layer: 785 of the 78 500 path synapses
+of the hidden layer and as many of the 1010 output path synapses. Their code has
+no competitive path: its "path" is always a fixed subnetwork.
 
-``combined-20`` and ``combined-30`` keep 20% and 30% of the selected units'
-synapses instead (``p = 0.2 k / N``, ``0.3 k / N``): the 10% rule stalled
-below 85% at N = 1000 (docs/results.md). At N = 1000 a step then changes
-``fraction * 78 400`` hidden weights, the 100 units' biases and the 1010 output
-path synapses: 8 950, 16 790 and 24 630 updates.
-
-``combined-nopath`` is the 10% rule with the unit rule but without the path: the
-output layer stays plastic for every hidden unit, and equal count keeps as many
-of its entries as of the hidden layer (7 840 of 10 000 at N = 1000, 15 790
-updates a step in all). The path rule alone stalls at N = 1000
-(docs/results.md), and this variant tells the path apart from the synapse rule.
+``competitive*`` is this package's extension: the ``k`` units that change most
+this step (``TopUnits(k, path=True)``), then the same synapse rule. It stalls
+(docs/results.md): each unit's output weights learn only on the samples where
+that unit ranks top, so the output layer sees a different, small slice of the
+hidden code at every step. ``competitive-20`` and ``competitive-30`` keep 20%
+and 30% of the selected units' synapses (``p = 0.2 k / N``, ``0.3 k / N``);
+``competitive-nopath`` drops the path (the output layer stays plastic for every
+hidden unit, and equal count keeps as many of its entries as of the hidden
+layer), which tells the path apart from the synapse rule.
 """
 
 from __future__ import annotations
@@ -59,13 +57,33 @@ class Rule:
     build: Callable[[int, int], Plasticity]
 
 
-def _combined(
+def _synapse_share(fraction: float, n: int) -> TopFraction:
+    """``fraction`` of the path's synapses, as a whole-layer fraction with equal count."""
+    return TopFraction(fraction * units_k(n) / n, equal_count=True)
+
+
+def _combined(samples: str | None) -> Callable[[int, int], Plasticity]:
+    """The authors' combined rule: a fixed path of k units, then the top 10% of its |dw|."""
+
+    def build(n: int, seed: int) -> Plasticity:
+        return Plasticity(
+            units=FixedSubnetwork(units_k(n), seed=seed),
+            synapses=_synapse_share(0.1, n),
+            samples=samples,
+        )
+
+    return build
+
+
+def _competitive(
     samples: str | None, fraction: float = 0.1, path: bool = True
 ) -> Callable[[int, int], Plasticity]:
+    """Our extension: the k units that change most this step, then a share of their |dw|."""
+
     def build(n: int, seed: int) -> Plasticity:
         return Plasticity(
             units=TopUnits(k=units_k(n), path=path),
-            synapses=TopFraction(fraction * units_k(n) / n, equal_count=True),
+            synapses=_synapse_share(fraction, n),
             samples=samples,
         )
 
@@ -99,23 +117,28 @@ RULES: dict[str, Rule] = {
         ),
         Rule(
             "combined",
-            "top 10% (<= 100) units, path, + top 10% of their |dw|, equal count",
+            "fixed path, k = 10% (<= 100), + top 10% of its |dw|, equal count (authors')",
             _combined(None),
         ),
         Rule(
-            "combined-20",
-            "top 10% (<= 100) units, path, + top 20% of their |dw|, equal count",
-            _combined(None, 0.2),
+            "competitive",
+            "ours: top 10% (<= 100) units, path, + top 10% of their |dw|, equal count",
+            _competitive(None),
         ),
         Rule(
-            "combined-30",
-            "top 10% (<= 100) units, path, + top 30% of their |dw|, equal count",
-            _combined(None, 0.3),
+            "competitive-20",
+            "ours: top 10% (<= 100) units, path, + top 20% of their |dw|, equal count",
+            _competitive(None, 0.2),
         ),
         Rule(
-            "combined-nopath",
-            "top 10% (<= 100) units, no path, + top 10% of their |dw|, equal count",
-            _combined(None, 0.1, path=False),
+            "competitive-30",
+            "ours: top 10% (<= 100) units, path, + top 30% of their |dw|, equal count",
+            _competitive(None, 0.3),
+        ),
+        Rule(
+            "competitive-nopath",
+            "ours: top 10% (<= 100) units, no path, + top 10% of their |dw|, equal count",
+            _competitive(None, 0.1, path=False),
         ),
         Rule(
             "random-units",
@@ -138,8 +161,11 @@ RULES: dict[str, Rule] = {
             "memorized mistakes",
             lambda n, s: Plasticity(samples="mistakes"),
         ),
-        Rule("combined+lazy", "combined + lazy", _combined("lazy")),
-        Rule("combined+mistakes", "combined + memorized mistakes", _combined("mistakes")),
+        Rule("combined+lazy", "combined (authors') + lazy", _combined("lazy")),
+        Rule(
+            "combined+mistakes", "combined (authors') + memorized mistakes", _combined("mistakes")
+        ),
+        Rule("competitive+lazy", "ours: competitive + lazy", _competitive("lazy")),
     ]
 }
 
