@@ -50,6 +50,7 @@ from .core.synapses import SynapseRule
 from .core.targets import IGNORE_INDEX
 from .core.units import UnitRule
 from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_hooks, module_names
+from .torch_selective import SelectiveBackward
 
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
@@ -95,6 +96,12 @@ class PlasticityCallback(Callback):
     outputs outside the defaults (see :func:`default_targets`,
     :func:`~energy_callbacks.torch.default_logits`, :func:`default_sample_ids`).
     ``layers`` names the modules to cover, in forward order.
+
+    ``skip_backward=True`` (with a sample gate) judges each batch in a forward pass
+    without gradients and runs ``training_step`` on the samples that learn only, so the
+    backward pass of the others is really skipped (see
+    :mod:`energy_callbacks.torch_selective`: the loss is then the mean over the
+    learners); ``inputs`` picks what the module's forward takes from a batch.
     """
 
     def __init__(
@@ -115,6 +122,8 @@ class PlasticityCallback(Callback):
         ignore_index: int | None = IGNORE_INDEX,
         log_every_n_steps: int | None = None,
         per_layer: bool = False,
+        skip_backward: bool = False,
+        inputs: Callable[[Any], Any] | None = None,
     ) -> None:
         plasticity = from_shorthands(
             plasticity,
@@ -125,8 +134,25 @@ class PlasticityCallback(Callback):
             caching=caching,
             cost=cost,
         )
-        for name, fn in (("targets", targets), ("outputs", outputs), ("sample_ids", sample_ids)):
+        for name, fn in (
+            ("targets", targets),
+            ("outputs", outputs),
+            ("sample_ids", sample_ids),
+            ("inputs", inputs),
+        ):
             checks.function(f"PlasticityCallback.{name}", fn)
+        skip_backward = checks.flag("PlasticityCallback.skip_backward", skip_backward)
+        if skip_backward and plasticity.samples is None:
+            raise ValueError(
+                "PlasticityCallback.skip_backward=True skips the backward pass of the samples "
+                "a sample gate rejects, and there is none: add samples='lazy' or 'mistakes', "
+                "or drop skip_backward"
+            )
+        if inputs is not None and not skip_backward:
+            raise ValueError(
+                "PlasticityCallback.inputs= is only used with skip_backward=True (the judging "
+                "forward pass); drop inputs= or set skip_backward=True"
+            )
         if log_every_n_steps is not None:
             try:
                 log_every_n_steps = checks.count("log_every_n_steps", log_every_n_steps)
@@ -148,6 +174,9 @@ class PlasticityCallback(Callback):
         self.ignore_index = ignore_index
         self.log_every_n_steps = log_every_n_steps
         self.per_layer = per_layer
+        self.skip_backward = skip_backward
+        self.inputs = inputs
+        self._selective: SelectiveBackward | None = None
         self._handle: AttachedPlasticity | None = None
         self._pending_state: dict[str, Any] | None = None
         self._epoch_start = (0, 0)
@@ -172,6 +201,18 @@ class PlasticityCallback(Callback):
             check.setup(Topology(specs, self.adjacency))
         else:
             check.setup(Topology.chain(specs))
+        if self.skip_backward and trainer.world_size > 1:
+            raise ValueError(
+                "PlasticityCallback.skip_backward=True trains a different number of samples "
+                f"on each of the {trainer.world_size} processes, and DDP needs the same "
+                "backward pass everywhere. Use skip_backward=False (the gradient gate) there."
+            )
+        if self.skip_backward and not pl_module.automatic_optimization:
+            raise ValueError(
+                "PlasticityCallback.skip_backward=True needs automatic optimization (it "
+                "returns None from training_step when no sample learns); with manual "
+                "optimization use skip_backward=False"
+            )
         units = self.plasticity.units
         every, _ = describe(pl_module, layers=self.layers, keep=list(pl_module.parameters()))
         n_layers = len({s.layer for s in every if s.input_axis is not None})
@@ -204,12 +245,26 @@ class PlasticityCallback(Callback):
         if self._pending_state is not None:
             self._handle.load_state_dict(self._pending_state)
             self._pending_state = None
+        if self.skip_backward:
+            assert self._handle.gate is not None
+            self._selective = SelectiveBackward(
+                pl_module, self._handle.gate, self.targets, self.sample_ids, self.inputs
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._handle is not None and self.plasticity.caching is not None:
             self._handle.consolidate()  # the end of fit consolidates the transient store
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # A failed fit leaves the module as it was: no hook, no wrapped training_step.
+        self.teardown(trainer, pl_module, "fit")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._selective is not None:
+            self._selective.remove()
+            self._selective = None
         if self._handle is not None:
             self._handle.detach()
             self._handle = None
@@ -218,8 +273,8 @@ class PlasticityCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._handle is None:
-            return
+        if self._handle is None or self._selective is not None:
+            return  # skip_backward: training_step judges the batch itself
         if self._handle.gate is not None:
             self._handle.gate_batch(self.targets(batch), self.sample_ids(batch))
         else:

@@ -124,6 +124,17 @@ class OutputGate:
             return None
         targets, ids = self._armed
         self._armed = None
+        mask, learned, local = self.judge(output, targets, ids)
+        free = self.detach_when_empty and not _distributed()
+        if learned == 0 and free and isinstance(output, torch.Tensor):
+            return output.detach().requires_grad_()  # nothing learns: a backward pass for free
+        if local < mask.numel():
+            self._gate_gradients(output, mask)
+        return None
+
+    def judge(self, output: Any, targets: Any, ids: Any = None) -> tuple[torch.Tensor, int, int]:
+        """Decide which samples of a forward ``output`` learn, and count them: the mask (on
+        the scores' device), the number that learn summed over ranks, and on this rank."""
         scores = self.outputs(output)
         if not isinstance(scores, torch.Tensor):
             raise TypeError(
@@ -151,12 +162,7 @@ class OutputGate:
             learned = int(count.item())
         self.decided += 1
         self.learned += learned
-        free = self.detach_when_empty and not _distributed()
-        if learned == 0 and free and isinstance(output, torch.Tensor):
-            return output.detach().requires_grad_()  # nothing learns: a backward pass for free
-        if result.learned < mask.numel():
-            self._gate_gradients(output, mask)
-        return None
+        return mask, learned, result.learned
 
     def _gate_gradients(self, output: Any, mask: torch.Tensor) -> None:
         """Zero the gated-out rows of the gradient of every batch-major output tensor."""
