@@ -486,7 +486,8 @@ def edges(adjacency: Any, field: str = "adjacency") -> list[tuple[Any, ...]] | N
     if adjacency is None:
         return None
     out = []
-    for edge in adjacency if isinstance(adjacency, Sequence) else [adjacency]:
+    listed = isinstance(adjacency, Sequence) and not isinstance(adjacency, str)
+    for edge in adjacency if listed else [adjacency]:
         ok = (
             isinstance(edge, Sequence)
             and not isinstance(edge, str)

@@ -17,6 +17,7 @@ from config_spec import (
     check,
     count,
     draw_kwargs,
+    is_bool,
     is_int,
     optional,
 )
@@ -43,9 +44,21 @@ LIGHTNING = Case(
         ),
         "ignore_index": Field(optional(is_int), "PlasticityCallback.ignore_index", (None, -100, 0)),
         "log_every_n_steps": Field(optional(count), "log_every_n_steps", (None, 1, 50, 0)),
+        "skip_backward": Field(is_bool, "PlasticityCallback.skip_backward", (False, True)),
+        "inputs": Field(callable_or_none, "PlasticityCallback.inputs", (None, lambda b: b)),
     },
-    _shorthand_cross,
+    lambda kw: _shorthand_cross(kw) + _selective_cross(kw),
 )
+
+
+def _selective_cross(kw: dict) -> list[str]:
+    """skip_backward=True needs a sample gate; inputs= needs skip_backward=True."""
+    skip = kw.get("skip_backward") is True
+    gate = kw.get("samples") is not None or getattr(kw.get("plasticity"), "samples", None)
+    bad = ["skip_backward"] if skip and not gate else []
+    if kw.get("inputs") is not None and not skip:
+        bad.append("inputs=")
+    return bad
 
 ALL = CASES | {"lightning.PlasticityCallback": LIGHTNING}
 
