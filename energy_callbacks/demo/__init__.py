@@ -1,7 +1,7 @@
 """``energy-callbacks demo``: the same network, three rules, two frameworks, one table.
 
 It trains a small MLP on scikit-learn's bundled digits with plain backprop, the
-combined competitive rule (units along a path, then the largest updates) and
+combined rule (the authors' form: a fixed path, then its largest updates) and
 lazy learning, through PyTorch Lightning and, when Keras is installed, through
 Keras 3 on its configured backend. It shows a progress bar per run, prints a
 table (accuracy, M1, M0, M1_min, inefficiency, the saving against backprop),
