@@ -93,8 +93,6 @@ class SelectiveBackward:
         self.targets = targets
         self.sample_ids = sample_ids
         self.inputs = inputs or default_inputs
-        self.judged = 0  # samples judged
-        self.trained = 0  # samples whose forward and backward ran
         self._had_attr = "training_step" in module.__dict__
         self._inner = module.training_step  # type: ignore[operator]
         selective = self
@@ -108,9 +106,7 @@ class SelectiveBackward:
     def step(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         keep = self.judge(batch)
         n = int(keep.shape[0])
-        m = int(keep.sum())
-        self.judged += n
-        self.trained += m
+        m = int(keep.sum())  # one host read per step: the skip is decided on the host
         if m == 0:
             return None  # Lightning skips the backward pass and the optimizer step
         if m < n:

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from ..core import Plasticity
 from .config import Config, Data
-from .paper import fit_paper
+from .paper import PaperRun, fit_paper
 from .rules import get_rule
 from .runner import COLUMNS, RunResult, RunSpec
 
@@ -66,6 +67,47 @@ class Experiment(ABC):
         parts += [f"{k}={v}" for k, v in params.items()]
         return "|".join(parts)
 
+    def fit(self, plasticity: Plasticity, n_hidden: int, seed: int, **kwargs: Any) -> PaperRun:
+        """:func:`fit_paper` on this experiment's data, torch threads and output step;
+        ``kwargs`` go to it (``loss``, ``max_samples``, ``target``, ``phases``, ...)."""
+        data = self.data
+        torch.set_num_threads(self.config.threads)
+        return fit_paper(
+            plasticity,
+            data.x_train,
+            data.y_train,
+            data.x_test,
+            data.y_test,
+            n_hidden=n_hidden,
+            n_outputs=data.n_classes,
+            output_lr=self.config.output_lr_for(n_hidden),
+            seed=seed,
+            **kwargs,
+        )
+
+    def row(
+        self,
+        params: dict[str, Any],
+        run: PaperRun,
+        rule: str,
+        label: str,
+        loss: str,
+        max_samples: int,
+    ) -> dict[str, Any]:
+        """The CSV columns every training run shares: what ran, on what, and its figures."""
+        target = self.config.accuracy_target
+        return {
+            "dataset": self.data.name,
+            "rule": rule,
+            "label": label,
+            "n_hidden": params["n_hidden"],
+            "seed": params["seed"],
+            "loss": loss,
+            "target": target,
+            "max_samples": max_samples,
+            **run.row(len(self.data.x_train), target),
+        }
+
 
 def paper_run(
     experiment: Experiment,
@@ -77,33 +119,16 @@ def paper_run(
     eval_every: int,
 ) -> RunResult:
     """Train ``spec.params`` (rule, n_hidden, seed) to ``target`` or ``max_samples``."""
-    p, data = spec.params, experiment.data
-    torch.set_num_threads(experiment.config.threads)
+    p = spec.params
     rule = get_rule(p["rule"])
-    run = fit_paper(
+    run = experiment.fit(
         rule.build(p["n_hidden"], p["seed"]),
-        data.x_train,
-        data.y_train,
-        data.x_test,
-        data.y_test,
-        n_hidden=p["n_hidden"],
-        n_outputs=data.n_classes,
+        p["n_hidden"],
+        p["seed"],
         loss=loss,
-        output_lr=experiment.config.output_lr_for(p["n_hidden"]),
         max_samples=max_samples,
         eval_every=eval_every,
         target=target,
-        seed=p["seed"],
     )
-    row = {
-        "dataset": data.name,
-        "rule": rule.name,
-        "label": rule.label,
-        "n_hidden": p["n_hidden"],
-        "seed": p["seed"],
-        "loss": loss,
-        "target": experiment.config.accuracy_target,
-        "max_samples": max_samples,
-        **run.row(len(data.x_train), experiment.config.accuracy_target),
-    }
+    row = experiment.row(p, run, rule.name, rule.label, loss, max_samples)
     return RunResult(row, run.curve)

@@ -21,11 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..core import Caching, Plasticity
 from .base import Experiment
-from .paper import fit_paper
 from .report import cell, fmt, group, markdown, mean_sd, ratio, seeds_phrase, values, write_outputs
 from .runner import COLUMNS, RunResult, RunSpec
 
@@ -97,36 +94,23 @@ class CachingSweep(Experiment):
         return specs
 
     def execute(self, spec: RunSpec) -> RunResult:
-        p, data = spec.params, self.data
+        p = spec.params
         max_samples, eval_every = self.budget()
-        torch.set_num_threads(self.config.threads)
         cached = "theta" in p
         caching = Caching(p["theta"], p["tau"], p["c"]) if cached else None
-        run = fit_paper(
+        run = self.fit(
             Plasticity(caching=caching),
-            data.x_train,
-            data.y_train,
-            data.x_test,
-            data.y_test,
-            n_hidden=p["n_hidden"],
-            n_outputs=data.n_classes,
-            output_lr=self.config.output_lr_for(p["n_hidden"]),
+            p["n_hidden"],
+            p["seed"],
             max_samples=max_samples,
             eval_every=eval_every,
             target=self.config.accuracy_target,
-            seed=p["seed"],
         )
         rep = run.report
+        rule = "caching" if cached else EVERY_UPDATE
+        label = repr(caching) if cached else "consolidate every update"
         row = {
-            "dataset": data.name,
-            "rule": "caching" if cached else EVERY_UPDATE,
-            "label": repr(caching) if cached else "consolidate every update",
-            "n_hidden": p["n_hidden"],
-            "seed": p["seed"],
-            "loss": "mse",
-            "target": self.config.accuracy_target,
-            "max_samples": max_samples,
-            **run.row(len(data.x_train), self.config.accuracy_target),
+            **self.row(p, run, rule, label, "mse", max_samples),
             "theta": p.get("theta", ""),
             "tau": p.get("tau", ""),
             "maintenance_cost": p.get("c", ""),

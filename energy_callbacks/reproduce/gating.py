@@ -24,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..lightning import PlasticityCallback
 from .base import Experiment, paper_run
-from .paper import fit_paper
 from .report import cell, fmt, group, markdown, mean_sd, ratio, seeds_phrase, values, write_outputs
 from .rules import RULES, get_rule
 from .runner import RunResult, RunSpec, Sweep
@@ -121,7 +119,6 @@ class Mistakes(_Gating):
     def run_incremental(self, spec: RunSpec) -> RunResult:
         p, data = spec.params, self.data
         max_samples, eval_every = self.budget()
-        torch.set_num_threads(self.config.threads)
         half = data.n_classes // 2
         old = np.flatnonzero(data.y_train < half)
         new = np.flatnonzero(data.y_train >= half)
@@ -138,38 +135,23 @@ class Mistakes(_Gating):
             return np.arange(len(data.y_train))
 
         rule = get_rule("mistakes" if flagged_only else p["rule"])
-        run = fit_paper(
+        run = self.fit(
             rule.build(p["n_hidden"], p["seed"]),
-            data.x_train,
-            data.y_train,
-            data.x_test,
-            data.y_test,
-            n_hidden=p["n_hidden"],
-            n_outputs=data.n_classes,
+            p["n_hidden"],
+            p["seed"],
             loss="cross_entropy",
-            output_lr=self.config.output_lr_for(p["n_hidden"]),
             max_samples=max_samples // 2,
             eval_every=eval_every,
             target=None,
-            seed=p["seed"],
             phases=[old, second_phase],
             subsets={"old": data.y_test < half},
         )
         old_acc = run.tester.subset_accuracy["old"]
         after_first = old_acc[run.phase_ends[0]]
+        label = "memorized mistakes, replay of flagged samples only" if flagged_only else rule.label
         row = {
-            "dataset": data.name,
+            **self.row(p, run, p["rule"], label, "cross_entropy", max_samples),
             "setting": "incremental",
-            "rule": p["rule"],
-            "label": "memorized mistakes, replay of flagged samples only"
-            if flagged_only
-            else rule.label,
-            "n_hidden": p["n_hidden"],
-            "seed": p["seed"],
-            "loss": "cross_entropy",
-            "target": self.config.accuracy_target,
-            "max_samples": max_samples,
-            **run.row(len(data.x_train), self.config.accuracy_target),
             "accuracy_old_after_first": after_first,
             "accuracy_old": old_acc[-1],
             "forgetting": after_first - old_acc[-1],
