@@ -16,6 +16,7 @@ from energy_callbacks.reproduce import Config, load_data, reproduce
 from energy_callbacks.reproduce import frameworks as fw
 from energy_callbacks.reproduce.report import markdown, power_law
 from energy_callbacks.reproduce.runner import COLUMNS, Sweep, read_table
+from energy_callbacks.reproduce.sweep import _scaling
 
 needs_data = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
@@ -358,3 +359,14 @@ def test_table_and_scaling_helpers():
     assert np.isnan(power_law([100], [1.0]))
     text = markdown(["a", "b"], [["x|y", "1"]])
     assert text.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+
+
+def test_the_scaling_fit_needs_two_sizes_per_rule():
+    def row(rule, n):
+        return {"rule": rule, "n_hidden": n, "m1": 2.0 * n, "m0": n**2, "samples": 10.0}
+
+    one = _scaling([row("fixed", 10000)])
+    assert "nan" not in one and "at least two sizes" in one
+    both = _scaling([row("fixed", 100), row("fixed", 1000), row("backprop", 1000)])
+    assert "| fixed subnetwork, k = 10% (<= 100) | 100, 1000 | 1.00 | 2.00 | 0.00 |" in both
+    assert "| backprop |" not in both

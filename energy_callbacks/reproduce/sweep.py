@@ -209,6 +209,8 @@ def _scaling(rows: list[dict[str, Any]]) -> str:
     for (rule,), g in group(rows, "rule").items():
         by_n = dict(sorted(group(g, "n_hidden").items()))
         ns = [k[0] for k in by_n]
+        if len(ns) < 2:
+            continue  # one size has no slope
         exps = [
             power_law(ns, [mean_sd(values(v, c))[0] for v in by_n.values()])
             for c in ("m1", "m0", "samples")
@@ -220,6 +222,8 @@ def _scaling(rows: list[dict[str, Any]]) -> str:
                 *(f"{a:.2f}" for a in exps),
             ]
         )
+    if not body:
+        return "A fit needs at least two sizes per rule (`--sizes 300,1000,...`).\n"
     return markdown(["rule", "N", "a (M1)", "a (M0)", "a (samples)"], body)
 
 
