@@ -362,11 +362,14 @@ def test_table_and_scaling_helpers():
 
 
 def test_the_scaling_fit_needs_two_sizes_per_rule():
-    def row(rule, n):
-        return {"rule": rule, "n_hidden": n, "m1": 2.0 * n, "m0": n**2, "samples": 10.0}
+    def row(rule, n, reached=True):
+        figures = {"m1": 2.0 * n, "m0": n**2, "samples": 10.0, "reached": reached}
+        return {"rule": rule, "n_hidden": n, **figures}
 
     one = _scaling([row("fixed", 10000)])
-    assert "nan" not in one and "at least two sizes" in one
-    both = _scaling([row("fixed", 100), row("fixed", 1000), row("backprop", 1000)])
+    assert "nan" not in one and "two sizes" in one
+    rows = [row("fixed", 100), row("fixed", 1000), row("backprop", 1000)]
+    both = _scaling([*rows, row("fixed", 10000, reached=False)])
     assert "| fixed subnetwork, k = 10% (<= 100) | 100, 1000 | 1.00 | 2.00 | 0.00 |" in both
     assert "| backprop |" not in both
+    assert "Left out (target not reached): fixed at N = 10000." in both

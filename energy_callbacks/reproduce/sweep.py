@@ -205,9 +205,14 @@ def _energy_table(rows: list[dict[str, Any]], by_size: bool) -> str:
 
 
 def _scaling(rows: list[dict[str, Any]]) -> str:
-    body = []
+    """Slopes over the sizes at which every run of the rule reached the target: a run
+    stopped by the budget spent less than the target needs and would flatten the fit."""
+    body, left_out = [], []
     for (rule,), g in group(rows, "rule").items():
         by_n = dict(sorted(group(g, "n_hidden").items()))
+        for k in [k for k, v in by_n.items() if not all(r["reached"] for r in v)]:
+            left_out.append(f"{rule} at N = {k[0]}")
+            del by_n[k]
         ns = [k[0] for k in by_n]
         if len(ns) < 2:
             continue  # one size has no slope
@@ -222,9 +227,10 @@ def _scaling(rows: list[dict[str, Any]]) -> str:
                 *(f"{a:.2f}" for a in exps),
             ]
         )
+    note = f"\nLeft out (target not reached): {', '.join(left_out)}.\n" if left_out else ""
     if not body:
-        return "A fit needs at least two sizes per rule (`--sizes 300,1000,...`).\n"
-    return markdown(["rule", "N", "a (M1)", "a (M0)", "a (samples)"], body)
+        return "A fit needs two sizes per rule that reached the target.\n" + note
+    return markdown(["rule", "N", "a (M1)", "a (M0)", "a (samples)"], body) + note
 
 
 def _fidelity(rows: list[dict[str, Any]]) -> str:
