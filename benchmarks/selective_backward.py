@@ -10,9 +10,12 @@ are not timed), through :class:`energy_callbacks.lightning.PlasticityCallback`:
 - ``lazy``: ``samples="lazy"``, the gradient gate (rejected samples' gradients are
   zeroed, their backward still runs);
 - ``lazy, skip backward``: ``samples="lazy", skip_backward=True`` (a no-grad forward
-  judges the batch, then forward and backward on the mistakes only).
+  judges the batch, then forward and backward on the mistakes only);
+- ``lazy, skip backward, full batches``: the same with ``backward_batch`` = the batch
+  size (the mistakes of successive batches wait until there are a batch of them, so
+  every backward pass and optimizer step is a full batch).
 
-Each round runs the three in a rotating order per batch size; the table gives, per
+Each round runs the four in a rotating order per batch size; the table gives, per
 configuration, the median over rounds of the training seconds and samples to the
 target, and the time ratio to backprop of the same round. It also times the judging
 forward pass alone against a backprop step on the same batch (the extra cost).
@@ -36,17 +39,22 @@ from energy_callbacks.reproduce import Config, load_data
 from energy_callbacks.reproduce.paper import PaperModule, SampleStream, TestEvery, lean_trainer
 from energy_callbacks.reproduce.runner import quiet_lightning
 
-CONFIGS = {
-    "backprop": {},
-    "lazy": {"samples": "lazy"},
-    "lazy, skip backward": {"samples": "lazy", "skip_backward": True},
+CONFIGS = {  # the callback's arguments at a batch size
+    "backprop": lambda batch: {},
+    "lazy": lambda batch: {"samples": "lazy"},
+    "lazy, skip backward": lambda batch: {"samples": "lazy", "skip_backward": True},
+    "lazy, skip backward, full batches": lambda batch: {
+        "samples": "lazy",
+        "skip_backward": True,
+        "backward_batch": batch,
+    },
 }
 
 
 def time_to_target(data, name, *, batch, lr, target, max_samples, seed, n_hidden):
     torch.manual_seed(seed)
     module = PaperModule(784, n_hidden, 10, loss="cross_entropy", lr=lr, seed=seed)
-    energy = PlasticityCallback(**CONFIGS[name])
+    energy = PlasticityCallback(**CONFIGS[name](batch))
     tester = TestEvery(
         torch.from_numpy(data.x_test), torch.from_numpy(data.y_test), target=target, energy=energy
     )

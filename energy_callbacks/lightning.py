@@ -54,6 +54,7 @@ from .torch_selective import SelectiveBackward
 
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
+QUEUE_KEY = "skip_backward_queue"  # the state of backward_batch's waiting learners
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 EPOCH_EXTRA = (
     "plasticity/energy_consolidation",
@@ -102,6 +103,9 @@ class PlasticityCallback(Callback):
     backward pass of the others is really skipped (see
     :mod:`energy_callbacks.torch_selective`: the loss is then the mean over the
     learners); ``inputs`` picks what the module's forward takes from a batch.
+    ``backward_batch=B`` with it queues the learners of successive batches and trains
+    B at a time, so each backward pass and optimizer step is a full batch; the last
+    batch of an epoch trains what waits, and what waits is saved in checkpoints.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class PlasticityCallback(Callback):
         per_layer: bool = False,
         skip_backward: bool = False,
         inputs: Callable[[Any], Any] | None = None,
+        backward_batch: int | None = None,
     ) -> None:
         plasticity = from_shorthands(
             plasticity,
@@ -153,6 +158,14 @@ class PlasticityCallback(Callback):
                 "PlasticityCallback.inputs= is only used with skip_backward=True (the judging "
                 "forward pass); drop inputs= or set skip_backward=True"
             )
+        if backward_batch is not None:
+            if not skip_backward:
+                raise ValueError(
+                    "PlasticityCallback.backward_batch= queues the learners of the judging "
+                    "forward pass, which runs with skip_backward=True only; set "
+                    "skip_backward=True or drop backward_batch="
+                )
+            backward_batch = checks.count("PlasticityCallback.backward_batch", backward_batch)
         if log_every_n_steps is not None:
             try:
                 log_every_n_steps = checks.count("log_every_n_steps", log_every_n_steps)
@@ -176,7 +189,9 @@ class PlasticityCallback(Callback):
         self.per_layer = per_layer
         self.skip_backward = skip_backward
         self.inputs = inputs
+        self.backward_batch = backward_batch
         self._selective: SelectiveBackward | None = None
+        self._pending_queue: dict[str, Any] | None = None
         self._handle: AttachedPlasticity | None = None
         self._pending_state: dict[str, Any] | None = None
         self._epoch_start = (0, 0)
@@ -248,8 +263,16 @@ class PlasticityCallback(Callback):
         if self.skip_backward:
             assert self._handle.gate is not None
             self._selective = SelectiveBackward(
-                pl_module, self._handle.gate, self.targets, self.sample_ids, self.inputs
+                pl_module,
+                self._handle.gate,
+                self.targets,
+                self.sample_ids,
+                self.inputs,
+                backward_batch=self.backward_batch,
             )
+            if self._pending_queue is not None:
+                self._selective.load_state_dict(self._pending_queue)
+                self._pending_queue = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._handle is not None and self.plasticity.caching is not None:
@@ -263,6 +286,8 @@ class PlasticityCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._selective is not None:
+            if self._selective.queue:  # a later fit() trains what still waits
+                self._pending_queue = self._selective.state_dict()
             self._selective.remove()
             self._selective = None
         if self._handle is not None:
@@ -273,8 +298,17 @@ class PlasticityCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._handle is None or self._selective is not None:
-            return  # skip_backward: training_step judges the batch itself
+        if self._selective is not None:  # skip_backward: training_step judges the batch
+            # the last step of an epoch (or of max_steps) trains the learners that wait
+            max_steps = trainer.max_steps
+            self._selective.flush = (
+                trainer.is_last_batch
+                or batch_idx + 1 >= trainer.num_training_batches
+                or (max_steps is not None and 0 <= max_steps <= trainer.global_step + 1)
+            )
+            return
+        if self._handle is None:
+            return
         if self._handle.gate is not None:
             self._handle.gate_batch(self.targets(batch), self.sample_ids(batch))
         else:
@@ -369,14 +403,25 @@ class PlasticityCallback(Callback):
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self._pending_state is not None:
-            return _to_torch(self._pending_state)
-        if self._handle is not None:
-            return _to_torch(self._handle.state_dict())
-        return _to_torch(self.plasticity.state_dict()) if self.plasticity.is_setup else {}
+            state = _to_torch(self._pending_state)
+        elif self._handle is not None:
+            state = _to_torch(self._handle.state_dict())
+        else:
+            state = _to_torch(self.plasticity.state_dict()) if self.plasticity.is_setup else {}
+        queue = self._selective.state_dict() if self._selective else self._pending_queue
+        if queue is not None and queue["rows"]:
+            state[QUEUE_KEY] = queue  # the learners of backward_batch that wait, as batches
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        state_dict = dict(state_dict)
+        queue = state_dict.pop(QUEUE_KEY, None)
+        if self._selective is not None:
+            self._selective.load_state_dict(queue or {"batches": [], "rows": []})
+        else:
+            self._pending_queue = queue
         state = _from_torch(state_dict)
         if self._handle is not None:
             self._handle.load_state_dict(state)

@@ -84,6 +84,7 @@ class OutputGate:
         self.decided = 0  # forward passes gated so far
         self.learned = 0  # samples that passed so far (summed over ranks)
         self.empty_steps = 0  # optimizer steps skipped because no sample passed
+        self.waiting = 0  # samples passed whose step is still to come (skip_backward's queue)
         # No sample learns: detach the output so the backward pass costs nothing. Off
         # under a GradScaler, which needs every gradient to exist (zeros, then).
         self.detach_when_empty = True
@@ -231,8 +232,10 @@ def skip_empty_steps(opt: torch.optim.Optimizer, gate: OutputGate) -> Callable[[
                     return loss
                 return closure()
 
-            if loss is None and gate.decided == last[0]:
-                gate.disarm()  # training_step returned None: the batch is skipped
+            if loss is None and (gate.decided == last[0] or gate.waiting):
+                # training_step returned None: the batch is skipped (or its learners wait
+                # for a full batch, and count towards the step that trains them)
+                gate.disarm()
                 self._opt_called = True  # type: ignore[attr-defined]
                 return None
         if gate.decided == last[0]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from energy_callbacks.lightning import PlasticityCallback
 from energy_callbacks.reference import PaperMLP
-from energy_callbacks.torch_selective import select_rows
+from energy_callbacks.torch_selective import gather_rows, select_rows
 
 
 class Recording(PaperModule):
@@ -153,3 +153,107 @@ def test_a_dict_batch_without_inputs_names_the_fix(digits):
     trainer(max_epochs=1, callbacks=[callback]).fit(module, loader)
     assert callback.report().samples_seen == 8
     assert "training_step" not in module.__dict__  # teardown restored the module's own
+
+
+def replay_queue(digits, *, batch_size, backward_batch, n=96, lr=0.05):
+    """Plain torch: judge each loaded batch with the current weights, queue its mistakes,
+    and step on the first ``backward_batch`` queued as soon as there are that many (the
+    last batch trains what waits). Returns the module, the step sizes and the learners."""
+    x, y, _, _ = digits
+    module = PaperModule(PaperMLP(64, 24, 10, seed=1), lr=lr)
+    opt = torch.optim.SGD(module.parameters(), lr=lr)
+    xs, ys = torch.from_numpy(x[:n]), torch.from_numpy(y[:n]).long()
+    qx, qy, sizes, learners = xs[:0], ys[:0], [], 0
+    starts = range(0, n, batch_size)
+    for start in starts:
+        xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+        with torch.no_grad():
+            wrong = module(xb).argmax(1) != yb
+        qx, qy = torch.cat([qx, xb[wrong]]), torch.cat([qy, yb[wrong]])
+        learners += int(wrong.sum())
+        last = start == starts[-1]
+        if len(qx) >= backward_batch or (last and len(qx)):
+            k = min(backward_batch, len(qx))
+            opt.zero_grad()
+            module.training_step({"x": qx[:k], "y": qy[:k]}, 0).backward()
+            opt.step()
+            qx, qy = qx[k:], qy[k:]
+            sizes.append(k)
+    return module, sizes, learners
+
+
+def test_backward_batch_queues_the_learners_and_steps_on_full_batches(digits):
+    want, want_sizes, learners = replay_queue(digits, batch_size=16, backward_batch=16)
+    module, report = fit(digits, batch_size=16, skip_backward=True, backward_batch=16)
+    # every step but the epoch's last is a full batch of learners
+    assert module.step_sizes == want_sizes and module.backward_rows == want_sizes
+    assert set(want_sizes[:-1]) == {16} and len(want_sizes) < 96 // 16
+    for a, b in zip(module.parameters(), want.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (report.samples_seen, report.samples_learned) == (96, learners)
+    assert report.m0 > 0
+
+
+class Snapshot(pl.Callback):
+    """Saves the energy callback's state and the weights after batch ``at`` (through
+    torch.save / weights_only load, as a checkpoint would), then stops the fit."""
+
+    def __init__(self, energy, at: int) -> None:
+        self.energy, self.at = energy, at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.at:
+            import io
+
+            buffer = io.BytesIO()
+            torch.save({"energy": self.energy.state_dict(), "w": pl_module.state_dict()}, buffer)
+            buffer.seek(0)
+            self.saved = torch.load(buffer, weights_only=True)
+            trainer.should_stop = True
+
+
+def test_the_waiting_learners_survive_a_checkpoint_exactly(digits):
+    x, y, _, _ = digits
+    whole, whole_report = fit(digits, batch_size=8, skip_backward=True, backward_batch=24)
+
+    energy = PlasticityCallback(samples="lazy", skip_backward=True, backward_batch=24)
+    snap = Snapshot(energy, at=1)  # 16 judged, fewer than 24 learners: none trained yet
+    first = Recording(PaperMLP(64, 24, 10, seed=1), lr=0.05)
+    loader = torch.utils.data.DataLoader(IndexedData(x, y, np.arange(96)), batch_size=8)
+    trainer(max_epochs=1, callbacks=[energy, snap]).fit(first, loader)
+    queue = snap.saved["energy"]["skip_backward_queue"]
+    assert sum(queue["rows"]) > 0 and first.step_sizes == []  # learners wait, untrained
+
+    resumed = Recording(PaperMLP(64, 24, 10, seed=1), lr=0.05)
+    resumed.load_state_dict(snap.saved["w"])
+    energy = PlasticityCallback(samples="lazy", skip_backward=True, backward_batch=24)
+    energy.load_state_dict(snap.saved["energy"])
+    loader = torch.utils.data.DataLoader(IndexedData(x, y, np.arange(16, 96)), batch_size=8)
+    trainer(max_epochs=1, callbacks=[energy]).fit(resumed, loader)
+    assert first.step_sizes + resumed.step_sizes == whole.step_sizes
+    for a, b in zip(resumed.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    got = energy.report()
+    assert (got.m1, got.m0, got.samples_seen, got.samples_learned) == pytest.approx(
+        (whole_report.m1, whole_report.m0, whole_report.samples_seen, whole_report.samples_learned)
+    )
+
+
+def test_rows_of_several_batches_are_gathered_in_order():
+    a = {"x": torch.arange(6).reshape(3, 2), "meta": ("tag", np.arange(3)), "k": 7}
+    b = {"x": torch.arange(6, 10).reshape(2, 2), "meta": ("tag", np.arange(3, 5)), "k": 7}
+    keeps = [torch.tensor([True, False, True]), torch.tensor([False, True])]
+    out = gather_rows([a, b], keeps, [3, 2])
+    assert out["x"].tolist() == [[0, 1], [4, 5], [8, 9]] and out["k"] == 7
+    assert out["meta"][0] == "tag" and out["meta"][1].tolist() == [0, 2, 4]
+    # a leaf that is not batch-major in every batch is kept as it is in the last one
+    shared = torch.zeros(5)
+    got = gather_rows([(torch.ones(3), shared), (torch.ones(2), shared)], keeps, [3, 2])
+    assert got[0].shape == (3,) and got[1] is shared
+
+
+def test_backward_batch_without_skip_backward_is_refused():
+    with pytest.raises(ValueError, match="backward_batch=.*set skip_backward=True"):
+        PlasticityCallback(samples="lazy", backward_batch=32)
+    with pytest.raises(ValueError, match="PlasticityCallback.backward_batch"):
+        PlasticityCallback(samples="lazy", skip_backward=True, backward_batch=0)

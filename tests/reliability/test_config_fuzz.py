@@ -46,18 +46,24 @@ LIGHTNING = Case(
         "log_every_n_steps": Field(optional(count), "log_every_n_steps", (None, 1, 50, 0)),
         "skip_backward": Field(is_bool, "PlasticityCallback.skip_backward", (False, True)),
         "inputs": Field(callable_or_none, "PlasticityCallback.inputs", (None, lambda b: b)),
+        "backward_batch": Field(
+            optional(count), "PlasticityCallback.backward_batch", (None, 32, 1, 0, 2.0)
+        ),
     },
     lambda kw: _shorthand_cross(kw) + _selective_cross(kw),
 )
 
 
 def _selective_cross(kw: dict) -> list[str]:
-    """skip_backward=True needs a sample gate; inputs= needs skip_backward=True."""
+    """skip_backward=True needs a sample gate; inputs= and backward_batch= need
+    skip_backward=True."""
     skip = kw.get("skip_backward") is True
     gate = kw.get("samples") is not None or getattr(kw.get("plasticity"), "samples", None)
     bad = ["skip_backward"] if skip and not gate else []
     if kw.get("inputs") is not None and not skip:
         bad.append("inputs=")
+    if kw.get("backward_batch") is not None and not skip:
+        bad.append("backward_batch=")
     return bad
 
 ALL = CASES | {"lightning.PlasticityCallback": LIGHTNING}
