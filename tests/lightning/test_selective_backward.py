@@ -257,3 +257,18 @@ def test_backward_batch_without_skip_backward_is_refused():
         PlasticityCallback(samples="lazy", backward_batch=32)
     with pytest.raises(ValueError, match="PlasticityCallback.backward_batch"):
         PlasticityCallback(samples="lazy", skip_backward=True, backward_batch=0)
+
+
+def test_the_step_before_max_steps_trains_what_waits(digits):
+    x, y, _, _ = digits
+    module = Recording(PaperMLP(64, 24, 10, seed=1), lr=0.05)
+    loader = torch.utils.data.DataLoader(IndexedData(x, y, np.arange(96)), batch_size=8)
+    energy = PlasticityCallback(samples="lazy", skip_backward=True, backward_batch=24)
+    # Lightning's global_step counts every loaded batch, the skipped steps too: the
+    # second batch ends the fit, and trains the learners of both, fewer than 24
+    trainer(max_steps=2, callbacks=[energy]).fit(module, loader)
+    report = energy.report()
+    assert len(module.step_sizes) == 1 and 0 < module.step_sizes[0] < 24
+    # every learner judged was trained, none is left in the state
+    assert report.samples_learned == sum(module.step_sizes)
+    assert "skip_backward_queue" not in energy.state_dict()
