@@ -299,12 +299,12 @@ class PlasticityCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._selective is not None:  # skip_backward: training_step judges the batch
-            # the last step of an epoch (or of max_steps) trains the learners that wait
-            max_steps = trainer.max_steps
+            # the last step of an epoch (or of max_steps) trains the learners that wait;
+            # is_last_batch misses an epoch cut short by limit_train_batches
             self._selective.flush = (
                 trainer.is_last_batch
                 or batch_idx + 1 >= trainer.num_training_batches
-                or (max_steps is not None and 0 <= max_steps <= trainer.global_step + 1)
+                or 0 <= trainer.max_steps <= trainer.global_step + 1
             )
             return
         if self._handle is None:

@@ -159,8 +159,11 @@ class SelectiveBackward:
         if waiting < self.backward_batch and not (self.flush and waiting):
             self.gate.waiting = waiting
             return None  # not a full batch yet: no backward pass, no optimizer step
-        every = [torch.ones(c, dtype=torch.bool) for c in self.counts]
-        rows = gather_rows(self.queue, every, self.counts)
+        if len(self.queue) == 1:
+            rows = self.queue[0]  # no copy: the common case of B learners in one batch
+        else:
+            every = [torch.ones(c, dtype=torch.bool) for c in self.counts]
+            rows = gather_rows(self.queue, every, self.counts)
         take = min(self.backward_batch, waiting)
         first = torch.arange(waiting) < take
         self.queue, self.counts = [], []
