@@ -50,7 +50,7 @@ from .core.synapses import SynapseRule
 from .core.targets import IGNORE_INDEX
 from .core.units import UnitRule
 from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_hooks, module_names
-from .torch_selective import SelectiveBackward
+from .torch.selective import SelectiveBackward
 
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
@@ -101,7 +101,7 @@ class PlasticityCallback(Callback):
     ``skip_backward=True`` (with a sample gate) judges each batch in a forward pass
     without gradients and runs ``training_step`` on the samples that learn only, so the
     backward pass of the others is really skipped (see
-    :mod:`energy_callbacks.torch_selective`: the loss is then the mean over the
+    :mod:`energy_callbacks.torch.selective`: the loss is then the mean over the
     learners); ``inputs`` picks what the module's forward takes from a batch.
     ``backward_batch=B`` with it queues the learners of successive batches and trains
     B at a time, so each backward pass and optimizer step is a full batch; the last

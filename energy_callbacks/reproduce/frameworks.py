@@ -57,7 +57,7 @@ def check_keras() -> None:
         raise KerasUnavailable(
             "reproduce frameworks needs the Keras adapter energy_callbacks.keras, which does not "
             f"import with KERAS_BACKEND=tensorflow: {last}. Install the keras extra "
-            "(pip install -e '.[keras]'); if energy_callbacks/keras.py is missing, this "
+            "(pip install -e '.[keras]'); if energy_callbacks/keras/ is missing, this "
             "release has no Keras adapter yet: run the other experiments."
         )
 

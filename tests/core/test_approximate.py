@@ -46,7 +46,7 @@ def test_small_tensors_are_exact_and_zeros_never_count():
 
 def test_torch_ops_pick_the_same_threshold():
     torch = pytest.importorskip("torch")
-    from energy_callbacks.backends.torch_ops import TorchOps
+    from energy_callbacks.torch.ops import TorchOps
 
     scores = np.abs(np.random.default_rng(1).standard_normal(200_000)).astype(np.float32)
     want = numpy_ops.approx_top_mask(scores, 20_000)

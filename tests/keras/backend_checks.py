@@ -158,3 +158,17 @@ def test_caching_logs(results):
     assert energy == sorted(energy) and energy[-1] == pytest.approx(r["epoch_energy"][-1])
     # the end of fit consolidates what the store still held: the report adds it
     assert r["straight"]["energy"] > r["epoch_energy"][-1]
+
+
+def test_a_model_saved_before_the_layout_change_loads_and_continues(results):
+    import json
+    from pathlib import Path
+
+    saved = json.loads((Path(__file__).parent / "data" / "saved_wrapper.json").read_text())
+    r = results["saved_file"]
+    assert r["wrapper"] == "PlasticityOptimizer" and r["adopted"]
+    assert r["m0"] == saved["state_m0"]
+    assert r["continued"]["steps"] == saved["steps"] + 4
+    assert r["continued"]["seen"] == saved["samples_seen"] + 64
+    assert r["continued"]["m0"] > saved["m0"]
+    assert r["continued"]["m1"] > saved["m1"]

@@ -29,7 +29,7 @@ from energy_callbacks.core import (
 )
 from energy_callbacks.data import load_digits, paper_inputs
 from energy_callbacks.keras import PlasticityCallback, PlasticityOptimizer
-from energy_callbacks.keras_optimizer import describe
+from energy_callbacks.keras.optimizer import describe
 from energy_callbacks.reference import PaperMLP
 
 warnings.filterwarnings("ignore", message="The structure of `inputs`")
@@ -426,8 +426,8 @@ def scenario_misc(tmp: str) -> None:
 
 # -- 5. selections on long tensors (the bisection search), inside a compiled function ----
 def scenario_selection() -> None:
-    from energy_callbacks.backends.keras_ops import keras_ops
     from energy_callbacks.core.ops import numpy_ops
+    from energy_callbacks.keras.ops import keras_ops
 
     rng = np.random.default_rng(0)
     n = 100_003
@@ -463,7 +463,7 @@ def scenario_selection() -> None:
 
 # -- 6. the accumulators over 1e5 steps ------------------------------------------------
 def scenario_accumulators() -> None:
-    from energy_callbacks.keras_optimizer import COUNT_BITS, carry_count, two_sum
+    from energy_callbacks.keras.optimizer import COUNT_BITS, carry_count, two_sum
 
     rng = np.random.default_rng(0)
     steps = 100_000
@@ -534,6 +534,32 @@ def scenario_caching(tmp: str) -> None:
     RESULTS["caching_resume"] = out
 
 
+def scenario_saved_file() -> None:
+    """A model checkpointed mid-fit by the package before its per-framework folders
+    (tests/keras/data/make_saved_wrapper.py) loads and continues its totals."""
+    from pathlib import Path
+
+    from energy_callbacks import MemorizedMistakes, TopFraction
+
+    here = Path(__file__).parent / "data"
+    model = keras.models.load_model(here / "saved_wrapper.keras")
+    wrapper = model.optimizer
+    state = wrapper.energy_state()
+    rule = Plasticity(synapses=TopFraction(0.2), samples=MemorizedMistakes(capacity=64))
+    cb = PlasticityCallback(rule)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    model.fit({"features": x, "index": np.arange(64)}, y, batch_size=16, epochs=1,
+              shuffle=False, verbose=0, callbacks=[cb])
+    RESULTS["saved_file"] = {
+        "wrapper": type(wrapper).__name__,
+        "m0": [int(v) for v in np.asarray(state["m0"]).ravel()],
+        "adopted": cb.optimizer is wrapper,
+        "continued": report_dict(cb.report()),
+    }
+
+
 def main() -> None:
     out_path = sys.argv[1]
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
@@ -546,6 +572,7 @@ def main() -> None:
             ("selection", scenario_selection),
             ("accumulators", scenario_accumulators),
             ("caching", lambda: scenario_caching(tmp)),
+            ("saved_file", scenario_saved_file),
         ]:
             if only is None or name in only:
                 fn()

@@ -7,7 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import IndexedData, PaperModule, oracle_step, trainer
+from conftest import IndexedData, PaperModule, trainer
+from oracle_replay import oracle_step
 
 from energy_callbacks import (
     FixedSubnetwork,

@@ -12,7 +12,7 @@ from torch import nn
 
 from energy_callbacks.lightning import PlasticityCallback
 from energy_callbacks.reference import PaperMLP
-from energy_callbacks.torch_selective import gather_rows, select_rows
+from energy_callbacks.torch.selective import gather_rows, select_rows
 
 
 class Recording(PaperModule):

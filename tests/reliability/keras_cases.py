@@ -303,7 +303,7 @@ def case_config() -> None:
 def case_accumulators() -> None:
     """The optimizer's float32 (value, error) pairs and two-word int32 counts over 1e6
     steps of a small model's per-step totals, compiled, against exact sums."""
-    from energy_callbacks.keras_optimizer import COUNT_BITS, carry_count, two_sum
+    from energy_callbacks.keras.optimizer import COUNT_BITS, carry_count, two_sum
 
     steps = 1_000_000
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 Compiling again between two ``fit`` calls (a new optimizer, layers unfrozen) gives the
 model a new inner optimizer, so :class:`~energy_callbacks.keras.PlasticityCallback`
-wraps it in a new :class:`~energy_callbacks.keras_optimizer.PlasticityOptimizer`;
+wraps it in a new :class:`~energy_callbacks.keras.optimizer.PlasticityOptimizer`;
 :func:`carry_over` moves the energy totals, the step counters, each tensor's ``w_0``
 and the sample gate's state (counts, mistake memory) into it.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .keras_optimizer import PlasticityOptimizer
+from .optimizer import PlasticityOptimizer
 
 
 def carry_over(wrapper: PlasticityOptimizer, previous: PlasticityOptimizer) -> None:

@@ -2,7 +2,7 @@
 
 It wraps the user's optimizer the way ``keras.optimizers.LossScaleOptimizer``
 does. Each step it lets the inner optimizer propose its update, masks the
-proposal with the rules (see :class:`~energy_callbacks.backends.keras_ops.KerasOps`),
+proposal with the rules (see :class:`~energy_callbacks.keras.ops.KerasOps`),
 applies ``mask * proposal`` and adds the real weight change to energy
 accumulators. The accumulators are optimizer variables, so they run inside the
 compiled step on every backend, and they are saved with the optimizer
@@ -28,7 +28,7 @@ Optimizer moments see every proposal (they are the inner optimizer's business);
 only the weights are masked, as in the Lightning adapter. With synaptic caching
 the applied change then enters a transient store kept in optimizer variables,
 and the store's decay is part of the weights' new values
-(:mod:`energy_callbacks.keras_caching`).
+(:mod:`energy_callbacks.keras.caching`).
 """
 
 from __future__ import annotations
@@ -40,15 +40,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from .backends.keras_ops import keras_ops, xla_on_tensorflow
-from .core import Plasticity, TensorSpec, Topology, checks
-from .core.config import from_config, to_config
-from .core.ops import numpy_ops
-from .core.units import RandomUnits
-from .keras_caching import CachingVariables
-from .keras_distribute import any_across_replicas, assign_all, restore_unless
-from .keras_gate import GateState
-from .keras_totals import COUNT_BITS, carry_count, two_sum, two_sum_update  # noqa: F401
+from ..core import Plasticity, TensorSpec, Topology, checks
+from ..core.config import from_config, to_config
+from ..core.ops import numpy_ops
+from ..core.units import RandomUnits
+from .caching import CachingVariables
+from .distribute import any_across_replicas, assign_all, restore_unless
+from .gate import GateState
+from .ops import keras_ops, xla_on_tensorflow
+from .totals import COUNT_BITS, carry_count, two_sum, two_sum_update  # noqa: F401
 
 
 def describe(variables: Sequence[Any], layers: Sequence[str] | None = None) -> list[TensorSpec]:

@@ -5,8 +5,8 @@ One line in an existing pipeline::
     model.fit(x, y, callbacks=[PlasticityCallback(synapses=0.1, samples="lazy")])
 
 While ``fit`` runs, the callback swaps the model's optimizer for a
-:class:`~energy_callbacks.keras_optimizer.PlasticityOptimizer` around it, and
-its ``compute_loss`` for a gated one (:mod:`energy_callbacks.keras_gate`); it
+:class:`~energy_callbacks.keras.optimizer.PlasticityOptimizer` around it, and
+its ``compute_loss`` for a gated one (:mod:`energy_callbacks.keras.gate`); it
 forces a retrace so the compiled step includes both, and puts the user's
 optimizer and ``compute_loss`` back when ``fit`` ends. A ``fit`` that raised
 leaves them installed; the next ``fit`` notices and starts clean. A second
@@ -38,15 +38,24 @@ from typing import Any
 
 import keras
 
-from .core import Caching, Cost, EnergyReport, Plasticity, SampleGate, SynapseRule, UnitRule, checks
-from .core.config import to_config
-from .core.plasticity import from_shorthands
-from .keras_carry import carry_over
-from .keras_distribute import strategy_scope
-from .keras_gate import GateState, gated_compute_loss
-from .keras_optimizer import EnergyReadout, PlasticityOptimizer, check_in_graph
+from ..core import (
+    Caching,
+    Cost,
+    EnergyReport,
+    Plasticity,
+    SampleGate,
+    SynapseRule,
+    UnitRule,
+    checks,
+)
+from ..core.config import to_config
+from ..core.plasticity import from_shorthands
+from .carry import carry_over
+from .distribute import strategy_scope
+from .gate import GateState, gated_compute_loss
+from .optimizer import EnergyReadout, PlasticityOptimizer, check_in_graph
 
-__all__ = ["PlasticityCallback", "PlasticityOptimizer"]
+__all__ = ["PlasticityCallback"]
 
 _INSTALLED = "_energy_callbacks_installed"
 

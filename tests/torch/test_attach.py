@@ -7,13 +7,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import oracle_step
+from oracle_replay import oracle_step
 from torch import nn
 
 from energy_callbacks import Plasticity, TopFraction, TopUnits
-from energy_callbacks.backends.torch_ops import TorchOps
 from energy_callbacks.core import keep_count
 from energy_callbacks.torch import attach, describe
+from energy_callbacks.torch.ops import TorchOps
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),
@@ -306,7 +306,7 @@ def test_float16_parameters_record_exact_differences():
 @pytest.mark.parametrize("rules", [dict(), dict(units=TopUnits(0.5, path=True), synapses=0.3)])
 def test_fused_kernels_match_the_numpy_path(monkeypatch, rules):
     """numba's one-pass kernels give the NumPy path's weights and energy."""
-    from energy_callbacks.backends import fused
+    from energy_callbacks.torch import fused
 
     assert fused.AVAILABLE  # numba is in the torch extra
     results = []
@@ -369,7 +369,7 @@ def test_fused_masked_steps_on_large_layers_match_the_numpy_path(monkeypatch, na
     """Above 16384 entries the fused path selects from ``w - w_before`` without writing
     the difference out (the approximate rule applies its threshold in the same pass
     as the undo); weights, energy and NaN handling equal the NumPy path's."""
-    from energy_callbacks.backends import fused
+    from energy_callbacks.torch import fused
 
     results = []
     for available in (True, False):

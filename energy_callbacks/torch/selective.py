@@ -1,7 +1,7 @@
 """Selective backward for the sample gate: judge the batch without gradients, then
 train on the samples that learn only (the mechanism of Composer's SelectiveBackprop).
 
-The gradient gate (:mod:`energy_callbacks.torch_gate`) zeroes the rejected
+The gradient gate (:mod:`energy_callbacks.torch.gate`) zeroes the rejected
 samples' gradients, so their backward pass still runs. Here the LightningModule's
 ``training_step`` is wrapped:
 
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .torch_gate import OutputGate
+from .gate import OutputGate
 
 INPUT_KEYS = ("x", "input", "inputs", "input_ids", "image", "images", "features")
 

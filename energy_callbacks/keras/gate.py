@@ -24,9 +24,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from .backends.keras_ops import keras_ops
-from .core.samples import MemorizedMistakes, SampleGate
-from .keras_distribute import gather
+from ..core.samples import MemorizedMistakes, SampleGate
+from .distribute import gather
+from .ops import keras_ops
 
 ID_KEYS = ("index", "idx", "sample_id")
 DEFAULT_CAPACITY = 1 << 20

@@ -22,9 +22,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from .backends.keras_ops import keras_ops
-from .core.caching import Caching
-from .keras_totals import (
+from ..core.caching import Caching
+from .ops import keras_ops
+from .totals import (
     COUNT_BITS,
     carry_count,
     read_count,

@@ -1,16 +1,4 @@
-"""Plasticity on plain PyTorch optimizers; the Lightning callback uses the same machinery.
-
-Example::
-
-    handle = attach(model, optimizer, Plasticity(synapses=0.1, samples="lazy"))
-    for x, y in loader:
-        handle.gate_batch(y)        # with a sample gate only: before the forward pass
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()            # masked; skipped when no sample passed the gate
-        optimizer.zero_grad()
-    print(handle.report())
-    handle.detach()
+"""attach() and AttachedPlasticity: the optimizer step hooks that measure and mask.
 
 How it works:
 
@@ -29,9 +17,9 @@ How it works:
   parameter that leaves the model (a replaced layer) is an error.
 - **Wiring.** Unit rules learn which layers are hidden and, for the path rule,
   which units feed which, from the autograd graph of the training forward pass
-  (:mod:`energy_callbacks.torch_wiring`); ``adjacency=`` states it instead.
+  (:mod:`energy_callbacks.torch.wiring`); ``adjacency=`` states it instead.
 - **Samples.** A forward hook on the model computes the gate from its output
-  (:mod:`energy_callbacks.torch_gate`). The gradient rows of gated-out samples
+  (:mod:`energy_callbacks.torch.gate`). The gradient rows of gated-out samples
   are zeroed on every tensor of the forward output, so they add nothing to any
   parameter gradient, and the loss keeps its own normalization. When no sample
   passes, the optimizer step is skipped: no weight, moment or step count changes.
@@ -65,17 +53,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends.torch_ops import ops_for
-from .core import EnergyReport, Plasticity, TensorSpec, Topology, checks
-from .core.ops import NumpyOps
-from .core.targets import IGNORE_INDEX
-from .torch_faults import nonfinite_reason, nonfinite_weights, watch_scaler
-from .torch_gate import OutputGate, default_logits, skip_empty_steps
-from .torch_layers import describe
-from .torch_snapshot import ShapeChanged, Snapshot, view
-from .torch_wiring import WiringProbe, resolve
+from ..core import EnergyReport, Plasticity, TensorSpec, Topology, checks
+from ..core.ops import NumpyOps
+from ..core.targets import IGNORE_INDEX
+from .faults import nonfinite_reason, nonfinite_weights, watch_scaler
+from .gate import OutputGate, skip_empty_steps
+from .layers import describe
+from .ops import ops_for
+from .snapshot import ShapeChanged, Snapshot, view
+from .wiring import WiringProbe, resolve
 
-__all__ = ["AttachedPlasticity", "attach", "default_logits", "describe"]
+__all__ = ["AttachedPlasticity", "attach", "edges", "forget_compiled_hooks", "module_names"]
 
 
 class AttachedPlasticity:

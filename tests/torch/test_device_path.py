@@ -14,8 +14,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from energy_callbacks import Plasticity, Threshold, TopFraction, Topology, TopUnits
-from energy_callbacks.backends.torch_ops import TorchOps
 from energy_callbacks.torch import attach
+from energy_callbacks.torch.ops import TorchOps
 
 READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "nonzero"}
 RULES = {

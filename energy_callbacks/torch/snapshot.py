@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends import fused
+from . import fused
 
 
 class ShapeChanged(RuntimeError):

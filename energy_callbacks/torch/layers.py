@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .core import TensorSpec
+from ..core import TensorSpec
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Modules whose ``weight`` holds (units, inputs, ...) and whose bias follows the units."""

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import Plasticity
-from .core.ops import NumpyOps
-from .core.targets import IGNORE_INDEX
+from ..core import Plasticity
+from ..core.ops import NumpyOps
+from ..core.targets import IGNORE_INDEX
 
 
 def default_logits(output: Any) -> torch.Tensor:

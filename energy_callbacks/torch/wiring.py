@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import TensorSpec, Topology
-from .torch_layers import (
+from ..core import TensorSpec, Topology
+from .layers import (
     EMBEDDING_TYPES,
     LINEAR_TYPES,
     TRANSPOSED_TYPES,

@@ -10,7 +10,7 @@ scatter, which is a Python loop on the torch backend: ``t`` is the k-th largest
 value from ``top_k``; entries above ``t`` are kept, and entries equal to ``t``
 are kept in index order, by a cumulative count, until there are ``k``.
 Reductions are float32 (JAX runs without x64); the adapter folds them into
-exact totals (see :mod:`energy_callbacks.keras_optimizer`).
+exact totals (see :mod:`energy_callbacks.keras.optimizer`).
 """
 
 from __future__ import annotations
