@@ -40,6 +40,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from .core import EnergyReport, Plasticity, Topology, checks
 from .core.caching import Caching
@@ -50,12 +51,13 @@ from .core.synapses import SynapseRule
 from .core.targets import IGNORE_INDEX
 from .core.units import UnitRule
 from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_hooks, module_names
+from .torch.layers import nothing_to_cover
 from .torch.selective import SelectiveBackward
 
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
 QUEUE_KEY = "skip_backward_queue"  # the state of backward_batch's waiting learners
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 EPOCH_EXTRA = (
     "plasticity/energy_consolidation",
     "plasticity/energy_maintenance",
@@ -201,15 +203,20 @@ class PlasticityCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in SHARDED_STRATEGIES:
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES):  # subclasses too
             raise ValueError(
-                f"PlasticityCallback does not support {strategy}: sharded parameters cannot be "
-                "ranked whole on one rank. Use strategy='ddp' (or a single device)."
+                f"PlasticityCallback does not support {type(trainer.strategy).__name__}: sharded "
+                "parameters cannot be ranked whole on one rank. Use strategy='ddp' (or a single "
+                "device)."
             )
         specs, _ = describe(pl_module, layers=self.layers)
         if not specs:
-            raise ValueError("PlasticityCallback: the LightningModule has no trainable parameter")
+            field = "" if self.layers is None else f".layers={self.layers}"
+            raise ValueError(
+                f"PlasticityCallback{field}: nothing to train, as "
+                f"{nothing_to_cover(pl_module, self.layers)}. Name modules that hold trainable "
+                "parameters (a Linear, not the activation after it), or unfreeze them."
+            )
         # Check the rules against the model now, so that a misfit fails before training.
         check = Plasticity(self.plasticity.synapses, self.plasticity.units)
         if self.adjacency is not None:

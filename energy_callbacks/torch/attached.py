@@ -58,7 +58,7 @@ from ..core.ops import NumpyOps
 from ..core.targets import IGNORE_INDEX
 from .faults import nonfinite_reason, nonfinite_weights, watch_scaler
 from .gate import OutputGate, skip_empty_steps
-from .layers import describe
+from .layers import describe, nothing_to_cover
 from .ops import ops_for
 from .snapshot import ShapeChanged, Snapshot, view
 from .wiring import WiringProbe, resolve
@@ -127,6 +127,13 @@ class AttachedPlasticity:
         keep = [*self.params, *self._extra]
         specs, params = describe(self.model, in_optimizers, self._layers, keep=keep)
         if not params:
+            if not describe(self.model, layers=self._layers)[0]:
+                field = "" if self._layers is None else f" layers={self._layers}:"
+                raise ValueError(
+                    f"attach:{field} nothing to train, as "
+                    f"{nothing_to_cover(self.model, self._layers)}. Name modules that hold "
+                    "trainable parameters, or unfreeze them."
+                )
             raise ValueError(
                 "attach: the optimizer(s) step none of the model's trainable parameters"
             )

@@ -134,6 +134,25 @@ def describe(
     return specs, found
 
 
+def nothing_to_cover(model: nn.Module, layers: Sequence[str] | None = None) -> str:
+    """Why :func:`describe` found no trainable tensor, naming the modules ``layers`` picks."""
+    if layers is None:
+        if next(model.parameters(), None) is None:
+            return "the model has no parameters"
+        return "every parameter of the model is frozen (requires_grad=False)"
+    modules = dict(model.named_modules())
+    _module_names(modules, layers)  # unknown names raise with the model's module names
+    reasons = []
+    for name in layers:
+        module = modules[name]
+        kind = type(module).__name__
+        if next(module.parameters(), None) is None:
+            reasons.append(f"module {name!r} ({kind}) has no parameters")
+        else:
+            reasons.append(f"module {name!r} ({kind}) has only frozen parameters")
+    return "; ".join(reasons)
+
+
 def _module_names(modules: dict[str, nn.Module], layers: Sequence[str] | None) -> list[str]:
     if layers is None:
         return list(modules)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import IndexedData, PaperModule, trainer
+from lightning.pytorch import strategies as lightning_strategies
 from torch.utils.data import DistributedSampler
 
 from energy_callbacks.lightning import PlasticityCallback
@@ -194,20 +195,17 @@ def test_ddp_track_matches_single_process(runs, digits):
     assert int(r0["m0"]) == pytest.approx(want.m0, rel=1e-3)
 
 
-class FSDPStrategy:
-    """Stands in for lightning's FSDPStrategy: the callback checks the class name."""
+class MyFSDP(lightning_strategies.FSDPStrategy):
+    """A user's subclass of a sharded strategy: refused like the strategy itself."""
 
 
-class DeepSpeedStrategy:
+class MyModelParallel(lightning_strategies.ModelParallelStrategy):
     pass
 
 
-class ModelParallelStrategy:
-    pass
-
-
-class DDPStrategy:
-    pass
+class MyDeepSpeed(lightning_strategies.DeepSpeedStrategy):
+    def __init__(self) -> None:  # DeepSpeed itself is not installed here
+        pass
 
 
 class StubTrainer:
@@ -215,8 +213,17 @@ class StubTrainer:
         self.strategy = strategy
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy])
-def test_sharded_strategies_refused_at_setup(strategy):
+SHARDED = [
+    lightning_strategies.FSDPStrategy,
+    lightning_strategies.ModelParallelStrategy,
+    MyFSDP,
+    MyModelParallel,
+    MyDeepSpeed,
+]
+
+
+@pytest.mark.parametrize("strategy", SHARDED, ids=lambda c: c.__name__)
+def test_sharded_strategies_and_their_subclasses_are_refused_at_setup(strategy):
     callback = PlasticityCallback(synapses=0.1)
     module = PaperModule(PaperMLP(64, 40, seed=0))
     with pytest.raises(ValueError, match="ddp") as err:
@@ -226,4 +233,5 @@ def test_sharded_strategies_refused_at_setup(strategy):
 
 def test_ddp_strategy_accepted_at_setup():
     callback = PlasticityCallback(synapses=0.1)
-    callback.setup(StubTrainer(DDPStrategy()), PaperModule(PaperMLP(64, 40, seed=0)), "fit")
+    strategy = lightning_strategies.DDPStrategy()
+    callback.setup(StubTrainer(strategy), PaperModule(PaperMLP(64, 40, seed=0)), "fit")

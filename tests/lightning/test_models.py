@@ -110,6 +110,32 @@ def test_frozen_parameters_are_ignored():
     assert sum(e.synapses for e in report.per_layer.values()) == 8 * 3 + 3
 
 
+@pytest.mark.parametrize(
+    "layers, says",
+    [
+        (["net.1"], "module 'net.1' (Tanh) has no parameters"),
+        (["net.1", "net.0"], "module 'net.0' (Linear) has only frozen parameters"),
+    ],
+)
+def test_layers_that_hold_nothing_trainable_are_named_at_setup(layers, says):
+    module = Tiny()
+    module.net[0].requires_grad_(False)
+    callback = PlasticityCallback(layers=layers)
+    with pytest.raises(ValueError, match="nothing to train") as err:
+        callback.setup(trainer(), module, "fit")
+    assert says in str(err.value) and "PlasticityCallback.layers" in str(err.value)
+    assert "has no trainable parameter" not in str(err.value)
+
+
+def test_attach_names_the_layers_that_hold_nothing_trainable():
+    from energy_callbacks.torch import attach
+
+    module = Tiny()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"layers=\['net.1'\].*'net.1' \(Tanh\) has no param"):
+        attach(module, optimizer, layers=["net.1"])
+
+
 class Tied(Tiny):
     """Two square layers sharing one weight Parameter, then a head."""
 
