@@ -353,11 +353,9 @@ class PlasticityCallback(Callback):
         assert self._handle is not None
         m1, m0 = self._handle.energy()  # device scalars on GPU: nothing waits here
         for key, value, bar in (("plasticity/energy", m1, True), ("plasticity/updates", m0, False)):
-            if isinstance(value, torch.Tensor):
-                value = value.to(torch.float64)
-            else:
-                value = float(value)
-            pl_module.log(key, value, prog_bar=bar, on_step=True, on_epoch=True, reduce_fx="max")
+            pl_module.log(
+                key, _float64(value), prog_bar=bar, on_step=True, on_epoch=True, reduce_fx="max"
+            )
 
     # -- epochs ------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -387,7 +385,8 @@ class PlasticityCallback(Callback):
         # The values are equal on every rank by now; the mean over ranks keeps them.
         sync = _world_size() > 1
         for key, value in metrics.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
+            device = pl_module.device if sync else None  # the collective's device
+            pl_module.log(key, _float64(value, device), on_step=False, on_epoch=True, sync_dist=sync)
 
     def _sync_ranks(self, device: torch.device) -> None:
         """Sum this epoch's sample counts over ranks; OR the mistake memories."""
@@ -438,6 +437,14 @@ class PlasticityCallback(Callback):
     def report(self) -> EnergyReport:
         """The energy spent so far (the core's immutable EnergyReport)."""
         return self._handle.report() if self._handle is not None else self.plasticity.report()
+
+
+def _float64(value: Any, device: torch.device | None = None) -> torch.Tensor:
+    """A logged value as a float64 tensor: Lightning stores a Python number as float32,
+    which rounds counts above 2**24 (M0 reaches 1e10); float64 is exact to 2**53."""
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float64)
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
 def _world_size() -> int:

@@ -172,3 +172,10 @@ def test_a_model_saved_before_the_layout_change_loads_and_continues(results):
     assert r["continued"]["seen"] == saved["samples_seen"] + 64
     assert r["continued"]["m0"] > saved["m0"]
     assert r["continued"]["m1"] > saved["m1"]
+
+
+def test_counts_past_float32_reach_the_logs_exactly(results):
+    r = results["big_counts"]
+    assert r["m0"] > 2**40 and float(np.float32(r["m0"])) != r["m0"]  # float32 would round
+    assert r["history"] == r["batch"][-1] == r["m0"]
+    assert len(set(r["batch"])) == len(r["batch"])  # each batch logs its own total

@@ -560,6 +560,32 @@ def scenario_saved_file() -> None:
     }
 
 
+def scenario_big_counts() -> None:
+    """Counts past float32's 2**24 reach the batch logs and History exactly."""
+    model = small_model()
+    rule = Plasticity(synapses=TopFraction(0.5))
+    wrapper = PlasticityOptimizer(keras.optimizers.Adam(0.05), rule)
+    compile_small(model, wrapper)
+    wrapper.build(model.trainable_variables)
+    high = wrapper._totals["m0_high"]  # the carried word: 2**20 per unit
+    high.assign(ops.ones(high.shape, high.dtype) * (2**21 + 1))
+    batches = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            batches.append(logs["plasticity/updates"])
+
+    cb = PlasticityCallback(synapses=TopFraction(0.5))
+    x, y = small_data()
+    history = model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[cb, Record()])
+    report = cb.report()
+    RESULTS["big_counts"] = {
+        "m0": report.m0,
+        "batch": [float(b) for b in batches],
+        "history": float(history.history["plasticity/updates"][-1]),
+    }
+
+
 def main() -> None:
     out_path = sys.argv[1]
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
@@ -573,6 +599,7 @@ def main() -> None:
             ("accumulators", scenario_accumulators),
             ("caching", lambda: scenario_caching(tmp)),
             ("saved_file", scenario_saved_file),
+            ("big_counts", scenario_big_counts),
         ]:
             if only is None or name in only:
                 fn()

@@ -65,6 +65,33 @@ def test_energy_is_logged_every_step_even_in_a_run_shorter_than_log_every_n_step
     assert epochs[0] < epochs[1]  # the total at each epoch's end, not a mean over steps
 
 
+def test_counts_above_2_to_the_24_are_logged_exactly(tmp_path):
+    """M0 reaches 1e10 in the paper runs: float32 logs would round it (2**24 + 1 is no
+    float32). Resume a run whose totals are past 2**40, then log its counts."""
+    module = Classifier()
+    first = PlasticityCallback()
+    trainer(max_epochs=1, callbacks=[first]).fit(module, loader())
+    state = first.state_dict()
+    state["energy"]["m0"][0] += 2**40 + 1  # an odd count far past float32's 2**24
+    state["skipped_steps"] = 2**25 + 1
+    second = PlasticityCallback()
+    second.load_state_dict(state)
+    logger = CSVLogger(tmp_path, name="run")
+    t = trainer(max_epochs=2, callbacks=[second], logger=logger, log_every_n_steps=1)
+    t.fit(module, loader())
+    report = second.report()
+    assert report.m0 > 2**40 and report.m0 % 2 == 1
+    logged = t.callback_metrics["plasticity/updates"]
+    assert logged.dtype == torch.float64 and int(logged) == report.m0
+    assert int(t.callback_metrics["plasticity/skipped_steps"]) == report.skipped_steps
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    steps = [r["plasticity/updates_step"] for r in rows if r.get("plasticity/updates_step")]
+    assert int(float(steps[-1])) == report.m0
+    epochs = [r["plasticity/updates_epoch"] for r in rows if r.get("plasticity/updates_epoch")]
+    assert int(float(epochs[-1])) == report.m0
+
+
 def test_logged_without_a_logger_and_usable_by_early_stopping():
     callback = PlasticityCallback(synapses=0.5)
     stop = EarlyStopping(monitor="plasticity/energy", mode="max", stopping_threshold=1e-9)
