@@ -386,7 +386,8 @@ class PlasticityCallback(Callback):
         sync = _world_size() > 1
         for key, value in metrics.items():
             device = pl_module.device if sync else None  # the collective's device
-            pl_module.log(key, _float64(value, device), on_step=False, on_epoch=True, sync_dist=sync)
+            value = _float64(value, device)
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
 
     def _sync_ranks(self, device: torch.device) -> None:
         """Sum this epoch's sample counts over ranks; OR the mistake memories."""

@@ -57,7 +57,7 @@ from ..core import EnergyReport, Plasticity, TensorSpec, Topology, checks
 from ..core.ops import NumpyOps
 from ..core.targets import IGNORE_INDEX
 from .faults import nonfinite_reason, nonfinite_weights, watch_scaler
-from .gate import OutputGate, skip_empty_steps
+from .gate import CLOSURE_OPTIMIZERS, OutputGate, refuse_closure_optimizer, skip_empty_steps
 from .layers import describe, nothing_to_cover
 from .ops import ops_for
 from .snapshot import ShapeChanged, Snapshot, view
@@ -84,6 +84,10 @@ class AttachedPlasticity:
         self.optimizers = (
             [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         )
+        if plasticity.samples is not None:
+            for opt in self.optimizers:
+                if isinstance(opt, CLOSURE_OPTIMIZERS):
+                    raise ValueError(refuse_closure_optimizer(opt))
         self.plasticity = plasticity
         self._layers = layers
         self._adjacency = None if adjacency is None else [tuple(e) for e in adjacency]

@@ -206,6 +206,23 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def refuse_closure_optimizer(opt: torch.optim.Optimizer) -> str:
+    """The refusal of a sample gate on an optimizer that evaluates its closure more than
+    once per step (LBFGS): empty if ``opt`` is not known to do so."""
+    return (
+        f"sample gate: {type(opt).__name__} evaluates its closure several times per step "
+        "(line search, inner iterations), and the gate acts on one forward pass per step: "
+        "the gradients of the later passes and every loss value the optimizer compares "
+        "would hold the gated-out samples. Use a first-order optimizer (SGD, Adam, ...) "
+        "with samples=, or samples=None with this one."
+    )
+
+
+CLOSURE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBFGS,)
+"""Optimizers known to call their closure more than once per step; others are caught
+at their second call."""
+
+
 def skip_empty_steps(opt: torch.optim.Optimizer, gate: OutputGate) -> Callable[[], None]:
     """Wrap ``opt.step`` so that it does nothing when no sample passed the gate since its
     last step (several optimizers may step after one gated forward pass).
@@ -230,7 +247,7 @@ def skip_empty_steps(opt: torch.optim.Optimizer, gate: OutputGate) -> Callable[[
                 if first[0]:
                     first[0] = False
                     return loss
-                return closure()
+                raise RuntimeError(refuse_closure_optimizer(self))
 
             if loss is None and (gate.decided == last[0] or gate.waiting):
                 # training_step returned None: the batch is skipped (or its learners wait

@@ -208,3 +208,34 @@ def test_gate_needs_one_prediction_per_sample_or_per_token():
     handle.gate_batch(torch.zeros(2, 2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(batch, tokens, classes\)"):
         model(torch.randn(2, 6))
+
+
+class LBFGSClassifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=3)
+
+
+def test_lbfgs_with_a_sample_gate_is_refused_when_fit_starts_and_leaves_no_hook():
+    module = LBFGSClassifier()
+    x = torch.randn(32, 6)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, x[:, :3].argmax(1)), batch_size=8
+    )
+    callback = PlasticityCallback(samples="lazy")
+    with pytest.raises(ValueError, match="LBFGS evaluates its closure several times"):
+        trainer(max_epochs=1, callbacks=[callback]).fit(module, data)
+    assert not module._forward_hooks
+    measured = PlasticityCallback(synapses=0.5)  # without a gate LBFGS is measured and masked
+    trainer(max_epochs=1, callbacks=[measured]).fit(module, data)
+    assert measured.report().steps == 4

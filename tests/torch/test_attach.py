@@ -395,3 +395,39 @@ def test_fused_masked_steps_on_large_layers_match_the_numpy_path(monkeypatch, na
     assert fused_report.skipped_steps == numpy_report.skipped_steps == 1
     assert fused_report.m0 == numpy_report.m0
     assert fused_report.m1 == pytest.approx(numpy_report.m1, rel=1e-12)
+
+
+# -- sample gates and optimizers that re-evaluate their closure -------------------------
+def test_lbfgs_with_a_sample_gate_is_refused_at_attach():
+    model = mlp()
+    opt = OPTIMIZERS["lbfgs"](list(model.parameters()))
+    with pytest.raises(ValueError, match="LBFGS evaluates its closure several times"):
+        attach(model, opt, Plasticity(samples="lazy"))
+    assert not opt._optimizer_step_pre_hooks and not model._forward_hooks  # nothing left
+    attach(model, opt, Plasticity(synapses=0.3)).detach()  # rules without a gate: fine
+
+
+class TwiceSGD(torch.optim.SGD):
+    """A closure optimizer torch does not ship: it evaluates the closure twice per step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with torch.enable_grad():
+            closure()
+            loss = closure()
+        super().step()
+        return loss
+
+
+def test_an_unknown_optimizer_that_calls_its_closure_again_is_stopped_before_it_learns():
+    model = mlp()
+    opt = TwiceSGD(model.parameters(), lr=0.1)
+    handle = attach(model, opt, Plasticity(samples="lazy"))
+    x, y = next(batches())
+    before = [p.detach().clone() for p in model.parameters()]
+    handle.gate_batch(y)
+    with pytest.raises(RuntimeError, match="TwiceSGD evaluates its closure several times"):
+        opt.step(loss_closure(model, opt, x, y))
+    for p, b in zip(model.parameters(), before):  # the second, ungated pass never stepped
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+    handle.detach()
