@@ -53,6 +53,7 @@ from .core.units import UnitRule
 from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_hooks, module_names
 from .torch.layers import nothing_to_cover
 from .torch.selective import SelectiveBackward
+from .torch.spawned import WorkerResult
 
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
@@ -198,6 +199,7 @@ class PlasticityCallback(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._epoch_start = (0, 0)
         self._batches = 0
+        self._worker_result = WorkerResult(self)  # ddp_spawn: the report comes back here
 
     # -- set-up ----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -298,6 +300,9 @@ class PlasticityCallback(Callback):
             self._selective.remove()
             self._selective = None
         if self._handle is not None:
+            if stage == "fit" and trainer.is_global_zero and self._worker_result.in_worker():
+                state = _to_torch(self._handle.state_dict())
+                self._worker_result.send(self._handle.specs, state)
             self._handle.detach()
             self._handle = None
 
@@ -409,6 +414,7 @@ class PlasticityCallback(Callback):
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._receive_worker_result()
         if self._pending_state is not None:
             state = _to_torch(self._pending_state)
         elif self._handle is not None:
@@ -436,8 +442,42 @@ class PlasticityCallback(Callback):
             self._pending_state = state
 
     def report(self) -> EnergyReport:
-        """The energy spent so far (the core's immutable EnergyReport)."""
-        return self._handle.report() if self._handle is not None else self.plasticity.report()
+        """The energy spent so far (the core's immutable EnergyReport).
+
+        After a fit under ``ddp_spawn`` (training in child processes) this is rank 0's
+        report, brought back from the worker.
+        """
+        if self._handle is not None:
+            return self._handle.report()
+        self._receive_worker_result()
+        if not self.plasticity.is_setup:
+            raise RuntimeError(
+                "PlasticityCallback.report(): this callback has trained nothing in this "
+                "process. If fit ran in worker processes that sent nothing back (a callback "
+                "copied into them by hand, or a launcher other than Lightning's), read the "
+                "logged figures from trainer.callback_metrics ('plasticity/energy', "
+                "'plasticity/updates', ...) or restore a checkpoint with load_state_dict()."
+            )
+        return self.plasticity.report()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled for new ddp_spawn workers: they continue what earlier workers sent back
+        self._receive_worker_result()
+        return self.__dict__.copy()
+
+    def _receive_worker_result(self) -> None:
+        """Take over the state a ``ddp_spawn`` worker sent back (see torch/spawned.py)."""
+        received = self._worker_result.receive()
+        if received is None:
+            return
+        specs, state = received
+        topology = Topology(specs, self.adjacency) if self.adjacency else Topology.chain(specs)
+        if self.plasticity.is_setup:
+            self.plasticity.rebind(topology)
+        else:
+            self.plasticity.setup(topology)
+        self.plasticity.load_state_dict(_from_torch(state))
+        self._pending_state = None
 
 
 def _float64(value: Any, device: torch.device | None = None) -> torch.Tensor:

@@ -25,6 +25,7 @@ The Lightning callback (:mod:`energy_callbacks.lightning`) is built on the same
 - ``gate``: the sample gate (gradient hooks on the forward output, empty steps skipped);
 - ``selective``: ``skip_backward=True``, training on the learners of a judged batch;
 - ``faults``: NaN/Inf steps explained, GradScaler skips counted;
+- ``spawned``: under ``ddp_spawn``, rank 0's state sent back to the launching process;
 - ``ops``: the core's array operations on torch tensors (GPU, bf16), and the choice
   of NumPy views on the CPU; ``fused``: the numba one-pass kernels for those views.
 """

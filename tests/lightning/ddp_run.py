@@ -1,10 +1,13 @@
 """Train the paper MLP with PlasticityCallback under DDP (CPU, gloo, 2 processes).
 
-Run as ``python tests/lightning/ddp_run.py OUTDIR RULE`` (RULE: ``mistakes`` or ``track``).
-Lightning's subprocess launcher re-executes this script once per extra rank; the
-model and data come from conftest.py next to it. Each rank writes ``OUTDIR/rank{R}.npz``
-(final weights, the callback's report, the mistake memory's flagged ids, the sample ids
-it trained on); rank 0's CSVLogger writes ``OUTDIR/logs/version_0/metrics.csv``.
+Run as ``python tests/lightning/ddp_run.py OUTDIR RULE [STRATEGY]`` (RULE: ``mistakes``
+or ``track``; STRATEGY: ``ddp``, the default, or ``ddp_spawn``). Lightning's subprocess
+launcher re-executes this script once per extra rank; the model and data come from
+conftest.py next to it. Each rank writes ``OUTDIR/rank{R}.npz`` (final weights, the
+callback's report, the mistake memory's flagged ids, the sample ids it trained on);
+rank 0's CSVLogger writes ``OUTDIR/logs/version_0/metrics.csv``. Under ``ddp_spawn`` the
+ranks are child processes and only the launching process goes on after ``fit``: it
+writes ``OUTDIR/main.npz`` from what came back (the weights, the callback's report).
 Not collected by pytest: tests/lightning/test_ddp.py runs it.
 """
 
@@ -62,7 +65,7 @@ def digits_train() -> tuple[np.ndarray, np.ndarray]:
     return x, ds.train.labels
 
 
-def main(outdir: Path, rule: str) -> None:
+def main(outdir: Path, rule: str, strategy: str = "ddp") -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x, y = digits_train()
@@ -76,7 +79,7 @@ def main(outdir: Path, rule: str) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=strategy,
         max_epochs=MAX_EPOCHS,
         callbacks=[callback],
         logger=CSVLogger(str(outdir), name="logs", version=0),
@@ -92,7 +95,7 @@ def main(outdir: Path, rule: str) -> None:
     report = callback.report()
     memory = getattr(callback.plasticity.samples, "memory", None)
     np.savez(
-        outdir / f"rank{trainer.global_rank}.npz",
+        outdir / ("main.npz" if strategy == "ddp_spawn" else f"rank{trainer.global_rank}.npz"),
         weights=np.concatenate([p.detach().cpu().numpy().ravel() for p in module.parameters()]),
         m1=report.m1,
         m0=report.m0,
@@ -108,8 +111,8 @@ def main(outdir: Path, rule: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python tests/lightning/ddp_run.py OUTDIR RULE")
+    if len(sys.argv) not in (3, 4):
+        raise SystemExit("usage: python tests/lightning/ddp_run.py OUTDIR RULE [STRATEGY]")
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    main(out, sys.argv[2])
+    main(out, *sys.argv[2:])

@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SCRIPT = HERE / "ddp_run.py"
 RULES = ("mistakes", "track")
+SPAWNED = "mistakes:ddp_spawn"  # the same run with the ranks in spawned child processes
 WORLD = 2
 EPOCHS = 2  # ddp_run.MAX_EPOCHS
 BATCH = 8  # ddp_run.BATCH_SIZE, per rank
@@ -54,9 +55,9 @@ def runs():
     """{rule: (rank0, rank1, metrics rows)} from one DDP run per rule, run in parallel."""
     with tempfile.TemporaryDirectory(prefix="ddp_") as tmp:
         procs = {}
-        for rule in RULES:
+        for rule in (*RULES, SPAWNED):
             out = Path(tmp) / rule
-            cmd = [sys.executable, str(SCRIPT), str(out), rule]
+            cmd = [sys.executable, str(SCRIPT), str(out), *rule.split(":")]
             procs[rule] = (
                 out,
                 subprocess.Popen(
@@ -81,6 +82,9 @@ def runs():
             if proc.returncode != 0:
                 failures.append(f"{rule}: exit {proc.returncode}\n{log[-4000:]}")
                 continue
+            if rule == SPAWNED:
+                results[rule] = dict(np.load(out / "main.npz"))
+                continue
             ranks = [dict(np.load(out / f"rank{r}.npz")) for r in range(WORLD)]
             with open(out / "logs" / "version_0" / "metrics.csv", newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -88,6 +92,18 @@ def runs():
         if failures:
             pytest.fail("ddp_run.py failed:\n" + "\n\n".join(failures))
         yield results
+
+
+def test_ddp_spawn_brings_rank_zeros_report_back_to_the_launching_process(runs):
+    """Under ddp_spawn the callback in the launching process never trains: its report
+    is rank 0's, sent back, and equals the same run under ddp (weights included)."""
+    spawned, (r0, _, _) = runs[SPAWNED], runs["mistakes"]
+    np.testing.assert_array_equal(spawned["weights"], r0["weights"])
+    for key in ("m0", "steps", "samples_seen", "samples_learned"):
+        assert int(spawned[key]) == int(r0[key]), key
+    for key in ("m1", "m1_min"):
+        assert float(spawned[key]) == pytest.approx(float(r0[key]), rel=1e-12), key
+    np.testing.assert_array_equal(spawned["flagged"], r0["flagged"])
 
 
 def n_train(digits) -> int:

@@ -92,6 +92,11 @@ def test_counts_above_2_to_the_24_are_logged_exactly(tmp_path):
     assert int(float(epochs[-1])) == report.m0
 
 
+def test_a_report_before_any_training_says_where_the_figures_are():
+    with pytest.raises(RuntimeError, match="trained nothing in this process.*callback_metrics"):
+        PlasticityCallback(synapses=0.5).report()
+
+
 def test_logged_without_a_logger_and_usable_by_early_stopping():
     callback = PlasticityCallback(synapses=0.5)
     stop = EarlyStopping(monitor="plasticity/energy", mode="max", stopping_threshold=1e-9)
