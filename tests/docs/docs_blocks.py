@@ -46,6 +46,8 @@ EXCERPTS = {
     "integrations/keras_fit/train.py": "tests/integrations/test_keras_fit.py",
     "integrations/torch_loop/train.py": "tests/integrations/test_torch_loop.py",
     "integrations/continual/train.py": "tests/integrations/test_continual.py",
+    "tests/lightning/ddp_run.py": "tests/lightning/test_ddp.py",
+    "tests/lightning/test_pipeline.py": "tests/lightning/test_pipeline.py",
 }
 COMMAND_TESTS = {
     "energy-callbacks demo": "tests/test_demo.py",

@@ -76,6 +76,7 @@ def main(outdir: Path, rule: str, strategy: str = "ddp") -> None:
     )
     module = RecordingModule(PaperMLP(64, HIDDEN, seed=0))
     callback = make_callback(rule)
+    # --8<-- [start:fit]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -93,6 +94,7 @@ def main(outdir: Path, rule: str, strategy: str = "ddp") -> None:
     trainer.fit(module, data)
 
     report = callback.report()
+    # --8<-- [end:fit]
     memory = getattr(callback.plasticity.samples, "memory", None)
     np.savez(
         outdir / ("main.npz" if strategy == "ddp_spawn" else f"rank{trainer.global_rank}.npz"),

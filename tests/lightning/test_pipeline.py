@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import trainer
-from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping
+from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
@@ -95,6 +95,26 @@ def test_counts_above_2_to_the_24_are_logged_exactly(tmp_path):
 def test_a_report_before_any_training_says_where_the_figures_are():
     with pytest.raises(RuntimeError, match="trained nothing in this process.*callback_metrics"):
         PlasticityCallback(synapses=0.5).report()
+
+
+def test_a_checkpoint_filename_with_the_energy_makes_no_subdirectory(tmp_path):
+    """A key with a slash in a ModelCheckpoint filename: auto_insert_metric_name=False."""
+    energy = PlasticityCallback(synapses=0.5)
+    # --8<-- [start:checkpoint]
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path,
+        filename="epoch{epoch}-energy{plasticity/energy:.3f}",
+        auto_insert_metric_name=False,  # else the name holds "plasticity/energy=": a folder
+        monitor="plasticity/energy",
+        mode="min",
+    )
+    # --8<-- [end:checkpoint]
+    trainer(max_epochs=1, callbacks=[energy, checkpoint], enable_checkpointing=True).fit(
+        Classifier(), loader()
+    )
+    files = [p.relative_to(tmp_path) for p in tmp_path.rglob("*.ckpt")]
+    assert len(files) == 1 and len(files[0].parts) == 1, files
+    assert files[0].name == f"epoch0-energy{energy.report().m1:.3f}.ckpt"
 
 
 def test_logged_without_a_logger_and_usable_by_early_stopping():

@@ -431,3 +431,24 @@ def test_an_unknown_optimizer_that_calls_its_closure_again_is_stopped_before_it_
     for p, b in zip(model.parameters(), before):  # the second, ungated pass never stepped
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
     handle.detach()
+
+
+def test_weight_decay_is_part_of_the_update_so_it_is_masked_and_counted():
+    """Documented: AdamW's decay is in dw = w_after - w_before, so TopFraction(0.1) lets
+    10% of the weights decay in a step, and the decay is counted in M1."""
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    handle = attach(model, opt, Plasticity(synapses=TopFraction(0.1)))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: the whole proposal is the decay
+    opt.step()
+    m1 = 0.0
+    for p, b in zip(model.parameters(), before):
+        changed = p.detach() != b
+        assert int(changed.sum()) == keep_count(0.1, p.numel())
+        decay = 0.1 * 0.5 * b.abs()  # AdamW: w -= lr * wd * w; the largest |dw| win
+        assert (decay[changed].min() >= decay[~changed].max()).item()
+        m1 += float((p.detach() - b).abs().sum())
+    assert handle.report().m1 == pytest.approx(m1, rel=1e-6)
+    handle.detach()

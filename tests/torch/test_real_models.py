@@ -440,3 +440,40 @@ def test_a_path_runs_through_batch_norm_pooling_dropout_and_a_flatten():
     topology = handle.plasticity.topology
     assert topology.edges == (("0", "6"), ("6", "8")) and topology.spreads == (("0", "6", 9),)
     assert [layer.name for layer in topology.hidden] == ["0", "6"]
+
+
+class TiedLM(nn.Module):
+    """A language model whose output head shares the embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 4)
+        self.hidden = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 11)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.hidden(self.emb(tokens))))
+
+
+def test_a_weight_tied_to_the_output_head_is_an_embedding_to_unit_rules():
+    """Documented: the tied tensor is described once, as the embedding (units = its
+    dimensions, axis 1), so a unit rule picks embedding dimensions, not output rows."""
+    from energy_callbacks.torch import describe
+
+    model = TiedLM()
+    specs = {s.name: s for s in describe(model)[0]}
+    assert "head.weight" not in specs
+    assert (specs["emb.weight"].unit_axis, specs["emb.weight"].layer) == (1, "emb")
+    assert specs["head.bias"].layer is None  # stands alone: the head is no layer
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    handle = attach(model, opt, Plasticity(units=TopUnits(0.5)))
+    before = model.emb.weight.detach().clone()
+    tokens = torch.randint(0, 11, (16, 5))
+    logits = model(tokens[:, :-1])
+    nn.functional.cross_entropy(logits.reshape(-1, 11), tokens[:, 1:].reshape(-1)).backward()
+    opt.step()
+    changed_columns = (model.emb.weight.detach() != before).any(0)
+    assert int(changed_columns.sum()) == 2  # 2 of the 4 embedding dimensions learned
+    handle.detach()
