@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from ..core import Plasticity
 from ..lightning import PlasticityCallback
@@ -39,6 +40,8 @@ class DemoModule(pl.LightningModule):
             for p, w in zip(self.net.parameters(), weights, strict=True):
                 p.copy_(torch.from_numpy(w))
         self.lr = lr
+        # the fraction right over the whole validation set (summed over DDP ranks)
+        self.val_accuracy = MulticlassAccuracy(num_classes=w2.shape[0], average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -49,7 +52,8 @@ class DemoModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["x"])
         self.log("val_loss", nn.functional.cross_entropy(logits, batch["y"]))
-        self.log("val_accuracy", (logits.argmax(1) == batch["y"]).float().mean())
+        self.val_accuracy(logits, batch["y"])
+        self.log("val_accuracy", self.val_accuracy)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from energy_callbacks.data import load_digits, paper_inputs
 
@@ -27,6 +28,7 @@ class DigitsClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
         self.lr = lr
+        self.val_acc = MulticlassAccuracy(num_classes=n_out, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -41,7 +43,8 @@ class DigitsClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         self.log("val_loss", nn.functional.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        self.val_acc(logits, y)
+        self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
