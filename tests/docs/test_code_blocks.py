@@ -116,3 +116,15 @@ PAGES_TO_RUN = [p for p in python_pages() if p.name != "keras.md"]
 @pytest.mark.parametrize("page", PAGES_TO_RUN, ids=[p.name for p in PAGES_TO_RUN])
 def test_python_blocks_run(page, tmp_path):
     run_page(page, tmp_path, {"KERAS_BACKEND": "torch"})
+
+
+PATH_NAMED = re.compile(
+    r"\b((?:tests|integrations|benchmarks|energy_callbacks)/[\w/.-]*\.(?:py|yaml))"
+)
+
+
+@pytest.mark.parametrize("page", [*PAGES, README], ids=lambda p: p.name)
+def test_files_the_docs_name_exist(page):
+    """A file moved or renamed must take its mentions in the docs along."""
+    missing = sorted({m for m in PATH_NAMED.findall(page.read_text()) if not (ROOT / m).exists()})
+    assert not missing, f"{page.name} names files that do not exist: {missing}"

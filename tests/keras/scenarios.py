@@ -1,6 +1,6 @@
 """Keras scenarios, run in a subprocess per backend: ``KERAS_BACKEND=jax python scenarios.py OUT``.
 
-Keras fixes its backend per process, so tests/keras/test_keras.py runs this
+Keras fixes its backend per process, so tests/keras/test_<backend>.py run this
 script once per backend and checks the JSON it writes. Every scenario compares
 the adapter with the NumPy core on the same numbers.
 """

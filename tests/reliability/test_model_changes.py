@@ -3,7 +3,7 @@ replaced or resized, a layer replaced in a Lightning run. Each is handled (the e
 far carries over, exactly) or refused with a message that says what to do.
 
 Already shown elsewhere: a param group added mid-run and a replaced layer in plain torch
-(tests/lightning/test_real_models.py: test_a_param_group_added_mid_run_is_masked_and_measured,
+(tests/torch/test_real_models.py: test_a_param_group_added_mid_run_is_masked_and_measured,
 test_a_replaced_layer_is_an_error_that_says_what_to_do) and layers unfrozen by
 BaseFinetuning (tests/lightning/test_pipeline.py). Keras: keras_cases.py.
 """
