@@ -27,7 +27,11 @@ from .topology import Layer, Topology
 
 
 class UnitRule(ABC):
-    """Base class: pick units per hidden layer, then mask the tensors."""
+    """Base class: pick units per hidden layer, then mask the tensors.
+
+    A count ``k`` must be below every hidden layer's number of units: a ``k`` that
+    keeps a whole layer would change nothing there, and ``setup`` refuses it.
+    """
 
     path: bool = False
 
@@ -53,10 +57,21 @@ class UnitRule(ABC):
         return min(self.k, layer.n_units)
 
     def setup(self, topology: Topology) -> None:
-        """Check the wiring the path rule needs (raises ValueError)."""
+        """Check the wiring the path rule needs, and that ``k`` leaves every hidden layer
+        something to select from (raises ValueError)."""
         if self.path:
             for layer in topology.layers:
                 topology.presynaptic(layer)
+        if self.k is not None:
+            full = [(lyr.name, lyr.n_units) for lyr in topology.hidden if self.k >= lyr.n_units]
+            if full:
+                names = ", ".join(f"{name!r} ({n} units)" for name, n in full)
+                raise ValueError(
+                    f"{self!r}: k={self.k} keeps every unit of the hidden layer(s) {names}, so "
+                    f"the rule would change nothing there. Give k below "
+                    f"{min(n for _, n in full)}, a fraction q=, or leave those layers out "
+                    "(layers=)."
+                )
 
     @abstractmethod
     def select(

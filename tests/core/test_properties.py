@@ -736,6 +736,11 @@ def unit_rules(draw: st.DrawFn):
 )
 def test_unit_rules_and_path_masks(data, topo, dtype, rule, step_no):
     dws = data.draw(proposals(topo, dtype))
+    full = [lyr.name for lyr in topo.hidden if rule.k is not None and rule.k >= lyr.n_units]
+    if full:  # k would keep every unit of a hidden layer: refused, naming the layer
+        with pytest.raises(ValueError, match=f"keeps every unit of the hidden layer.*{full[0]}"):
+            Plasticity(units=rule).setup(topo)
+        return
     plastic = Plasticity(units=rule).setup(topo)
     plastic.step_count = step_no
     masks = plastic.masks(dws)
@@ -753,7 +758,7 @@ def test_unit_rules_and_path_masks(data, topo, dtype, rule, step_no):
         if rule.q is not None:
             count = bf_keep_count(rule.q, layer.n_units)
         else:
-            count = min(rule.k, layer.n_units)
+            count = rule.k
         assert int(sel.sum()) == count
         selected[layer.name] = sel.tolist()
 

@@ -28,7 +28,7 @@ CASES = [
     Plasticity(synapses=0.1, units=0.5, samples="lazy", alpha=2.0),
     Plasticity(
         synapses=[TopFraction(0.05, equal_count=True), Threshold(1e-4)],
-        units=TopUnits(k=7, path=True, largest=False),
+        units=TopUnits(k=3, path=True, largest=False),
         samples=MemorizedMistakes(Margin(0.8, from_logits=False), capacity=1000),
         cost=Cost(2.5, per="update"),
     ),

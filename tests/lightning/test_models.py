@@ -136,6 +136,16 @@ def test_attach_names_the_layers_that_hold_nothing_trainable():
         attach(module, optimizer, layers=["net.1"])
 
 
+@pytest.mark.parametrize("rule", ["FixedSubnetwork(8)", "TopUnits(k=9)"])
+def test_a_unit_count_that_keeps_a_whole_hidden_layer_is_refused_at_setup(rule):
+    from energy_callbacks import FixedSubnetwork, TopUnits  # noqa: F401
+
+    callback = PlasticityCallback(units=eval(rule))
+    with pytest.raises(ValueError, match=r"keeps every unit of the hidden layer\(s\) 'net.0' \(8"):
+        callback.setup(trainer(), Tiny(), "fit")
+    PlasticityCallback(units=FixedSubnetwork(7)).setup(trainer(), Tiny(), "fit")
+
+
 class Tied(Tiny):
     """Two square layers sharing one weight Parameter, then a head."""
 
