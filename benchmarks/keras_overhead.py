@@ -8,6 +8,7 @@ warm-up steps (the first steps include tracing): what a user waits for per step.
 The ratio is over the plain fit of the same round; the median over rounds is shown.
 
     KERAS_BACKEND=jax python benchmarks/keras_overhead.py --batch-sizes 32
+    KERAS_BACKEND=jax python benchmarks/keras_overhead.py --batch-sizes 32 --no-jit
     python benchmarks/overhead.py --keras tensorflow jax torch   # all rows, one table
 """
 
@@ -43,7 +44,9 @@ class StepTimer(keras.callbacks.Callback):
         float(np.asarray(logs["loss"]))  # wait for the step (JAX dispatches asynchronously)
 
 
-def median_step(config, batch_size: int, steps: int, warmup: int) -> float:
+def median_step(
+    config, batch_size: int, steps: int, warmup: int, jit: str | bool = "auto"
+) -> float:
     """Median seconds per step of one fit."""
     keras.utils.set_random_seed(0)
     n = batch_size * (steps + warmup)
@@ -61,6 +64,7 @@ def median_step(config, batch_size: int, steps: int, warmup: int) -> float:
     model.compile(
         optimizer=keras.optimizers.SGD(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
     )
     timer = StepTimer()
     callbacks = [timer] if config is None else [config(), timer]
@@ -69,7 +73,9 @@ def median_step(config, batch_size: int, steps: int, warmup: int) -> float:
     return statistics.median(b - a for a, b in zip(starts, starts[1:], strict=False))
 
 
-def measure(batch_sizes: list[int], steps: int, warmup: int, rounds: int) -> list[dict]:
+def measure(
+    batch_sizes: list[int], steps: int, warmup: int, rounds: int, jit: str | bool = "auto"
+) -> list[dict]:
     """One row per (batch size, configuration): median ms and ratio (min, max) over rounds."""
     rows = []
     for batch_size in batch_sizes:
@@ -78,7 +84,7 @@ def measure(batch_sizes: list[int], steps: int, warmup: int, rounds: int) -> lis
         for _ in range(rounds):
             base = 1.0
             for name, config in CONFIGS.items():
-                t = median_step(config, batch_size, steps, warmup)
+                t = median_step(config, batch_size, steps, warmup, jit)
                 base = t if config is None else base
                 runs[name].append(t)
                 ratios[name].append(t / base)
@@ -104,13 +110,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument(
+        "--no-jit", action="store_true", help="compile with jit_compile=False (no XLA)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    rows = measure(args.batch_sizes, args.steps, args.warmup, args.rounds)
+    jit = False if args.no_jit else "auto"
+    rows = measure(args.batch_sizes, args.steps, args.warmup, args.rounds, jit)
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"keras {keras.__version__} on {keras.backend.backend()}, {args.rounds} rounds")
+    xla = ", jit_compile=False" if args.no_jit else ""
+    print(f"keras {keras.__version__} on {keras.backend.backend()}{xla}, {args.rounds} rounds")
     print(f"{'batch':>5}  {'configuration':<38} {'ms/step':>8} {'ratio':>6} (min-max)")
     for r in rows:
         print(

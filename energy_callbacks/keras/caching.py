@@ -25,7 +25,6 @@ from keras import ops
 from ..core.caching import Caching
 from .ops import keras_ops
 from .totals import (
-    COUNT_BITS,
     carry_count,
     read_count,
     read_total,
@@ -110,23 +109,6 @@ class CachingVariables:
             acc["consolidations_low"].value, acc["consolidations_high"].value, writes
         )
         return out + [(acc["consolidations_low"], low), (acc["consolidations_high"], high)]
-
-    def totals_in_graph(self) -> tuple[Any, Any]:
-        """``(energy, writes)`` so far as float64 tensors (the step's logs)."""
-
-        def f64(name: str) -> Any:
-            return ops.cast(self.totals[name].value, "float64")
-
-        energy = ops.sum(
-            f64("consolidation")
-            + f64("consolidation_error")
-            + f64("maintenance")
-            + f64("maintenance_error")
-        )
-        high = ops.cast(self.totals["consolidations_high"].value, "int64")
-        low = ops.cast(self.totals["consolidations_low"].value, "int64")
-        writes = ops.sum(ops.left_shift(high, COUNT_BITS) + low)
-        return energy, ops.cast(writes, "float64")
 
     # -- on the host -----------------------------------------------------------------
     def read(self, read: Callable[[Any], np.ndarray]) -> dict[str, np.ndarray]:

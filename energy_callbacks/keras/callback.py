@@ -21,13 +21,18 @@ and ``plasticity/samples_learned``; with ``per_layer=True``, ``plasticity/energy
 With ``caching=``, ``plasticity/energy`` is consolidation + maintenance and the
 epoch logs add ``plasticity/energy_consolidation`` and
 ``plasticity/energy_maintenance``; ``on_train_end`` consolidates the store.
-With ``cost=``, ``plasticity/joules``.
-Put the callback before ``CSVLogger``/``TensorBoard`` so they see the keys.
+With ``cost=``, ``plasticity/joules``. The callback moves itself to the front of
+the callback list ``fit`` makes, so ``CSVLogger``, ``TensorBoard`` and the user's
+callbacks see the keys whatever the order they were listed in.
 
 Checkpoints written during ``fit`` (``ModelCheckpoint``, ``BackupAndRestore``)
 hold the wrapper, its totals and the mistake memory. ``load_model`` of such a
 file gives a model whose optimizer is the wrapper; a new callback adopts it and
-continues the totals.
+continues the totals, and a ``fit`` without one trains with the inner optimizer.
+
+A custom ``train_step`` is measured and masked as it is (every step ends in
+``optimizer.apply``); a sample gate needs its loss from ``self.compute_loss``
+(JAX: ``self.stateless_compute_loss``) or weighted by :func:`~energy_callbacks.keras.sample_weight`.
 """
 
 from __future__ import annotations
@@ -50,10 +55,12 @@ from ..core import (
 )
 from ..core.config import to_config
 from ..core.plasticity import from_shorthands
+from ..core.targets import REGRESSION_HINT
+from . import private
 from .carry import carry_over
 from .distribute import strategy_scope
-from .gate import GateState, gated_compute_loss
-from .optimizer import EnergyReadout, PlasticityOptimizer, check_in_graph
+from .gate import GateState, check_outputs, gated_compute_loss
+from .optimizer import PlasticityOptimizer, check_in_graph
 
 __all__ = ["PlasticityCallback"]
 
@@ -67,8 +74,12 @@ class PlasticityCallback(keras.callbacks.Callback):
     ``synapses`` (a fraction or rule), ``units`` (a fraction or rule), ``samples``
     (``"lazy"``, ``"mistakes"`` or a gate), ``caching`` (a ``Caching``), ``cost``
     (a ``Cost`` or a preset name) and ``alpha``. ``sample_ids`` is
-    ``fn(x, y) -> ids`` when ids do not come in ``x["index"]``. ``layers`` names
-    the layers the rules act on (default: all). ``per_layer`` logs each tensor.
+    ``fn(x, y) -> ids`` when ids do not come in ``x["index"]``. ``outputs`` says
+    which output a sample gate judges in a model with several: its name in
+    ``model.output_names``, its index, or ``fn(y, y_pred) -> (targets, scores)``.
+    ``layers`` names the layers the rules act on (default: all). ``per_layer``
+    logs each tensor. One callback follows one model (its totals are that
+    model's); use a new callback for another model.
     """
 
     def __init__(
@@ -82,6 +93,7 @@ class PlasticityCallback(keras.callbacks.Callback):
         cost: Cost | str | None = None,
         alpha: float = 1.0,
         sample_ids: Callable[[Any, Any], Any] | None = None,
+        outputs: str | int | Callable[[Any, Any], tuple[Any, Any]] | None = None,
         layers: Sequence[str] | None = None,
         per_layer: bool = False,
     ) -> None:
@@ -98,30 +110,52 @@ class PlasticityCallback(keras.callbacks.Callback):
         check_in_graph(plasticity)
         if sample_ids is not None and not callable(sample_ids):
             raise ValueError("PlasticityCallback.sample_ids must be a callable fn(x, y) -> ids")
+        if outputs is not None:
+            if plasticity.samples is None:
+                raise ValueError(
+                    "PlasticityCallback.outputs= picks the output a sample gate judges, and "
+                    "there is no gate: add samples='lazy' or 'mistakes', or drop outputs="
+                )
+            if isinstance(outputs, bool) or not isinstance(outputs, (str, int)):
+                checks.function("PlasticityCallback.outputs", outputs)
         self.plasticity = plasticity
         self.sample_ids = sample_ids
+        self.outputs = outputs
         self.layers = checks.names("PlasticityCallback.layers", layers, "a layer name")
         self.per_layer = checks.flag("PlasticityCallback.per_layer", per_layer)
         self.optimizer: PlasticityOptimizer | None = None
         self._restore: dict[str, Any] | None = None
         self._last: EnergyReport | None = None
         self._warned: set[str] = set()  # what has been warned about once
+        self._model_id: int | None = None  # the model this callback's totals belong to
+        self._checked = False  # the first batch of this fit was checked
+        self._epoch_start = (0, 0)  # the gate's (seen, learned) when the epoch began
 
     # -- installing --------------------------------------------------------
     def set_model(self, model: Any) -> None:
         super().set_model(model)
+        private.run_first(self)  # its keys reach the other callbacks whatever the order
         # install here, before any callback's on_train_begin: BackupAndRestore loads the
         # checkpoint there and must find the wrapper it saved
         if getattr(model, "optimizer", None) is not None and self._restore is None:
             self._install(model)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._checked = False
+        self._epoch_start = (0, 0)
         if self._restore is None:
             self._install(self.model)
 
     def _install(self, model: Any) -> None:
         if model.optimizer is None:
             raise ValueError("PlasticityCallback: compile the model with an optimizer first")
+        if self._model_id is not None and self._model_id != id(model):
+            raise ValueError(
+                "PlasticityCallback: this callback already measured another model, and its "
+                "totals, w_0 and mistake memory are that model's. Give each model its own "
+                "PlasticityCallback (read report() of this one first)."
+            )
+        self._model_id = id(model)
         _uninstall_stale(model)
         current = model.optimizer
         if isinstance(current, PlasticityOptimizer):  # loaded from a checkpoint: adopt it
@@ -141,7 +175,10 @@ class PlasticityCallback(keras.callbacks.Callback):
                     self.optimizer = PlasticityOptimizer(current, self.plasticity, self.layers)
             wrapper, inner = self.optimizer, current
         self.optimizer = wrapper
-        if not wrapper.built:
+        wrapper.read_layers_of(model)
+        if not wrapper.built and not model.built:
+            pass  # fit builds the model (TensorFlow: in the first step): apply() builds then
+        elif not wrapper.built:
             with strategy_scope(model):
                 wrapper.build(model.trainable_variables)
                 if inner is not None and previous is not None:
@@ -157,20 +194,22 @@ class PlasticityCallback(keras.callbacks.Callback):
         self._restore = {
             "optimizer": inner,
             "compute_loss": model.__dict__.get("compute_loss"),
-            "compile_optimizer": model._compile_config.config.get("optimizer"),
-            "has_training_arg": model._compute_loss_has_training_arg,
+            "compile_optimizer": private.compiled_optimizer(model),
+            "has_training_arg": private.compute_loss_takes_training(model),
         }
+        gate = wrapper.gate
+        gate.outputs, gate.sample_ids = self.outputs, self.sample_ids
+        gate.output_names = list(getattr(model, "output_names", None) or ())
+        if gate.sample_gate is not None:
+            check_outputs(self.outputs, gate.output_names)
         model.optimizer = wrapper
-        model._compile_config.config["optimizer"] = wrapper
-        model.compute_loss = gated_compute_loss(
-            model, model.compute_loss, wrapper.gate, self.sample_ids
-        )
-        model._compute_loss_has_training_arg = True
-        model._metrics.append(wrapper.gate)
-        if keras.backend.backend() != "jax":  # JAX: read from the trainer's state instead
-            model._metrics.append(EnergyReadout(wrapper))
+        wrapper.driven = True
+        private.set_compiled_optimizer(model, wrapper)
+        model.compute_loss = gated_compute_loss(model, model.compute_loss, gate)
+        private.set_compute_loss_takes_training(model, True)
+        private.add_metric(model, gate)
         setattr(model, _INSTALLED, self._restore)
-        _force_retrace(model)
+        private.forget_train_function(model)
 
     def _uninstall(self) -> None:
         if self._restore is None:
@@ -180,25 +219,78 @@ class PlasticityCallback(keras.callbacks.Callback):
 
     # -- logging -----------------------------------------------------------
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if logs is None or self.optimizer is None or "plasticity/energy" in logs:
-            return  # the step's logs carry the totals already (EnergyReadout)
+        if logs is None or self.optimizer is None:
+            return
         # self._model, not self.model: on JAX that property syncs the whole trainer state
         # into the variables, every batch (0.35 ms a batch here)
-        m1, m0 = self.optimizer.totals(_live_optimizer_values(self._model))
+        model = self._model
+        m1, m0 = self.optimizer.totals(private.live_state(model, "optimizer_variables"))
         logs["plasticity/energy"] = m1
         logs["plasticity/updates"] = float(m0)
+        gate = self.optimizer.gate
+        if gate.sample_gate is not None:  # this epoch's share of samples that learned
+            seen, learned = self._gate_counts(model)[:2]
+            share = _share(seen - self._epoch_start[0], learned - self._epoch_start[1])
+            if share is not None:
+                logs["plasticity/samples_learned"] = share
+        if not self._checked:
+            self._checked = True
+            self._check_first_batch(model)
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.optimizer is not None and self.optimizer.built:
+            self._epoch_start = self.optimizer.gate.counts()[:2]
+
+    def _gate_counts(self, model: Any) -> tuple[int, int, int, int]:
+        """The gate's counts now (on JAX from the trainer's state, mid-epoch)."""
+        gate = self.optimizer.gate if self.optimizer is not None else None
+        assert gate is not None
+        live = private.live_state(model, "metrics_variables")
+        if live is None:
+            return gate.counts()
+        index = {id(v): i for i, v in enumerate(model.metrics_variables)}
+        return gate.counts(live[index[id(gate.total_counts)]])
+
+    def _check_first_batch(self, model: Any) -> None:
+        """Refuse what the first step shows: a train_step whose loss the gate never
+        judged, and targets that are no class ids (regression)."""
+        gate = self.optimizer.gate if self.optimizer is not None else None
+        if gate is None or gate.sample_gate is None:
+            return
+        live = private.live_state(model, "metrics_variables")
+        index = {id(v): i for i, v in enumerate(model.metrics_variables)}
+        outside = gate.outside_loss.value if live is None else live[index[id(gate.outside_loss)]]
+        seen, _, _, bad = self._gate_counts(model)
+        ungated = gate.ungated(outside)
+        if ungated or not seen:
+            raise RuntimeError(
+                f"PlasticityCallback(samples={self.plasticity.samples!r}): the sample gate did "
+                "not judge the loss of the first batch, so every sample learned. This model's "
+                "train_step makes its loss without model.compute_loss: call "
+                "self.compute_loss(x, y, y_pred, sample_weight) there (JAX: "
+                "self.stateless_compute_loss(...)), or weight your own loss with "
+                "energy_callbacks.keras.sample_weight(self, y, y_pred, x)."
+            )
+        if bad:
+            raise ValueError(
+                f"PlasticityCallback: {bad} targets of the first batch are not class ids of "
+                "the outputs (fractional, negative or too large) or not probability rows, so "
+                "the gate cannot judge them. " + REGRESSION_HINT
+            )
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         report = self.report()
         if logs is not None:
-            # samples_learned is the gate metric's own result, already in the epoch logs
-            # (read before validation, whose metric reset zeroes the epoch counts)
             metrics = report.metrics(per_layer=self.per_layer)
             metrics.pop("plasticity/samples_learned", None)
+            share = _share(
+                report.samples_seen - self._epoch_start[0],
+                report.samples_learned - self._epoch_start[1],
+            )
+            if share is not None:
+                metrics["plasticity/samples_learned"] = share
             metrics["plasticity/skipped_steps"] = float(report.skipped_steps)
             logs.update(metrics)
-            for key in ("samples_learned", "energy", "updates"):  # validation's copies
-                logs.pop(f"val_plasticity/{key}", None)
         self._warn_skipped(report)
 
     def _warn_batches(self, lost: int, bad: int, gate: Any) -> None:
@@ -263,23 +355,24 @@ class PlasticityCallback(keras.callbacks.Callback):
         return plasticity.report()
 
 
-def _force_retrace(model: Any) -> None:
-    """Drop the compiled train step so the next ``fit`` traces the current setup."""
-    model.train_function = None
+def _share(seen: int, learned: int) -> float | None:
+    return learned / seen if seen > 0 else None
 
 
 def _restore(model: Any, saved: dict[str, Any]) -> None:
+    if isinstance(model.optimizer, PlasticityOptimizer):
+        model.optimizer.driven = False  # fitted again without the callback: plain training
     if saved["optimizer"] is not None:
         model.optimizer = saved["optimizer"]
-        model._compile_config.config["optimizer"] = saved["compile_optimizer"]
+        private.set_compiled_optimizer(model, saved["compile_optimizer"])
     if saved["compute_loss"] is None:
         model.__dict__.pop("compute_loss", None)
     else:
         model.compute_loss = saved["compute_loss"]
-    model._compute_loss_has_training_arg = saved["has_training_arg"]
-    model._metrics[:] = [m for m in model._metrics if not isinstance(m, (GateState, EnergyReadout))]
+    private.set_compute_loss_takes_training(model, saved["has_training_arg"])
+    private.remove_metrics(model, GateState)
     model.__dict__.pop(_INSTALLED, None)
-    _force_retrace(model)
+    private.forget_train_function(model)
 
 
 def _uninstall_stale(model: Any) -> None:
@@ -287,11 +380,3 @@ def _uninstall_stale(model: Any) -> None:
     saved = model.__dict__.get(_INSTALLED)
     if saved is not None:
         _restore(model, saved)
-
-
-def _live_optimizer_values(model: Any) -> list[Any] | None:
-    """The optimizer variables' current values where the trainer holds them (JAX)."""
-    state = getattr(model, "_jax_state", None)
-    if state and not getattr(model, "_jax_state_synced", True):
-        return state.get("optimizer_variables")
-    return None

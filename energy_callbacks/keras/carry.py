@@ -53,3 +53,4 @@ def carry_over(wrapper: PlasticityOptimizer, previous: PlasticityOptimizer) -> N
     if len(wrapper.gate.variables) == len(previous.gate.variables):
         for mine, theirs in zip(wrapper.gate.variables, previous.gate.variables, strict=True):
             mine.assign(theirs.numpy())
+    wrapper.refresh_readout()

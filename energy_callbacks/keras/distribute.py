@@ -30,6 +30,16 @@ def strategy_scope(model: Any) -> Any:
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
+def tracing_on_tensorflow() -> bool:
+    """True inside a ``tf.function`` being traced (TensorFlow builds a model that ``fit``
+    builds, and then the optimizer, inside its first step)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return bool(tf.inside_function())
+
+
 def _replica_context() -> Any:
     """The TF replica context when more than one replica runs, else None."""
     if keras.backend.backend() != "tensorflow":

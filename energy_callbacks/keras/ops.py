@@ -182,6 +182,24 @@ def xla_on_tensorflow(fn: Callable[..., Array]) -> Callable[..., Array]:
 _xla = functools.cache(xla_on_tensorflow)
 
 
+def compiled_step(fn: Callable[..., Any], restricts: bool) -> Callable[..., Any]:
+    """The optimizer's masked step, compiled where that pays.
+
+    TensorFlow: with XLA when it masks (XLA fuses the masks' passes; measuring alone
+    runs faster in TF's own kernels). JAX: ``jax.jit`` always, so that a fit with
+    ``jit_compile=False`` runs the selection's loops compiled once rather than
+    tracing and compiling them again at every step (0.8-1 s a step). torch: ``fn``.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)  # type: ignore[no-any-return]
+    if backend == "tensorflow" and restricts:
+        return xla_on_tensorflow(fn)
+    return fn
+
+
 def _search_top(scores: Array, k: int) -> Array:
     """Exact top-``k`` of a long 1-D array of scores ``>= 0``, without a sort.
 

@@ -33,6 +33,8 @@ and the store's decay is part of the weights' new values
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,35 +42,28 @@ import keras
 import numpy as np
 from keras import ops
 
-from ..core import Plasticity, TensorSpec, Topology, checks
+from ..core import Plasticity, Topology, checks
 from ..core.config import from_config, to_config
 from ..core.ops import numpy_ops
 from ..core.units import RandomUnits
 from .caching import CachingVariables
-from .distribute import any_across_replicas, assign_all, restore_unless
+from .distribute import (
+    any_across_replicas,
+    assign_all,
+    restore_unless,
+    tracing_on_tensorflow,
+)
 from .gate import GateState
-from .ops import keras_ops, xla_on_tensorflow
-from .totals import COUNT_BITS, carry_count, two_sum, two_sum_update  # noqa: F401
-
-
-def describe(variables: Sequence[Any], layers: Sequence[str] | None = None) -> list[TensorSpec]:
-    """TensorSpecs of Keras variables; ``layers`` keeps only those layers' variables.
-
-    A ``kernel`` of rank >= 2 has its units on the last axis and its inputs on the
-    one before (Dense, Conv); a ``bias`` next to a kernel follows its units. Other
-    variables (BatchNorm scale, embeddings) have no unit structure.
-    """
-    kernels = {_layer_of(v) for v in variables if _leaf(v) == "kernel" and len(v.shape) >= 2}
-    specs = []
-    for v in variables:
-        layer, leaf, shape = _layer_of(v), _leaf(v), tuple(v.shape)
-        if layer in kernels and leaf == "kernel":
-            specs.append(TensorSpec(v.path, shape, -1, -2, layer))
-        elif layer in kernels and leaf == "bias" and len(shape) == 1:
-            specs.append(TensorSpec(v.path, shape, 0, None, layer))
-        else:
-            specs.append(TensorSpec(v.path, shape, None))
-    return specs
+from .layers import describe, owner_kinds, wiring
+from .ops import compiled_step, keras_ops
+from .totals import (  # noqa: F401
+    COUNT_BITS,
+    carry_count,
+    read_readout,
+    readout,
+    two_sum,
+    two_sum_update,
+)
 
 
 def check_in_graph(plasticity: Plasticity) -> None:
@@ -79,14 +74,6 @@ def check_in_graph(plasticity: Plasticity) -> None:
             "compiled Keras train step cannot do; use FixedSubnetwork or RandomSynapses "
             "as the random control in Keras, or RandomUnits through the Lightning adapter"
         )
-
-
-def _layer_of(v: Any) -> str:
-    return str(v.path).rsplit("/", 1)[0]
-
-
-def _leaf(v: Any) -> str:
-    return str(v.path).rsplit("/", 1)[-1]
 
 
 def _covered(v: Any, layers: Sequence[str] | None) -> bool:
@@ -103,7 +90,12 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
     ``plasticity`` is a core :class:`~energy_callbacks.Plasticity` (or its
     :func:`~energy_callbacks.core.config.to_config` dict). ``layers`` limits the
     rules and the meter to the named layers; other variables train as usual and
-    are not counted. Saved models reload it through ``keras.models.load_model``.
+    are not counted. Saved models reload it through ``keras.models.load_model`` (with
+    ``energy_callbacks.keras`` imported, which registers it).
+
+    It applies the rules while a :class:`~energy_callbacks.keras.PlasticityCallback`
+    fits with it (``driven``); fitted without one, it trains as its inner optimizer
+    and warns, so a model loaded from a checkpoint trains as the user compiled it.
     """
 
     def __init__(
@@ -151,6 +143,11 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         self.layers = checks.names("PlasticityOptimizer.layers", layers, "a layer name")
         self.gate = GateState(plasticity.samples)
         self._covered: list[int] = []
+        self._model: Any = None  # the model whose layers and graph build() reads
+        self._initial_pending = False
+        # True while a PlasticityCallback fits with it; else it trains as its inner optimizer
+        self.driven = False
+        self._said_undriven = False
         self._caching: CachingVariables | None = None
 
     # -- building ------------------------------------------------------------
@@ -168,10 +165,15 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 f"variables {[v.path for v in var_list]}; name layers of the model"
             )
         covered = [var_list[i] for i in self._covered]
-        specs = describe(covered)
+        model = self._model() if self._model is not None else None
+        specs = describe(covered, owner_kinds(model) if model is not None else None)
         self._names = [t.name for t in specs]  # the callback's Plasticity may be rebound later
+        wired = wiring(model, specs) if model is not None else None
+        topology = Topology.chain(specs) if wired is None else Topology(specs, *wired)
+        if self.plasticity.units is not None and not topology.hidden:
+            self._no_hidden_layer(topology, model)
         # the meter keeps host (NumPy) totals; the rules trace keras.ops into the step
-        self.plasticity.setup(Topology.chain(specs), ops=numpy_ops)
+        self.plasticity.setup(topology, ops=numpy_ops)
         self.plasticity.ops = keras_ops
         n = len(covered)
         with keras.name_scope(self.name, caller=self):
@@ -192,24 +194,73 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             self._initial = [self.add_variable_from_reference(v, name="initial") for v in covered]
             if self.plasticity.caching is not None:
                 self._caching = CachingVariables(self, self.plasticity.caching, covered)
-        for w0, v in zip(self._initial, covered, strict=True):
-            w0.assign(ops.copy(v.value))  # a buffer of its own (JAX donates both)
+            # the totals packed for the per-batch log: derived state, never saved
+            self._readout = self.add_variable((4,), initializer="zeros", name="readout")
+        # w_0: the weights now; TensorFlow builds a model fit builds inside the first
+        # step's trace, where they have no value yet: the first step records them then
+        self._initial_pending = tracing_on_tensorflow()
+        if not self._initial_pending:
+            for w0, v in zip(self._initial, covered, strict=True):
+                w0.assign(ops.copy(v.value))  # a buffer of its own (JAX donates both)
         # XLA fuses the masks' passes on TensorFlow; measuring alone runs faster without
         # (its reductions of two inputs took 1.5 ms against 0.6 ms in TF's own kernels)
-        restricts = self._writes_weights
-        self._masked_step_fn = (
-            xla_on_tensorflow(self._masked_step) if restricts else self._masked_step
-        )
+        self._masked_step_fn = compiled_step(self._masked_step, self._writes_weights)
         super().build(var_list)
+
+    def _no_hidden_layer(self, topology: Topology, model: Any) -> None:
+        """A unit rule with no hidden layer to act on: refused, unless frozen layers with
+        units would be hidden once they train (then it waits for them, with a warning)."""
+        names = [lyr.name for lyr in topology.layers]
+        every = describe(model.weights, owner_kinds(model)) if model is not None else []
+        frozen = {s.layer for s in every if s.input_axis is not None} - set(names)
+        if frozen:
+            warnings.warn(
+                f"units={self.plasticity.units!r}: the trainable layers {names} are all "
+                f"outputs; the frozen layers {sorted(frozen)} that would be hidden keep the "
+                "unit rule idle until they train (compile again after unfreezing them)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        raise ValueError(
+            f"units={self.plasticity.units!r}: no layer of the model has units the rule could "
+            f"select (the layers {names} are all outputs; EinsumDense and MultiHeadAttention "
+            "have no unit axis), so it would change nothing. Drop units=."
+        )
+
+    def read_layers_of(self, model: Any) -> None:
+        """Describe the variables by the layers of ``model`` that hold them, and read the
+        wiring (outputs, links) off its graph when the optimizer is built; without a
+        model, the variables' names and their order stand in."""
+        self._model = weakref.ref(model)
 
     # -- the step --------------------------------------------------------------
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+        if not self.driven:
+            if self._said_undriven:
+                return self.inner_optimizer.apply(grads, trainable_variables)
+            self._said_undriven = True  # once (torch runs this every step, eagerly)
+            warnings.warn(
+                f"PlasticityOptimizer: no PlasticityCallback is fitting with it (a model "
+                "loaded from a checkpoint written during a plasticity fit?), so it trains as "
+                f"its inner {type(self.inner_optimizer).__name__}: no rule, no energy. Pass "
+                "the PlasticityCallback to fit to go on with the run, or compile with a plain "
+                "optimizer.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.inner_optimizer.apply(grads, trainable_variables)
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
         variables = list(trainable_variables or self._trainable_variables)
         before = [_snapshot(v) for v in variables]
+        if self._initial_pending:  # built in this trace: w_0 is the weights of step 0
+            initial = [before[i] for i in self._covered]
+            restore_unless(
+                ops.not_equal(self.iterations, 0), list(zip(self._initial, initial, strict=True))
+            )
         state = self.inner_optimizer.variables
         state_before = [_snapshot(v) for v in state]
         scaler_skips = None  # a LossScaleOptimizer skips steps with inf/NaN gradients itself
@@ -239,6 +290,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         metered = self._metered(m1, m0, m_alpha, go, finite, scaler_skips)
         if self._caching is not None:
             metered += self._caching.metered(*cached)
+        metered.append((self._readout, self._readout_value(metered)))
         if final is None:  # measure only: the weights change unless the step is skipped
             assign_all(metered)
             # a skipped step leaves no trace in the optimizer either (Adam's count, moments)
@@ -333,6 +385,57 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             (self._counters, counters),
         ]
 
+    def _readout_value(self, new: Sequence[tuple[Any, Any]] = ()) -> Any:
+        """The packed totals (:func:`~energy_callbacks.keras.totals.readout`) after the
+        assignments ``new``; with caching, consolidation + maintenance and the writes."""
+        values = {id(v): x for v, x in new}
+
+        def value(name: str, source: Mapping[str, Any]) -> Any:
+            v = source[name]
+            return values.get(id(v), v.value)
+
+        if self._caching is None:
+            acc = self._totals
+            energy = [(value("m1", acc), value("m1_error", acc))]
+            count = (value("m0_low", acc), value("m0_high", acc))
+        else:
+            acc = self._caching.totals
+            energy = [
+                (value(k, acc), value(f"{k}_error", acc))
+                for k in ("consolidation", "maintenance")
+            ]
+            count = (value("consolidations_low", acc), value("consolidations_high", acc))
+        return readout(energy, count)
+
+    def refresh_readout(self) -> None:
+        """Recompute the packed totals on the host (after a load, a carry-over, or the
+        consolidation at the end of fit)."""
+        self._readout.assign(self._readout_value())
+
+    def save_own_variables(self, store: Any) -> None:
+        for i, v in enumerate(self._saved_variables()):
+            store[str(i)] = v.numpy()
+
+    def load_own_variables(self, store: Any) -> None:
+        saved = self._saved_variables()
+        if not self.built:
+            super().load_own_variables(store)  # Keras warns that it skips the load
+            return
+        if len(store.keys()) != len(saved):
+            raise ValueError(
+                f"PlasticityOptimizer: the checkpoint holds {len(store.keys())} optimizer "
+                f"variables, this optimizer has {len(saved)}; resume with the same model, "
+                "rules, layers= and inner optimizer"
+            )
+        for i, v in enumerate(saved):
+            v.assign(store[str(i)])
+        self.refresh_readout()
+
+    def _saved_variables(self) -> list[Any]:
+        """What a checkpoint holds: every variable but the readout, which is derived."""
+        readout_var = getattr(self, "_readout", None)
+        return [v for v in self.variables if v is not readout_var]
+
     # -- what the callback reads ----------------------------------------------
     def _reader(self, values: Sequence[Any] | None) -> Callable[[Any], np.ndarray]:
         """``read(variable) -> array``: from ``values`` (the current values of
@@ -385,24 +488,14 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         if self._caching is None:
             raise RuntimeError("PlasticityOptimizer.consolidate(): the rules have no caching")
         self._caching.consolidate()
-
-    def totals_in_graph(self) -> dict[str, Any]:
-        """``plasticity/energy`` (M1) and ``plasticity/updates`` (M0) so far, as float64
-        tensors read inside the train step (:class:`EnergyReadout`); with caching the
-        consolidation + maintenance energy and the consolidation writes."""
-        if self._caching is not None:
-            energy, writes = self._caching.totals_in_graph()
-            return {"plasticity/energy": energy, "plasticity/updates": writes}
-        acc = self._totals
-        m1 = ops.sum(
-            ops.cast(acc["m1"].value, "float64") + ops.cast(acc["m1_error"].value, "float64")
-        )
-        high = ops.left_shift(ops.cast(acc["m0_high"].value, "int64"), COUNT_BITS)
-        m0 = ops.sum(high + ops.cast(acc["m0_low"].value, "int64"))
-        return {"plasticity/energy": m1, "plasticity/updates": ops.cast(m0, "float64")}
+        self.refresh_readout()
 
     def totals(self, values: Sequence[Any] | None = None) -> tuple[float, int]:
-        """``(M1, M0)`` so far (with caching: energy and writes), cheap enough for every batch."""
+        """``(M1, M0)`` so far (with caching: energy and writes), cheap enough for every
+        batch: one read of the packed totals (all of them past 1.7e13 updates)."""
+        packed = read_readout(self._reader(values)(self._readout))
+        if packed is not None:
+            return packed
         if self._caching is not None:
             return self._caching.host_totals(self._reader(values))
         own = {id(v): i for i, v in enumerate(self._variables)}
@@ -452,29 +545,6 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             config["inner_optimizer"], custom_objects=custom_objects
         )
         return cls(**config)
-
-
-class EnergyReadout(keras.metrics.Metric):
-    """Puts the wrapper's running M1 and M0 into the train step's logs.
-
-    The step's logs reach the host anyway, so the progress bar gets the totals
-    with no read of their own (on TensorFlow four variable reads a batch cost
-    about 0.5 ms). Not for JAX: there the trainer holds the optimizer's state
-    outside the variables mid-epoch, and the callback reads it from the host.
-    """
-
-    def __init__(self, optimizer: PlasticityOptimizer, name: str = "plasticity/totals") -> None:
-        super().__init__(name=name)
-        self.optimizer = optimizer
-
-    def update_state(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing to update: the optimizer keeps the totals."""
-
-    def reset_state(self) -> None:
-        """Nothing to reset: the totals run across epochs."""
-
-    def result(self) -> dict[str, Any]:
-        return self.optimizer.totals_in_graph()
 
 
 def _snapshot(variable: Any) -> Any:

@@ -67,3 +67,33 @@ def split_count(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int64 counts as (low, high) int32 words."""
     x = np.asarray(x, np.int64)
     return (x & ((1 << COUNT_BITS) - 1)).astype(np.int32), (x >> COUNT_BITS).astype(np.int32)
+
+
+READOUT_EXACT = 2**24
+"""Counts below ``READOUT_EXACT * 2**COUNT_BITS`` (1.7e13) read back exactly."""
+
+
+def readout(energy: list[tuple[Any, Any]], count: tuple[Any, Any]) -> Any:
+    """The running totals packed into four float32 numbers, for a one-read log per batch:
+    ``[energy, its error, count // 2**COUNT_BITS, count % 2**COUNT_BITS]``.
+
+    ``energy`` is a list of (value, error) arrays (per tensor) and ``count`` the (low,
+    high) int32 words of the counts; the energy is summed in float32 (a log's precision).
+    """
+    total = error = ops.zeros((), "float32")
+    for value, err in energy:
+        total, error = two_sum(total, error, ops.sum(value))
+        error = error + ops.sum(err)
+    low = ops.sum(count[0])
+    carry = ops.right_shift(low, COUNT_BITS)
+    high = ops.sum(count[1]) + carry
+    low = low - ops.left_shift(carry, COUNT_BITS)
+    return ops.stack([total, error, ops.cast(high, "float32"), ops.cast(low, "float32")])
+
+
+def read_readout(values: np.ndarray) -> tuple[float, int] | None:
+    """``(energy, count)`` from a :func:`readout`; None once the count outgrew it."""
+    total, error, high, low = (float(v) for v in np.asarray(values, np.float64))
+    if high >= READOUT_EXACT:
+        return None
+    return total + error, (int(high) << COUNT_BITS) + int(low)

@@ -14,24 +14,27 @@ HERE = Path(__file__).parent
 _CACHE: dict[str, dict] = {}
 
 
-def run_scenarios(backend: str, tmp_dir: Path, only: str | None = None) -> dict:
-    """Run scenarios.py (``only`` some, comma-separated) under ``backend``; its JSON results.
+def run_scenarios(
+    backend: str, tmp_dir: Path, only: str | None = None, script: str = "scenarios.py"
+) -> dict:
+    """Run ``script`` (``only`` some scenarios, comma-separated) under ``backend``; its
+    JSON results.
 
     Cached per process, so each backend runs once per test module group.
     """
-    key = f"{backend}:{only}"
+    key = f"{script}:{backend}:{only}"
     if key not in _CACHE:
-        out = tmp_dir / f"{backend}.json"
+        out = tmp_dir / f"{backend}-{script}.json"
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run(
-            [sys.executable, str(HERE / "scenarios.py"), str(out), *([only] if only else [])],
+            [sys.executable, str(HERE / script), str(out), *([only] if only else [])],
             env=env,
             capture_output=True,
             text=True,
             timeout=900,
         )
         if proc.returncode != 0:
-            pytest.fail(f"scenarios.py failed under {backend}:\n{proc.stderr[-4000:]}")
+            pytest.fail(f"{script} failed under {backend}:\n{proc.stderr[-4000:]}")
         _CACHE[key] = json.loads(out.read_text())
     return _CACHE[key]
 
@@ -39,3 +42,10 @@ def run_scenarios(backend: str, tmp_dir: Path, only: str | None = None) -> dict:
 @pytest.fixture(scope="module")
 def results(backend, tmp_path_factory) -> dict:
     return run_scenarios(backend, tmp_path_factory.mktemp(f"keras-{backend}"))
+
+
+@pytest.fixture(scope="module")
+def dropin(backend, tmp_path_factory) -> dict:
+    """dropin.py's results: the adapter on custom train steps, models fit builds, several
+    outputs, recurrent layers (one subprocess per backend)."""
+    return run_scenarios(backend, tmp_path_factory.mktemp(f"dropin-{backend}"), script="dropin.py")

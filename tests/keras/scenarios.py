@@ -29,7 +29,7 @@ from energy_callbacks.core import (
 )
 from energy_callbacks.data import load_digits, paper_inputs
 from energy_callbacks.keras import PlasticityCallback, PlasticityOptimizer
-from energy_callbacks.keras.optimizer import describe
+from energy_callbacks.keras.layers import describe
 from energy_callbacks.reference import PaperMLP
 
 warnings.filterwarnings("ignore", message="The structure of `inputs`")

@@ -1,7 +1,8 @@
-"""The Keras adapter on the tensorflow backend (in a subprocess): see backend_checks.py."""
+"""The Keras adapter on TensorFlow (in subprocesses): backend_checks.py, dropin_checks.py."""
 
 import pytest
 from backend_checks import *  # noqa: F403
+from dropin_checks import *  # noqa: F403
 
 
 @pytest.fixture(scope="module")

@@ -193,16 +193,25 @@ def case_targets() -> None:
     out["one-hot of 3 classes"] = error_of(
         lambda: fit(model, PlasticityCallback(samples="lazy"), x, one_hot3)
     )
-    for name, labels in (("label 7", np.where(np.arange(64) == 3, 7, y)), ("label -1", None)):
-        labels = np.where(np.arange(64) == 3, -1, y) if labels is None else labels
+    cases = (
+        ("label 7", 7, 40),  # a stray label in a later batch: judged as a mistake, warned
+        ("label -1", -1, 40),
+        ("label 7 in the first batch", 7, 3),  # refused: the first batch is checked
+        ("fractional labels", None, None),  # regression targets: refused
+    )
+    for name, stray, where in cases:
+        if stray is None:
+            labels = y + 0.5
+        else:
+            labels = np.where(np.arange(64) == where, stray, y).astype("int32")
         model = compiled(small_model())
         callback = PlasticityCallback(samples="lazy")
         result: dict[str, object] = {}
         try:
-            said, _ = fit(model, callback, x, labels.astype("int32"))
+            said, _ = fit(model, callback, x, labels)
             result = {"warnings": said, "report": report_dict(callback.report())}
         except Exception as exc:  # noqa: BLE001 - TF's loss refuses such labels itself
-            result = {"error": f"{type(exc).__name__}"}
+            result = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         out[name] = result
     RESULTS["targets"] = out
 

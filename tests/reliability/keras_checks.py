@@ -46,6 +46,13 @@ def test_targets_that_do_not_fit_are_refused_and_stray_labels_are_reported(keras
             assert keras_results["backend"] != "jax"
         else:
             assert len(got["warnings"]) == 1 and "not class ids" in got["warnings"][0]
+    # the first batch's targets are checked: what is no class id is refused, as in torch
+    for name in ("label 7 in the first batch", "fractional labels"):
+        got = r[name]["error"]
+        if "not class ids of the outputs" not in got:  # the loss refused them first
+            assert keras_results["backend"] != "jax" and name != "fractional labels", got
+        else:
+            assert "samples=None" in got, got
 
 
 def test_changes_between_fits_carry_on_or_say_what_to_do(keras_results):
