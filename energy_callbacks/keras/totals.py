@@ -70,30 +70,29 @@ def split_count(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 READOUT_EXACT = 2**24
-"""Counts below ``READOUT_EXACT * 2**COUNT_BITS`` (1.7e13) read back exactly."""
+"""float32 holds every integer below this exactly."""
 
 
 def readout(energy: list[tuple[Any, Any]], count: tuple[Any, Any]) -> Any:
     """The running totals packed into four float32 numbers, for a one-read log per batch:
-    ``[energy, its error, count // 2**COUNT_BITS, count % 2**COUNT_BITS]``.
+    ``[sum of energies, sum of their errors, sum of high count words, sum of low ones]``.
 
     ``energy`` is a list of (value, error) arrays (per tensor) and ``count`` the (low,
-    high) int32 words of the counts; the energy is summed in float32 (a log's precision).
+    high) int32 words of the counts. Seven ops in the step: the energy is summed in
+    float32 (a log's precision), and :func:`read_readout` puts the count together.
     """
-    total = error = ops.zeros((), "float32")
-    for value, err in energy:
-        total, error = two_sum(total, error, ops.sum(value))
-        error = error + ops.sum(err)
-    low = ops.sum(count[0])
-    carry = ops.right_shift(low, COUNT_BITS)
-    high = ops.sum(count[1]) + carry
-    low = low - ops.left_shift(carry, COUNT_BITS)
-    return ops.stack([total, error, ops.cast(high, "float32"), ops.cast(low, "float32")])
+    total = ops.sum(ops.stack([ops.sum(value) for value, _ in energy]))
+    error = ops.sum(ops.stack([ops.sum(err) for _, err in energy]))
+    low = ops.cast(ops.sum(count[0]), "float32")
+    high = ops.cast(ops.sum(count[1]), "float32")
+    return ops.stack([total, error, high, low])
 
 
 def read_readout(values: np.ndarray) -> tuple[float, int] | None:
-    """``(energy, count)`` from a :func:`readout`; None once the count outgrew it."""
+    """``(energy, count)`` from a :func:`readout`; None when a count word outgrew
+    float32's exact integers (past 1.7e13 updates, or 2**24 in the low words of many
+    tensors): then read the totals themselves."""
     total, error, high, low = (float(v) for v in np.asarray(values, np.float64))
-    if high >= READOUT_EXACT:
+    if high >= READOUT_EXACT or low >= READOUT_EXACT:
         return None
     return total + error, (int(high) << COUNT_BITS) + int(low)

@@ -179,3 +179,4 @@ def test_counts_past_float32_reach_the_logs_exactly(results):
     assert r["m0"] > 2**40 and float(np.float32(r["m0"])) != r["m0"]  # float32 would round
     assert r["history"] == r["batch"][-1] == r["m0"]
     assert len(set(r["batch"])) == len(r["batch"])  # each batch logs its own total
+    assert r["past_read"] == r["past"] > 2**44  # beyond the packed readout: read in full
