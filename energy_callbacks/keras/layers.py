@@ -112,9 +112,14 @@ def wiring(model: Any, specs: Sequence[TensorSpec]) -> Wiring | None:
                 found.add(name)
             elif not layer.trainable_weights:
                 found |= producers(inbound, seen)
+            else:  # a model used as a layer: what makes its outputs
+                inner = private.graph_outputs(layer)
+                found |= producers(inner or [], seen)
         return found
 
     output_layers = producers(outputs, set())
+    if not output_layers:
+        return None  # nothing readable (a layer with weights of its own kind): use the order
     links = []
     for layer in private.sublayers(model):
         post = layer_name(layer)

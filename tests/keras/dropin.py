@@ -330,6 +330,21 @@ def scenario_outputs() -> None:
         "paths": [v.path for v in model.trainable_variables],
         "outputs": list(cb.optimizer.plasticity.topology.outputs),
     }
+    # a Sequential used as a layer, then a head: the head is the output, whatever the order
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((D,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(12, activation="relu")], name="trunk")  # fmt: skip
+    inp = keras.Input((D,))
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(inner(inp)))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    cb = PlasticityCallback(units=0.5)
+    witness = Witness()
+    model.fit(x, ya, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[cb, witness])  # fmt: skip
+    out["units on a nested model"] = summary(cb, witness) | {
+        "paths": [v.path for v in model.trainable_variables],
+        "outputs": list(cb.optimizer.plasticity.topology.outputs),
+    }
     RESULTS["outputs"] = out
 
 

@@ -81,6 +81,17 @@ def test_units_on_two_heads_keep_both_heads_whole(dropin):
         assert got["a/kernel"] == 3 and got["b/kernel"] == 4  # every unit of both heads
 
 
+def test_units_on_a_nested_model_find_the_head(dropin):
+    run = dropin["outputs"]["units on a nested model"]
+    assert_exact(run)
+    assert run["outputs"] == ["head"]
+    for units in run["witness"]["units"]:
+        got = dict(zip(run["paths"], units))
+        assert got["head/kernel"] == 3  # the output keeps its units
+        hidden = [n for p, n in got.items() if p.endswith("kernel") and p != "head/kernel"]
+        assert hidden == [8, 6]  # the trunk's two hidden layers, half of 16 and of 12
+
+
 @pytest.mark.parametrize("kind, gates", [("lstm", 4), ("gru", 3)])
 def test_recurrent_units_cover_kernel_recurrent_kernel_and_bias(dropin, kind, gates):
     run = dropin["recurrent"][kind]
