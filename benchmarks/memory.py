@@ -1,0 +1,173 @@
+"""Extra peak memory of measuring and masking, per byte of parameters, on every path.
+
+For each path (the torch adapter on float32 CPU tensors, the NumPy/numba path; the
+torch adapter on bfloat16, the torch-ops path that GPUs use; Keras on TensorFlow,
+JAX and torch), each rule (none, tracking only, exact ``TopFraction(0.1)``) and two
+widths of a 3-layer MLP (``w -> w -> w -> 10``, Adam, batch 32, a few steps), one
+fresh process trains and reports its peak resident memory (``VmHWM``). The extra
+memory of a rule is its peak minus the peak of the same run without the callback.
+Between the two widths the fixed costs (imports, JIT, tracing) cancel:
+
+- ``per byte``: the slope of the extra memory over the parameters' bytes, the part
+  that grows with the model (a snapshot of the weights is 1.0, w_0 another 1.0);
+- ``fixed``: what is left at the smaller width, in MiB.
+
+    python benchmarks/memory.py                          # every path, widths 2048 4096
+    python benchmarks/memory.py --paths torch-fp32 keras-jax --widths 1024 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PATHS = ("torch-fp32", "torch-bf16", "keras-tensorflow", "keras-jax", "keras-torch")
+RULES = ("none", "tracking", "TopFraction(0.1)")
+STEPS = 4
+BATCH = 32
+
+
+def peak_mib() -> float:
+    """The process's peak resident memory so far, in MiB."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rule_kwargs(rule: str) -> dict | None:
+    from energy_callbacks import TopFraction
+
+    return {"none": None, "tracking": {}, "TopFraction(0.1)": {"synapses": TopFraction(0.1)}}[rule]
+
+
+def run_torch(width: int, rule: str, dtype_name: str) -> int:
+    """Train in a plain torch loop (what the Lightning callback runs); the parameters' bytes."""
+    import torch
+    from torch import nn
+
+    from energy_callbacks import Plasticity
+    from energy_callbacks.torch import attach
+
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    model = nn.Sequential(
+        nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, 10),
+    ).to(dtype)  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    kwargs = rule_kwargs(rule)
+    handle = None if kwargs is None else attach(model, optimizer, Plasticity(**kwargs))
+    x = torch.randn(BATCH, width, dtype=dtype)
+    y = torch.randint(0, 10, (BATCH,))
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x).float(), y).backward()
+        optimizer.step()
+    if handle is not None:
+        handle.report()  # w_T - w_0 is folded when read: part of the cost
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run_keras(width: int, rule: str) -> int:
+    import keras
+    import numpy as np
+
+    from energy_callbacks.keras import PlasticityCallback
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((width,)),
+        keras.layers.Dense(width, activation="relu"),
+        keras.layers.Dense(width, activation="relu"),
+        keras.layers.Dense(10),
+    ])  # fmt: skip
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BATCH * STEPS, width)).astype("float32")
+    y = rng.integers(0, 10, BATCH * STEPS)
+    kwargs = rule_kwargs(rule)
+    callbacks = [] if kwargs is None else [PlasticityCallback(**kwargs)]
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks)
+    if callbacks:
+        callbacks[0].report()
+    return sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables)
+
+
+def child(path: str, rule: str, width: int) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    if path.startswith("torch"):
+        nbytes = run_torch(width, rule, path.split("-")[1])
+    else:
+        nbytes = run_keras(width, rule)
+    print(json.dumps({"peak_mib": peak_mib(), "param_bytes": nbytes}))
+
+
+def measure(path: str, rule: str, width: int) -> dict:
+    """One fresh process: its peak memory and the parameters' bytes."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if path.startswith("keras-"):
+        env["KERAS_BACKEND"] = path.split("-", 1)[1]
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", path, rule, str(width)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"{path} {rule} {width} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--widths", type=int, nargs=2, default=[2048, 4096])
+    parser.add_argument("--rules", nargs="+", default=list(RULES[1:]), choices=RULES[1:])
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]))
+        return
+    small, large = args.widths
+    rows = []
+    for path in args.paths:
+        base = {w: measure(path, "none", w) for w in (small, large)}
+        for rule in args.rules:
+            runs = {w: measure(path, rule, w) for w in (small, large)}
+            extra = {w: runs[w]["peak_mib"] - base[w]["peak_mib"] for w in (small, large)}
+            mib = {w: base[w]["param_bytes"] / 2**20 for w in (small, large)}
+            slope = (extra[large] - extra[small]) / (mib[large] - mib[small])
+            rows.append({
+                "path": path, "rule": rule, "per_byte": slope,
+                "fixed_mib": extra[small] - slope * mib[small],
+                "param_mib": [mib[small], mib[large]], "extra_mib": [extra[small], extra[large]],
+            })  # fmt: skip
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"3-layer MLP, widths {small} and {large}, Adam, batch {BATCH}, {STEPS} steps")
+    print(f"{'path':<18} {'rule':<18} {'per byte':>9} {'fixed MiB':>10}  extra MiB (params MiB)")
+    for r in rows:
+        sizes = ", ".join(
+            f"{e:.0f} ({p:.0f})" for e, p in zip(r["extra_mib"], r["param_mib"], strict=True)
+        )
+        print(
+            f"{r['path']:<18} {r['rule']:<18} {r['per_byte']:8.2f}x {r['fixed_mib']:10.0f}  {sizes}"
+        )
+
+
+if __name__ == "__main__":
+    main()
