@@ -28,7 +28,7 @@ from .report import (
 from .rules import RULES, get_rule
 from .runner import RunResult, RunSpec
 
-# The authors' reference code on Fashion-MNIST, N = 1000, 85% (issue 5), one seed.
+# The authors' reference code on Fashion-MNIST, N = 1000, 85%, one seed.
 PUBLISHED = {
     "backprop": dict(epochs=0.57, m1=3.09e5, m1_min=3.15e3, inefficiency=98, m0=2.70e10),
     "equal-count": dict(epochs=1.00, m1=2.77e5, m1_min=4.42e3, inefficiency=63, m0=2.96e9),
