@@ -243,13 +243,9 @@ class PlasticityCallback(keras.callbacks.Callback):
 
     def _gate_counts(self, model: Any) -> tuple[int, int, int, int]:
         """The gate's counts now (on JAX from the trainer's state, mid-epoch)."""
-        gate = self.optimizer.gate if self.optimizer is not None else None
-        assert gate is not None
-        live = private.live_state(model, "metrics_variables")
-        if live is None:
-            return gate.counts()
-        index = {id(v): i for i, v in enumerate(model.metrics_variables)}
-        return gate.counts(live[index[id(gate.total_counts)]])
+        assert self.optimizer is not None
+        gate = self.optimizer.gate
+        return gate.counts(private.live_value(model, gate.total_counts))
 
     def _check_first_batch(self, model: Any) -> None:
         """Refuse what the first step shows: a train_step whose loss the gate never
@@ -257,11 +253,8 @@ class PlasticityCallback(keras.callbacks.Callback):
         gate = self.optimizer.gate if self.optimizer is not None else None
         if gate is None or gate.sample_gate is None:
             return
-        live = private.live_state(model, "metrics_variables")
-        index = {id(v): i for i, v in enumerate(model.metrics_variables)}
-        outside = gate.outside_loss.value if live is None else live[index[id(gate.outside_loss)]]
         seen, _, _, bad = self._gate_counts(model)
-        ungated = gate.ungated(outside)
+        ungated = gate.ungated(private.live_value(model, gate.outside_loss))
         if ungated or not seen:
             raise RuntimeError(
                 f"PlasticityCallback(samples={self.plasticity.samples!r}): the sample gate did "

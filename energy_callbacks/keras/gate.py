@@ -1,14 +1,14 @@
 """Sample gates inside the compiled Keras train step.
 
 :class:`GateState` is a Keras metric: its variables travel with the trainer's
-metric state on every backend (JAX included), its result is the fraction of
-this epoch's samples that learned (``plasticity/samples_learned``), and it holds
-the mistake memory of :class:`~energy_callbacks.core.MemorizedMistakes` as one
-int8 flag per sample id. :func:`gated_compute_loss` wraps a model's
-``compute_loss``: gated-out samples get sample weight 0 (the loss keeps its
-normalization by the full batch), and a batch with no gated-in sample gets a loss
-of exactly ``0 * loss``, so its gradient is all zero and the optimizer wrapper
-skips the step.
+metric state on every backend (JAX included); it counts the samples seen and
+learned (the callback logs each epoch's share) and holds the mistake memory of
+:class:`~energy_callbacks.core.MemorizedMistakes` as one int8 flag per sample
+id. :func:`gated_compute_loss` wraps a model's ``compute_loss``: gated-out
+samples get sample weight 0 (the loss keeps its normalization by the full
+batch), and a batch with no gated-in sample gets a loss of exactly
+``0 * loss``, so its gradient is all zero and the optimizer wrapper skips the
+step.
 
 Sample ids (for memorized mistakes) come with the inputs: give ``x`` as a dict
 with the ids under ``index``/``idx``/``sample_id`` next to the model's named
@@ -40,7 +40,7 @@ HALF = ("float16", "bfloat16")
 
 
 class GateState(keras.metrics.Metric):
-    """Sample counts (this epoch and in total) and the mistake memory, as metric state.
+    """Sample counts and the mistake memory, as metric state.
 
     The gated loss (:func:`gated_compute_loss`, :func:`sample_weight`) judges each
     batch and counts it. ``update_state(y_true, y_pred, sample_weight=None)`` is the
@@ -135,9 +135,9 @@ class GateState(keras.metrics.Metric):
         """The gate's mask for a batch (all True without a gate); updates the memory.
 
         Checked when the step is traced: targets that cannot fit the outputs, ids that
-        are not integers. Counted in the step (it cannot raise): targets outside the
-        classes (they count as mistakes: the loss decides what they mean) and ids
-        outside ``[0, capacity)`` (judged, never remembered).
+        are not integers. Counted in the step (it cannot raise): targets that are no
+        class (they learn as mistakes; the callback refuses them in the first batch)
+        and ids outside ``[0, capacity)`` (judged, never remembered).
         """
         gate = self.sample_gate
         if gate is None:
@@ -256,29 +256,12 @@ def pick_output(y: Any, y_pred: Any, outputs: Outputs, names: Sequence[str]) -> 
     if not isinstance(y_pred, (Mapping, list, tuple)):
         return y, y_pred
     flat = list(y_pred.values()) if isinstance(y_pred, Mapping) else list(y_pred)
+    names = list(names) if len(names) == len(flat) else [str(i) for i in range(len(flat))]
+    check_outputs(outputs, names)
     if outputs is None:
-        if len(flat) == 1:
-            return (y[0] if isinstance(y, (list, tuple)) else y), flat[0]
-        raise ValueError(
-            f"sample gate: the model has {len(flat)} outputs {list(names)}; say which one the "
-            "gate judges: PlasticityCallback(outputs='name') (or an index, or "
-            "fn(y, y_pred) -> (targets, scores))"
-        )
-    if isinstance(outputs, str):
-        if outputs not in names:
-            raise ValueError(
-                f"PlasticityCallback.outputs={outputs!r} names no output; the model's outputs "
-                f"are {list(names)}"
-            )
-        index = list(names).index(outputs)
-    else:
-        index = int(outputs)
-        if not 0 <= index < len(flat):
-            raise ValueError(
-                f"PlasticityCallback.outputs={outputs!r} is no output index; the model has "
-                f"{len(flat)} outputs {list(names)}"
-            )
-    name = names[index] if index < len(names) else None
+        return (y[0] if isinstance(y, (list, tuple)) else y), flat[0]
+    index = names.index(outputs) if isinstance(outputs, str) else int(outputs)
+    name = names[index]
     scores = y_pred[name] if isinstance(y_pred, Mapping) and name in y_pred else flat[index]
     if isinstance(y, Mapping):
         targets = y[name] if name in y else list(y.values())[index]

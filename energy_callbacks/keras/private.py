@@ -59,6 +59,16 @@ def live_state(model: Any, key: str) -> list[Any] | None:
     return None
 
 
+def live_value(model: Any, metric_variable: Any) -> Any:
+    """The current value of one of the model's metric variables: on JAX mid-epoch from
+    the trainer's state, elsewhere the variable's own value."""
+    live = live_state(model, "metrics_variables")
+    if live is None:
+        return metric_variable.value
+    index = next(i for i, v in enumerate(model.metrics_variables) if v is metric_variable)
+    return live[index]
+
+
 def sublayers(model: Any) -> list[Any]:
     """Every layer inside ``model`` (nested ones too), outer layers first."""
     return list(model._flatten_layers(include_self=False, recursive=True))

@@ -207,8 +207,8 @@ def _host(x: Any) -> np.ndarray:
 
 
 def refuse_closure_optimizer(opt: torch.optim.Optimizer) -> str:
-    """The refusal of a sample gate on an optimizer that evaluates its closure more than
-    once per step (LBFGS): empty if ``opt`` is not known to do so."""
+    """Why a sample gate refuses ``opt``, an optimizer that evaluates its closure more
+    than once per step (LBFGS)."""
     return (
         f"sample gate: {type(opt).__name__} evaluates its closure several times per step "
         "(line search, inner iterations), and the gate acts on one forward pass per step: "
