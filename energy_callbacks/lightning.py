@@ -51,6 +51,7 @@ from .core.synapses import SynapseRule
 from .core.targets import IGNORE_INDEX
 from .core.units import UnitRule
 from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_hooks, module_names
+from .torch.attached import INITIAL_KEY
 from .torch.layers import nothing_to_cover
 from .torch.selective import SelectiveBackward
 from .torch.spawned import WorkerResult
@@ -300,10 +301,11 @@ class PlasticityCallback(Callback):
             self._selective.remove()
             self._selective = None
         if self._handle is not None:
+            state = self._handle.state_dict()  # w_0 included: a later fit carries on
             if stage == "fit" and trainer.is_global_zero and self._worker_result.in_worker():
-                state = _to_torch(self._handle.state_dict())
-                self._worker_result.send(self._handle.specs, state)
+                self._worker_result.send(self._handle.specs, _to_torch(state))
             self._handle.detach()
+            self._pending_state = state
             self._handle = None
 
     # -- batches -----------------------------------------------------------------
@@ -476,8 +478,8 @@ class PlasticityCallback(Callback):
             self.plasticity.rebind(topology)
         else:
             self.plasticity.setup(topology)
-        self.plasticity.load_state_dict(_from_torch(state))
-        self._pending_state = None
+        self._pending_state = _from_torch(state)
+        self.plasticity.load_state_dict(self._pending_state)
 
 
 def _float64(value: Any, device: torch.device | None = None) -> torch.Tensor:
@@ -508,8 +510,8 @@ def _to_torch(value: Any) -> Any:
 def _from_torch(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.cpu().numpy()
-    if isinstance(value, dict):
-        return {k: _from_torch(v) for k, v in value.items()}
+    if isinstance(value, dict):  # w_0 stays in tensors (bfloat16 has no NumPy dtype)
+        return {k: v if k == INITIAL_KEY else _from_torch(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_from_torch(v) for v in value]
     return value

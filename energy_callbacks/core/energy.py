@@ -7,11 +7,14 @@ For every recorded step ``t`` and synapse ``i`` with applied change ``dw``:
 - ``M1_min = sum_i |w_T - w_0|`` and ``M0_min`` = synapses with ``w_T != w_0``;
 - ``inefficiency = M1 / M1_min`` (>= 1 by the triangle inequality).
 
-The net displacement ``w_T - w_0`` is accumulated from the recorded changes in
-float64, so the limit needs no access to the weights and ``inefficiency >= 1``
-holds (up to float64 rounding). It equals ``sum |w_T - w_0|`` whenever every weight change is
-recorded (this costs one float64 copy of the parameters). Totals are float64,
-counts int64, whatever the parameter dtype.
+The net displacement ``w_T - w_0`` comes one of two ways. The reference path
+accumulates the recorded changes in float64 (one float64 copy of the
+parameters), so the limit needs no access to the weights. The adapters keep
+``w_0`` itself instead and give the meter ``(M1_min, M0_min)`` per tensor when
+they are read (:meth:`EnergyMeter.set_net`, :func:`net_change`): half that
+memory for float32 weights, and exact. Either way ``inefficiency >= 1`` holds
+(up to float64 rounding). Totals are float64, counts int64, whatever the
+parameter dtype.
 
 With synaptic caching (:mod:`~energy_callbacks.core.caching`) the report also
 carries the consolidation and maintenance energy; then ``energy`` is their sum,
@@ -34,6 +37,24 @@ import numpy as np
 from . import checks
 from .ops import Array, ArrayOps, numpy_ops
 from .topology import TensorSpec
+
+NET_CHUNK = 1 << 20
+"""Entries per float64 temporary of :func:`net_change` (8 MiB)."""
+
+
+def net_change(after: Any, before: Any, chunk: int | None = None) -> tuple[float, int]:
+    """``(sum |after - before|, count(after != before))`` of two flat host arrays, in
+    float64, through temporaries of at most ``chunk`` entries (NaN/Inf make the sum
+    non-finite). ``after`` and ``before`` may be any sliceable arrays NumPy reads."""
+    size, chunk = len(after), chunk or NET_CHUNK
+    acc = 0.0
+    count = 0
+    for start in range(0, size, chunk):
+        a = np.asarray(after[start : start + chunk], dtype=np.float64)
+        d = np.subtract(a, np.asarray(before[start : start + chunk], dtype=np.float64), out=a)
+        count += int(np.count_nonzero(d))
+        acc += float(np.abs(d, out=d).sum())
+    return acc, count
 
 
 def _ratio(num: float, den: float) -> float:
@@ -195,7 +216,9 @@ class EnergyMeter:
         self._m1 = np.zeros(n, dtype=np.float64)
         self._m_alpha = np.zeros(n, dtype=np.float64)
         self._m0 = np.zeros(n, dtype=np.int64)
-        self._displacement = [self.ops.zeros_f64(t.shape) for t in self.tensors]
+        # accumulated w_T - w_0 (float64, made on first use), or the caller's net totals
+        self._displacement: list[Array | None] = [None] * n
+        self._net: list[tuple[float, int] | None] = [None] * n
         self.steps = 0
         self.skipped_steps = 0
         self._warned: set[str] = set()  # causes of skipped steps warned about
@@ -223,6 +246,7 @@ class EnergyMeter:
         old = {t.name: i for i, t in enumerate(self.tensors)}
         old_ops, self.ops = self.ops, ops or self.ops
         m1, m_alpha, m0, displacement = self._m1, self._m_alpha, self._m0, self._displacement
+        net = self._net
         steps, skipped, warned = self.steps, self.skipped_steps, self._warned
         self.tensors = new
         self.reset()
@@ -232,14 +256,11 @@ class EnergyMeter:
             if j is None:
                 continue
             self._m1[i], self._m_alpha[i], self._m0[i] = m1[j], m_alpha[j], m0[j]
-            d = (
-                displacement[j]
-                if old_ops is self.ops
-                else self.ops.from_numpy(
-                    np.asarray(old_ops.to_numpy(displacement[j]), dtype=np.float64)
-                )
-            )
-            self._displacement[i] = self.ops.add_f64(self._displacement[i], d)
+            self._net[i] = net[j]
+            d = displacement[j]
+            if d is not None and old_ops is not self.ops:
+                d = self.ops.from_numpy(np.asarray(old_ops.to_numpy(d), dtype=np.float64))
+            self._displacement[i] = d
 
     def record_deferred(self, m1: Array, m_alpha: Array, m0: Array, skipped: Array) -> None:
         """Add one step's per-tensor totals computed on a device, without reading them.
@@ -321,13 +342,37 @@ class EnergyMeter:
             count = m0[i]
             self._m0[i] += ops.count_nonzero(u) if count is None else count
             if displacement:
-                self._displacement[i] = ops.add_f64(self._displacement[i], u)
+                self.add_displacement(i, u)
         self.steps += 1
         return True
 
     def add_displacement(self, index: int, delta: Array) -> None:
         """Add a change of tensor ``index`` to its net displacement only (not to M1/M0)."""
-        self._displacement[index] = self.ops.add_f64(self._displacement[index], delta)
+        if self._net[index] is not None:
+            raise RuntimeError(
+                f"EnergyMeter: the net change of {self.tensors[index].name!r} is measured "
+                "against a w_0 kept by the caller (set_net), so changes cannot be added to it"
+            )
+        acc = self._displacement[index]
+        if acc is None:
+            acc = self.ops.zeros_f64(self.tensors[index].shape)
+        self._displacement[index] = self.ops.add_f64(acc, delta)
+
+    def set_net(self, index: int, m1_min: float, m0_min: int) -> None:
+        """Give tensor ``index``'s ``(sum |w_T - w_0|, count(w_T != w_0))`` as measured by
+        a caller that keeps ``w_0`` (see :func:`net_change`); it replaces the accumulated
+        displacement in reports and states."""
+        self._net[index] = (float(m1_min), int(m0_min))
+        self._displacement[index] = None
+
+    def _net_of(self, index: int) -> tuple[float, int]:
+        net = self._net[index]
+        if net is not None:
+            return net
+        d = self._displacement[index]
+        if d is None:
+            return 0.0, 0
+        return self.ops.total(d), self.ops.count_nonzero(d)
 
     def skip_nonfinite(self, steps: int = 1, *, reason: str | None = None) -> None:
         """Count ``steps`` skipped steps (they cost nothing) and warn, once per cause.
@@ -362,18 +407,17 @@ class EnergyMeter:
 
     def report(self, samples_seen: int = 0, samples_learned: int = 0) -> EnergyReport:
         self.flush()
-        ops = self.ops
         per_layer = {}
         for i, t in enumerate(self.tensors):
-            d = self._displacement[i]
+            m1_min, m0_min = self._net_of(i)
             per_layer[t.name] = LayerEnergy(
                 name=t.name,
                 synapses=t.size,
                 m1=float(self._m1[i]),
                 m0=int(self._m0[i]),
                 m_alpha=float(self._m_alpha[i]),
-                m1_min=ops.total(d),
-                m0_min=ops.count_nonzero(d),
+                m1_min=m1_min,
+                m0_min=m0_min,
             )
         m1 = float(self._m1.sum())
         m0 = int(self._m0.sum())
@@ -394,14 +438,21 @@ class EnergyMeter:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain numbers and NumPy arrays only."""
+        """Plain numbers and NumPy arrays only. ``displacement`` holds the accumulated
+        ``w_T - w_0`` (None for a tensor whose net totals a caller gave with
+        :meth:`set_net`); ``m1_min`` and ``m0_min`` the net totals of every tensor."""
         self.flush()
+        net = [self._net_of(i) for i in range(len(self.tensors))]
         return {
             "names": [t.name for t in self.tensors],
             "m1": self._m1.copy(),
             "m_alpha": self._m_alpha.copy(),
             "m0": self._m0.copy(),
-            "displacement": [self.ops.to_numpy(d).copy() for d in self._displacement],
+            "displacement": [
+                None if d is None else self.ops.to_numpy(d).copy() for d in self._displacement
+            ],
+            "m1_min": np.array([m for m, _ in net], dtype=np.float64),
+            "m0_min": np.array([c for _, c in net], dtype=np.int64),
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
         }
@@ -421,23 +472,31 @@ class EnergyMeter:
         m1 = np.zeros(len(self.tensors), dtype=np.float64)
         m_alpha = np.zeros(len(self.tensors), dtype=np.float64)
         m0 = np.zeros(len(self.tensors), dtype=np.int64)
-        displacement = [self.ops.zeros_f64(t.shape) for t in self.tensors]
+        displacement: list[Array | None] = [None] * len(self.tensors)
+        net: list[tuple[float, int] | None] = [None] * len(self.tensors)
+        saved_d = state.get("displacement") or [None] * len(saved)
         for j, name in enumerate(saved):
             i = index[name]
             t = self.tensors[i]
-            d = np.asarray(state["displacement"][j], dtype=np.float64)
-            if d.shape != t.shape:
-                raise ValueError(
-                    f"EnergyMeter.load_state_dict: {t.name!r} was saved with shape {d.shape}, "
-                    f"the network has {t.shape}"
+            if saved_d[j] is None:  # no change yet, or net totals from a w_0 kept elsewhere
+                given = (float(state["m1_min"][j]), int(state["m0_min"][j]))
+                net[i] = given if given != (0.0, 0) else None
+            else:
+                d = np.asarray(saved_d[j], dtype=np.float64)
+                if d.shape != t.shape:
+                    raise ValueError(
+                        f"EnergyMeter.load_state_dict: {t.name!r} was saved with shape "
+                        f"{d.shape}, the network has {t.shape}"
+                    )
+                displacement[i] = self.ops.add_f64(
+                    self.ops.zeros_f64(t.shape), self.ops.from_numpy(d)
                 )
-            displacement[i] = self.ops.add_f64(displacement[i], self.ops.from_numpy(d))
             m1[i] = state["m1"][j]
             m_alpha[i] = state["m_alpha"][j]
             m0[i] = state["m0"][j]
         self._pending, self._pending_steps = None, 0
         self._m1, self._m_alpha, self._m0 = m1, m_alpha, m0
-        self._displacement = displacement
+        self._displacement, self._net = displacement, net
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
 

@@ -80,7 +80,10 @@ class GateState(keras.metrics.Metric):
             )
         # [1 when the loss judged this step's batch, samples counted outside the loss]
         self.outside_loss = self.add_variable(
-            (2,), initializer="zeros", dtype="int32", aggregation="only_first_replica",
+            (2,),
+            initializer="zeros",
+            dtype="int32",
+            aggregation="only_first_replica",
             name="outside_loss",
         )
 
@@ -114,9 +117,7 @@ class GateState(keras.metrics.Metric):
         else:  # a batch the gate never judged: its loss was not gated
             self.outside_loss.assign(ops.stack([0, self.outside_loss.value[1] + fresh]))
 
-    def record(
-        self, seen: Any, learned: Any, unremembered: Any = 0, bad_targets: Any = 0
-    ) -> None:
+    def record(self, seen: Any, learned: Any, unremembered: Any = 0, bad_targets: Any = 0) -> None:
         """Count a batch the gated loss judged."""
         self._count(seen, learned, unremembered, bad_targets)
         self.outside_loss.assign(ops.stack([1, self.outside_loss.value[1]]))

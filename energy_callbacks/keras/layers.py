@@ -51,9 +51,7 @@ def describe(variables: Sequence[Any], kinds: Mapping[int, str] | None = None) -
     kernels = {
         layer_of(v)
         for v in variables
-        if _leaf(v) == "kernel"
-        and len(v.shape) >= 2
-        and kinds.get(id(v)) not in NO_UNIT_AXIS
+        if _leaf(v) == "kernel" and len(v.shape) >= 2 and kinds.get(id(v)) not in NO_UNIT_AXIS
     }
     specs = []
     for v in variables:

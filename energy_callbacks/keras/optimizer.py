@@ -401,8 +401,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         else:
             acc = self._caching.totals
             energy = [
-                (value(k, acc), value(f"{k}_error", acc))
-                for k in ("consolidation", "maintenance")
+                (value(k, acc), value(f"{k}_error", acc)) for k in ("consolidation", "maintenance")
             ]
             count = (value("consolidations_low", acc), value("consolidations_high", acc))
         return readout(energy, count)

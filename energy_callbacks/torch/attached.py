@@ -49,21 +49,24 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..core import EnergyReport, Plasticity, TensorSpec, Topology, checks
 from ..core.ops import NumpyOps
 from ..core.targets import IGNORE_INDEX
+from . import initial
 from .faults import nonfinite_reason, nonfinite_weights, watch_scaler
 from .gate import CLOSURE_OPTIMIZERS, OutputGate, refuse_closure_optimizer, skip_empty_steps
 from .layers import describe, nothing_to_cover
 from .ops import ops_for
-from .snapshot import ShapeChanged, Snapshot, view
+from .snapshot import ShapeChanged, Snapshot
 from .wiring import WiringProbe, resolve
 
 __all__ = ["AttachedPlasticity", "attach", "edges", "forget_compiled_hooks", "module_names"]
+
+INITIAL_KEY = "initial"
+"""The key of w_0 in :meth:`AttachedPlasticity.state_dict`."""
 
 
 class AttachedPlasticity:
@@ -94,7 +97,7 @@ class AttachedPlasticity:
         self.params: list[nn.Parameter] = []
         self.specs: list[TensorSpec] = []
         self._extra: list[nn.Parameter] = []  # tracked although not covered (from a checkpoint)
-        self._reference: dict[int, torch.Tensor] = {}  # w at the last sync, per parameter
+        self._initial: dict[int, torch.Tensor] = {}  # w_0 per parameter, in host memory
         self._steps: dict[int, tuple[Snapshot, list[int]]] = {}
         self._removers: list[Callable[[], None]] = []
         self._stepped = 0  # optimizer steps that reached the hooks
@@ -169,8 +172,8 @@ class AttachedPlasticity:
         self._use_numpy = isinstance(ops, NumpyOps)
         self.specs, self.params = specs, params
         for p in params:
-            if id(p) not in self._reference:
-                self._reference[id(p)] = p.detach().clone()
+            if id(p) not in self._initial:
+                self._initial[id(p)] = initial.keep(p)
         index = {id(p): i for i, p in enumerate(params)}
         self._steps = {}
         for opt in self.optimizers:
@@ -312,30 +315,37 @@ class AttachedPlasticity:
         # record() reads only the totals here (alpha = 1, no displacement).
         totals = self._proposed(mine, applied)
         plasticity.record(proposed, check_finite=False, displacement=False, totals=totals)
-        stepped = [s is not None for s in applied]
-        snap.settle(stepped, swap=stepped)
+        snap.settle([s is not None for s in applied])
 
     def _step_on_device(self, snap: Snapshot, mine: list[int]) -> None:
         """Torch ops (GPU, bf16): mask, measure and undo a non-finite step on the device;
-        the totals join the meter unread, so the step never waits for the device."""
+        the totals join the meter unread, so the step never waits for the device.
+        Measuring only writes no delta: the totals are taken chunk by chunk."""
         plasticity = self.plasticity
-        deltas, _ = snap.deltas()
-        proposed = self._proposed(mine, deltas)
-        stepped = [d for d in deltas if d is not None]
-        if not stepped:
+        stepped = [p.grad is not None for p in snap.params]
+        if not any(stepped):
             return
-        ok = torch.stack([torch.isfinite(d).all() for d in stepped]).all()
+        ok: torch.Tensor | None = None
         if plasticity.restricts:
+            deltas, _ = snap.deltas()
+            proposed = self._proposed(mine, deltas)
+            ok = torch.stack([torch.isfinite(d).all() for d in deltas if d is not None]).all()
             masks = plasticity.masks(proposed)
             for j, i in enumerate(mine):
                 if proposed[i] is not None and masks[i] is not None:
                     snap.drop(j, masks[i])
-        snap.undo_unless(ok, deltas)
-        device = stepped[0].device
+        else:
+            deltas = [None] * len(mine)
+            proposed = self._proposed(mine, deltas)
+        totals = snap.device_totals(deltas, plasticity.meter.alpha)
+        if ok is None:  # a NaN/Inf in the step turns its M1 NaN/Inf
+            ok = torch.isfinite(torch.stack([t[0] for t in totals if t is not None]).sum())
+        snap.undo_unless(ok, stepped)
+        device = snap.params[0].device
         zero = torch.zeros((), dtype=torch.float64, device=device)
         none = torch.zeros((), dtype=torch.int64, device=device)
         parts = [(zero, zero, none)] * len(self.params)
-        for i, t in zip(mine, snap.device_totals(deltas, plasticity.meter.alpha), strict=True):
+        for i, t in zip(mine, totals, strict=True):
             if t is not None:
                 parts[i] = t
         m1, m_alpha, m0 = (torch.stack([p[k] for p in parts]) for k in range(3))
@@ -348,6 +358,9 @@ class AttachedPlasticity:
         )
         snap.settle([False] * len(mine))
         if plasticity.caching is not None and bool(ok):  # caching reads its figures: one sync
+            if not plasticity.restricts:
+                deltas, _ = snap.deltas()
+                proposed = self._proposed(mine, deltas)
             self._cache(snap, mine, proposed)
 
     def _count_skipped(self, snap: Snapshot) -> None:
@@ -380,27 +393,20 @@ class AttachedPlasticity:
         )
 
     def sync(self) -> None:
-        """Fold the weights' net change since the last sync into ``w_T - w_0``.
+        """Measure the net change ``w_T - w_0`` of every parameter (M1_min, M0_min).
 
-        A parameter holding NaN/Inf is left out (its displacement stays at its last
-        finite value, so M1_min stays finite) and is warned about once.
+        A parameter holding NaN/Inf is left out (its M1_min and M0_min stay at their
+        last finite values) and is warned about once.
         """
         meter = self.plasticity.meter
         bad = []
         with torch.no_grad():
             for i, p in enumerate(self.params):
-                ref = self._reference[id(p)]
-                if self._use_numpy:
-                    delta = np.subtract(view(p), view(ref), dtype=np.float64)
-                    finite = bool(np.isfinite(delta).all())
-                else:
-                    delta = p.detach().double() - ref.double()
-                    finite = bool(torch.isfinite(delta).all())
-                if not finite:
+                m1_min, m0_min = initial.totals(p, self._initial[id(p)])
+                if not math.isfinite(m1_min):
                     bad.append(self.specs[i].name)
                     continue
-                meter.add_displacement(i, delta)
-                ref.copy_(p.detach())
+                meter.set_net(i, m1_min, m0_min)
         new = [name for name in bad if name not in self._nonfinite_weights]
         if new:
             self._nonfinite_weights.update(new)
@@ -439,12 +445,18 @@ class AttachedPlasticity:
         return self.plasticity.report()
 
     def state_dict(self) -> dict[str, Any]:
-        """The plasticity state (energy totals, counters, mistake memory), plain data."""
+        """The plasticity state (energy totals, counters, mistake memory), plain data,
+        and ``initial``: w_0 of each measured tensor (host tensors, in the state's
+        ``energy.names`` order), for M1_min after a resume."""
         self.sync()
-        return self.plasticity.state_dict()
+        state = self.plasticity.state_dict()
+        by_name = {s.name: p for s, p in zip(self.specs, self.params, strict=True)}
+        state[INITIAL_KEY] = [self._initial[id(by_name[n])] for n in state["energy"]["names"]]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state; the current weights become the reference for what follows.
+        """Restore a state, w_0 included (a state without it gives w_0 as the current
+        weights minus its saved displacement, in float64).
 
         Tensors the state measured that are not covered now (a layer unfrozen
         mid-run, frozen again at the start of the resumed fit) are tracked again,
@@ -462,10 +474,31 @@ class AttachedPlasticity:
                 )
             self._extra = [named[n] for n in missing]
             self._bind()
+        saved = [str(n) for n in state["energy"]["names"]]
+        by_name = {s.name: p for s, p in zip(self.specs, self.params, strict=True)}
+        kept = state.get(INITIAL_KEY)
+        displacement = state["energy"].get("displacement") or [None] * len(saved)
+        if kept is None and any(d is None for d in displacement):
+            raise ValueError(
+                f"plasticity: the state has no {INITIAL_KEY!r} (w_0) for tensors whose net "
+                "change it did not accumulate; pass the whole state_dict() it came from"
+            )
         self.plasticity.load_state_dict(state)
-        with torch.no_grad():
-            for p in self.params:
-                self._reference[id(p)].copy_(p.detach())
+        for p in self.params:  # tensors the state did not measure start here
+            self._initial[id(p)] = initial.keep(p)
+        for j, name in enumerate(saved):
+            p = by_name[name]
+            if kept is not None:
+                w0 = torch.as_tensor(kept[j]).to("cpu", copy=True)
+                if tuple(w0.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"plasticity: w_0 of {name!r} was saved with shape {tuple(w0.shape)}, "
+                        f"the model's parameter has {tuple(p.shape)}"
+                    )
+            else:
+                w0 = initial.from_displacement(p, displacement[j])
+            self._initial[id(p)] = w0
+        self.sync()
 
     def detach(self) -> None:
         """Remove every hook and wrapper; the model and optimizers are as before."""

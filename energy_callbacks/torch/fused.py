@@ -3,18 +3,20 @@
 One pass per tensor instead of the 3-4 NumPy passes that the same work takes:
 in a training loop each pass over a multi-megabyte tensor is a cache refill.
 
-- :func:`track_stats` returns the L1 norm (float64) and nonzero count of
-  ``after - before`` and copies ``after`` into the next step's snapshot, in one
-  pass (measuring only: no delta is written);
+- :func:`diff_totals` returns the L1 norm (float64) and nonzero count of
+  ``after - before`` in one read-only pass (measuring only: no delta is written);
+  :func:`net_totals` the same in float64 differences (``w_T - w_0``);
 - :func:`diff_stats` writes ``delta = after - before`` and returns its L1 norm
   and nonzero count;
 - :func:`blend_stats` undoes the dropped entries of a step, returns the
   applied change's L1 norm and count, and brings the snapshot up to the new
   weights;
-- :func:`blend_kept` does the same for the adapter's masked steps at
-  ``alpha = 1`` without a written difference: it leaves ``before`` intact (the
-  next snapshot goes to a spare buffer), so a step found NaN/Inf in that pass
-  can still be undone;
+- :func:`blend_kept` undoes the dropped entries for the adapter's masked steps
+  at ``alpha = 1`` without a written difference: it leaves ``before`` intact,
+  so a step found NaN/Inf in that pass can still be undone (the snapshot is
+  brought up to the new weights by a copy afterwards, not kept in a spare
+  buffer: a second copy of the weights would cost more memory than the copy's
+  time);
 - :class:`Difference` is ``after - before`` written out only when an op reads
   it; the approximate top fraction of one is a :class:`ThresholdMask`, so that
   rule costs a strided sample plus that one pass;
@@ -61,16 +63,24 @@ except ImportError:  # pragma: no cover - exercised only without numba
 FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 if AVAILABLE:
-
-    @njit(cache=True, nogil=True, fastmath=True)
-    def _track_stats(after: Any, before: Any, after_copy: Any) -> tuple[float, int]:
+    # No "nnan"/"ninf": the sum must turn NaN/Inf reliably (it is a step's finiteness check).
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _diff_totals(after: Any, before: Any) -> tuple[float, int]:
         acc = 0.0
         count = 0
         for i in range(after.size):
-            a = after[i]
-            d = a - before[i]
-            after_copy[i] = a
+            d = after[i] - before[i]  # in the weights' dtype: the step's dw
             acc += abs(np.float64(d))
+            count += d != 0
+        return acc, count
+
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _net_totals(after: Any, before: Any) -> tuple[float, int]:
+        acc = 0.0
+        count = 0
+        for i in range(after.size):
+            d = np.float64(after[i]) - np.float64(before[i])  # exact for float32 weights
+            acc += abs(d)
             count += d != 0
         return acc, count
 
@@ -108,13 +118,10 @@ if AVAILABLE:
     # No "nnan"/"ninf" here: the step's total must turn NaN/Inf reliably, since it is
     # the finiteness check of a step whose difference was never written out.
     @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def _blend_kept(
-        w: Any, before: Any, spare: Any, keep: Any, t: Any, floor: Any
-    ) -> tuple[float, int, float]:
+    def _blend_kept(w: Any, before: Any, keep: Any, t: Any, floor: Any) -> tuple[float, int, float]:
         # keep None: keep |w - before| >= t and > floor; else where keep[i]. The kept
-        # entries stay new, the rest go back to ``before``; ``spare`` gets the result
-        # (the next snapshot) and ``before`` is left as it was, so the step can still
-        # be undone. Selects copy values bit for bit.
+        # entries stay new, the rest go back to ``before``, which is left as it was, so
+        # the step can still be undone. Selects copy values bit for bit.
         acc = 0.0
         count = 0
         total = 0.0
@@ -132,9 +139,7 @@ if AVAILABLE:
             applied = d if m else zero
             acc += abs(np.float64(applied))
             count += applied != 0
-            new = a if m else b
-            w[i] = new
-            spare[i] = new
+            w[i] = a if m else b
         return acc, count, total
 
     @njit(cache=True, nogil=True, fastmath=True)
@@ -222,9 +227,18 @@ if AVAILABLE:
         return r
 
 
-def track_stats(after: np.ndarray, before: np.ndarray, after_copy: np.ndarray) -> tuple[float, int]:
-    """``after_copy[:] = after``; return ``(sum |after - before|, count(after != before))``."""
-    acc, count = _track_stats(after.reshape(-1), before.reshape(-1), after_copy.reshape(-1))
+def diff_totals(after: np.ndarray, before: np.ndarray) -> tuple[float, int]:
+    """``(sum |after - before|, count(after != before))`` of the difference in the
+    arrays' dtype (a step's dw), summed in float64, writing nothing (NaN/Inf make the
+    sum non-finite)."""
+    acc, count = _diff_totals(after.reshape(-1), before.reshape(-1))
+    return float(acc), int(count)
+
+
+def net_totals(after: np.ndarray, before: np.ndarray) -> tuple[float, int]:
+    """:func:`diff_totals` with the difference taken in float64 (``w_T - w_0``, exact
+    for float32 weights); ``before`` may be wider than ``after``."""
+    acc, count = _net_totals(after.reshape(-1), before.reshape(-1))
     return float(acc), int(count)
 
 
@@ -405,11 +419,10 @@ class ThresholdMask(_Unwritten):
 
 
 def blend_kept(
-    w: np.ndarray, before: np.ndarray, spare: np.ndarray, keep: np.ndarray | ThresholdMask
+    w: np.ndarray, before: np.ndarray, keep: np.ndarray | ThresholdMask
 ) -> tuple[tuple[float, int], float]:
     """Keep the new ``w`` where ``keep`` (a boolean mask, or a :class:`ThresholdMask`
-    of ``w - before``), put ``before`` back elsewhere, and write the result into
-    ``spare`` too (the next snapshot). ``before`` is left unchanged.
+    of ``w - before``), put ``before`` back elsewhere. ``before`` is left unchanged.
 
     Returns the applied change's ``(sum |dw|, count)`` and the full proposal's
     ``sum |dw|``, which is NaN/Inf if the proposal held any.
@@ -420,7 +433,5 @@ def blend_kept(
     else:
         t, floor = w.dtype.type(0), w.dtype.type(0)  # unused with a mask
         mask = np.ascontiguousarray(keep).reshape(-1).view(np.uint8)
-    acc, count, total = _blend_kept(
-        w.reshape(-1), before.reshape(-1), spare.reshape(-1), mask, t, floor
-    )
+    acc, count, total = _blend_kept(w.reshape(-1), before.reshape(-1), mask, t, floor)
     return (float(acc), int(count)), float(total)

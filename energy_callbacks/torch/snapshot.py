@@ -28,10 +28,10 @@ class ShapeChanged(RuntimeError):
 class Snapshot:
     """The parameters one optimizer steps, as they were before its step.
 
-    The copy is carried from step to step: the fused pass that measures a step
-    also leaves a copy of the new weights, so the next step's pre-hook copies
-    nothing. A parameter that changed between steps in a way torch counts (its
-    version counter or storage moved: ``load_state_dict``, an in-place op under
+    The copy is carried from step to step: the post-hook that measures a step
+    brings it up to the new weights, so the next step's pre-hook copies nothing.
+    A parameter that changed between steps in a way torch counts (its version
+    counter or storage moved: ``load_state_dict``, an in-place op under
     ``no_grad``) is copied afresh. Changes torch does not count (``p.data`` ops,
     writes through NumPy views) land in the next step's measured update.
     """
@@ -58,7 +58,6 @@ class Snapshot:
         self.fused = [
             use_numpy and fused.AVAILABLE and _np_dtype(p) in fused.FUSED_DTYPES for p in params
         ]
-        self.spare: list[Any] = [None] * n  # the next snapshot, written by apply()
         self.current = [False] * n  # before[i] holds the weights as the last step left them
         self.stamps: list[tuple[int, int] | None] = [None] * n
 
@@ -84,8 +83,8 @@ class Snapshot:
     def apply(
         self, diffs: list[fused.Difference | None], masks: list[Any]
     ) -> list[tuple[float, int] | None] | None:
-        """Keep each fused parameter's update where its mask says (None keeps all),
-        in one pass each that also writes the next snapshot.
+        """Keep each fused parameter's update where its mask says (None keeps all), in
+        one pass each, then copy the new weights into the snapshot.
 
         Returns the applied change's ``(sum |dw|, count)`` per parameter, or None if
         the step held NaN/Inf: then every parameter is back to its value before it.
@@ -95,18 +94,19 @@ class Snapshot:
         for i, (d, m) in enumerate(zip(diffs, masks, strict=True)):
             if d is None:
                 continue
-            if self.spare[i] is None:
-                self.spare[i] = np.empty_like(self.before[i])
             w = view(self.params[i])
             if m is None:
-                stats[i] = fused.track_stats(w, self.before[i], self.spare[i])
+                stats[i] = fused.diff_totals(w, self.before[i])
                 total = stats[i][0]
             else:  # a boolean mask, or a ThresholdMask applied in the same pass
-                stats[i], total = fused.blend_kept(w, self.before[i], self.spare[i], m)
+                stats[i], total = fused.blend_kept(w, self.before[i], m)
             finite = finite and math.isfinite(total)
         if not finite:
             self.undo()
             return None
+        for i, s in enumerate(stats):
+            if s is not None:
+                torch.from_numpy(self.before[i]).copy_(self.params[i].detach())
         return stats
 
     def deltas(self) -> tuple[list[Any], list[tuple[float, int] | None]]:
@@ -159,28 +159,30 @@ class Snapshot:
             d.masked_fill_(~keep, 0)
         return None
 
-    @staticmethod
     def device_totals(
-        deltas: list[Any], alpha: float
+        self, deltas: list[Any], alpha: float
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-        """Torch deltas only: each one's ``(sum |d|, sum |d| ** alpha, count(d != 0))`` as
-        device scalars (float64, float64, int64), read by nobody yet."""
+        """Torch tensors only: each stepped parameter's ``(sum |d|, sum |d| ** alpha,
+        count(d != 0))`` as device scalars (float64, float64, int64), read by nobody
+        yet. ``d`` is its delta, or where the delta is None but the parameter stepped
+        (measuring only: :meth:`deltas` was not called), ``w - before`` taken chunk by
+        chunk, so no full-size temporary is made."""
         out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
-        for d in deltas:
-            if d is None:
+        for p, b, d in zip(self.params, self.before, deltas, strict=True):
+            if p.grad is None:
                 out.append(None)
-                continue
-            a = d.abs().double()
-            m1 = a.sum()
-            out.append((m1, m1 if alpha == 1.0 else a.pow(alpha).sum(), torch.count_nonzero(d)))
+            elif d is not None:
+                out.append(_chunk_totals(d.reshape(-1), None, alpha))
+            else:
+                out.append(_chunk_totals(p.detach().reshape(-1), b.reshape(-1), alpha))
         return out
 
-    def undo_unless(self, ok: torch.Tensor, deltas: list[Any]) -> None:
-        """Torch tensors only: put the stepped parameters (a delta that is not None) back
-        where ``ok`` (a device bool scalar) is False, without reading ``ok`` to the host."""
+    def undo_unless(self, ok: torch.Tensor, stepped: list[bool]) -> None:
+        """Torch tensors only: put the ``stepped`` parameters back where ``ok`` (a device
+        bool scalar) is False, without reading ``ok`` to the host."""
         with torch.no_grad():
-            for p, b, d in zip(self.params, self.before, deltas, strict=True):
-                if d is not None:
+            for p, b, s in zip(self.params, self.before, stepped, strict=True):
+                if s:
                     torch.where(ok, p, b, out=p)
 
     def undo(self) -> None:
@@ -193,14 +195,37 @@ class Snapshot:
                     p.copy_(b)
         self.settle([True] * len(self.params))
 
-    def settle(self, current: list[bool], swap: list[bool] | None = None) -> None:
+    def settle(self, current: list[bool]) -> None:
         """End of a step: ``current[i]`` says the snapshot of parameter ``i`` equals its
-        weights now; ``swap[i]`` that :meth:`apply` wrote it into the spare buffer."""
-        for i, swapped in enumerate(swap or []):
-            if swapped:
-                self.before[i], self.spare[i] = self.spare[i], self.before[i]
+        weights now."""
         self.current = list(current)
         self.stamps = [_stamp(p) for p in self.params]
+
+
+DEVICE_CHUNK = 1 << 22
+"""Entries per temporary of the torch-ops totals (16 MiB in float32)."""
+
+
+def _chunk_totals(
+    a: torch.Tensor, b: torch.Tensor | None, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum |d|, sum |d| ** alpha, count(d != 0))`` of ``d = a`` (``b`` None) or of
+    ``d = a - b`` in at least float32 (exact for 16-bit weights), on the device,
+    through temporaries of at most :data:`DEVICE_CHUNK` entries."""
+    wide = torch.promote_types(a.dtype, torch.float32)
+    m1 = torch.zeros((), dtype=torch.float64, device=a.device)
+    m_alpha = m1 if alpha == 1.0 else m1.clone()
+    m0 = torch.zeros((), dtype=torch.int64, device=a.device)
+    for start in range(0, a.numel(), DEVICE_CHUNK):
+        d = a[start : start + DEVICE_CHUNK].to(wide)
+        if b is not None:
+            d = d.sub_(b[start : start + DEVICE_CHUNK].to(wide))
+        m0 = m0 + torch.count_nonzero(d)
+        d = d.abs_() if b is not None else d.abs()
+        m1 = m1 + d.sum(dtype=torch.float64)
+        if alpha != 1.0:
+            m_alpha = m_alpha + d.double().pow_(alpha).sum()
+    return m1, (m1 if alpha == 1.0 else m_alpha), m0
 
 
 def _stamp(p: torch.Tensor) -> tuple[int, int]:
