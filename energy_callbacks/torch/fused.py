@@ -151,12 +151,23 @@ if AVAILABLE:
             for i in range(x.size):
                 out[i] = abs(x[i]) >= t
 
+    # The selection kernels read ``x`` itself (``b`` None) or the difference ``x - b``
+    # computed entry by entry (``b`` the snapshot), so an unwritten Difference is
+    # selected from without a delta array; numba compiles each case on its own.
+    @njit(inline="always")
+    def _at(x: Any, b: Any, i: int) -> Any:
+        if b is None:
+            return x[i]
+        return x[i] - b[i]
+
     @njit(cache=True, nogil=True, fastmath=True)
-    def _split_bracket(x: Any, lo: Any, hi: Any, above: Any, between: Any) -> tuple[int, int]:
+    def _split_bracket(
+        x: Any, b: Any, lo: Any, hi: Any, above: Any, between: Any
+    ) -> tuple[int, int]:
         n_above = 0
         n_between = 0
         for i in range(x.size):
-            a = abs(x[i])
+            a = abs(_at(x, b, i))
             u = a > hi
             v = (a > lo) & (a <= hi)
             above[i] = u
@@ -181,7 +192,7 @@ if AVAILABLE:
                 out[i, j] = x[i, j] * x.dtype.type(mask[i, j])
 
     @njit(cache=True, nogil=True)
-    def _gather_flagged(x: Any, flags: Any, words: Any, idx: Any, values: Any) -> int:
+    def _gather_flagged(x: Any, b: Any, flags: Any, words: Any, idx: Any, values: Any) -> int:
         # Compact the flagged entries' indices and |x| in index order. ``words`` views
         # ``flags`` 8 bytes at a time, so that the mostly-empty words cost one load; the
         # writes inside a word are branch-free (the slot advances only on a flag), so
@@ -191,11 +202,11 @@ if AVAILABLE:
             if words[w] != 0:
                 for i in range(8 * w, 8 * w + 8):
                     idx[c] = i
-                    values[c] = abs(x[i])
+                    values[c] = abs(_at(x, b, i))
                     c += flags[i]
         for i in range(8 * words.size, x.size):
             idx[c] = i
-            values[c] = abs(x[i])
+            values[c] = abs(_at(x, b, i))
             c += flags[i]
         return c
 
@@ -215,12 +226,12 @@ if AVAILABLE:
                 ties -= 1
 
     @njit(cache=True, nogil=True)
-    def _keep_first_equal(x: Any, value: Any, r: int, mask: Any) -> int:
+    def _keep_first_equal(x: Any, b: Any, value: Any, r: int, mask: Any) -> int:
         # Set ``mask`` on the first ``r`` entries with ``|x| == value``; return how many
         # were missing. Scans only as far as it needs.
         i = 0
         while r > 0 and i < x.size:
-            if abs(x[i]) == value:
+            if abs(_at(x, b, i)) == value:
                 mask[i] = True
                 r -= 1
             i += 1
@@ -308,37 +319,47 @@ class FusedNumpyOps(NumpyOps):
                 step = approx_stride(n)
                 t = approx_cut(np.abs(x.after[::step] - x.before[::step]), n, k)
                 return ThresholdMask(x, t, (n,))
-        x = np.asarray(x)
+        if isinstance(x, Difference) and not x.written and not approximate:
+            # the exact selection reads after - before entry by entry: no delta is written
+            flat, base = x.after, x.before
+        else:
+            x = np.asarray(x)
+            flat, base = x.reshape(-1), None
         n = x.size
         if x.dtype not in FUSED_DTYPES or k <= 0 or k >= n or n <= APPROX_SAMPLE:
-            return super().top_magnitude_mask(x, k, approximate)
-        flat = x.reshape(-1)
+            return super().top_magnitude_mask(np.asarray(x), k, approximate)
         if approximate:
             t = approx_cut(np.abs(flat[:: approx_stride(n)]), n, k)
             out = np.empty(n, dtype=bool)
             _magnitude_at_least(flat, t, t <= 0, out)
             return out
-        lo, hi = bracket(np.abs(bracket_sample(flat)), n, k)
+        sample = bracket_sample(flat)
+        if base is not None:
+            sample = sample - bracket_sample(base)
+        lo, hi = bracket(np.abs(sample), n, k)
         if lo is None:
-            return super().top_magnitude_mask(x, k)
-        above = np.empty(n, dtype=bool)
+            return super().top_magnitude_mask(np.asarray(x), k)
+        # The mask of a Difference is used within its step: one buffer per parameter
+        # (its snapshot's address) is reused every step, so a step allocates nothing.
+        owner = 0 if base is None else base.__array_interface__["data"][0]
+        above = np.empty(n, dtype=bool) if base is None else self._buffer((n,), bool, owner)
         between = self._buffer((n,), bool)
         top = np.asarray(np.inf, flat.dtype) if hi is None else hi
-        n_above, n_between = _split_bracket(flat, lo, top, above, between)
+        n_above, n_between = _split_bracket(flat, base, lo, top, above, between)
         need = k - n_above
         if need < 0:
-            return super().top_magnitude_mask(x, k)
+            return super().top_magnitude_mask(np.asarray(x), k)
         if n_between <= need:  # all of them, and the rest from the ties at lo (zeros)
             np.logical_or(above, between, out=above)
-            if _keep_first_equal(flat, lo, need - n_between, above) > 0:
-                return super().top_magnitude_mask(x, k)
+            if _keep_first_equal(flat, base, lo, need - n_between, above) > 0:
+                return super().top_magnitude_mask(np.asarray(x), k)
             return above
         if need == 0:
             return above
         room = 1 << (n_between + 8).bit_length()  # few sizes, so the scratch is reused
         idx, values = self._buffer((room,), np.intp), self._buffer((room,), flat.dtype)
         flags = between.view(np.uint8)
-        _gather_flagged(flat, flags, flags[: n - n % 8].view(np.uint64), idx, values)
+        _gather_flagged(flat, base, flags, flags[: n - n % 8].view(np.uint64), idx, values)
         idx, values = idx[:n_between], values[:n_between]
         cut = np.partition(values, n_between - need)[n_between - need]
         _mark_largest(idx, values, cut, need, above)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from energy_callbacks.core import numpy_ops
+from energy_callbacks.core.ops import approx_stride, bracket, bracket_sample
 from energy_callbacks.torch import fused
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
@@ -33,17 +34,27 @@ def oracle(x: np.ndarray, k: int, approximate: bool) -> np.ndarray:
     k_shift=st.integers(-2, 2),
     approximate=st.booleans(),
     dtype=st.sampled_from([np.float32, np.float64]),
+    lazy=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_fused_selection_equals_the_oracle(
-    n, spread, zeros, k_frac, k_shift, approximate, dtype, seed
+    n, spread, zeros, k_frac, k_shift, approximate, dtype, lazy, seed
 ):
     rng = np.random.default_rng(seed)
     x = rng.integers(-spread, spread + 1, size=n) * (8.0 / spread)
     x[rng.random(n) < zeros] = 0.0  # masked-out entries: many ties at zero
     x = x.astype(dtype)
     k = min(n, max(0, int(k_frac * n) + k_shift))
-    got = fused.FusedNumpyOps().top_magnitude_mask(x, k, approximate)
+    if lazy:  # the adapter's case: after - before, never written out by the exact rule
+        before = rng.standard_normal(n).astype(dtype)
+        after = (before + x).astype(dtype)
+        diff = fused.Difference(after, before, np.empty_like(after))
+        x = after - before
+        got = np.asarray(fused.FusedNumpyOps().top_magnitude_mask(diff, k, approximate))
+        if not approximate and 0 < k < n and n > 16_384:
+            assert not diff.written
+    else:
+        got = fused.FusedNumpyOps().top_magnitude_mask(x, k, approximate)
     np.testing.assert_array_equal(got, oracle(x, k, approximate))
     if not approximate:
         assert int(got.sum()) == k
@@ -66,8 +77,7 @@ def test_fused_selection_when_the_sample_misleads():
     """A pattern the strided sample cannot see (the bracket misses): still exact."""
     n = 100_000
     x = np.full(n, 1e-3, dtype=np.float32)
-    stride = max(1, n // 16384)
-    x[::stride] = 5.0  # every sampled entry is large, almost no other is
+    x[:: approx_stride(n)] = 5.0  # every sampled entry is large, almost no other is
     x[7::13] = -2.0
     for k in (10, 5000, 20_000):
         got = fused.FusedNumpyOps().top_magnitude_mask(x, k)
@@ -116,3 +126,16 @@ def test_fused_keep_equals_the_oracle(rows, cols, how, with_out, dtype, seed):
     np.testing.assert_array_equal(got, numpy_ops.keep(x, mask))
     if with_out:
         assert got is out
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (4096, 256), (1000, 784)])
+def test_the_bracket_holds_the_cut_of_a_matrix_with_columns_of_different_scales(shape):
+    """Dense updates are outer products: each column has its own scale. The sample
+    must visit every column, or the bracket misses and the selection falls back."""
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.standard_normal(shape) * rng.random(shape[1]) ** 3).astype(np.float32)
+    flat = x.reshape(-1)
+    n, k = flat.size, flat.size // 10
+    lo, hi = bracket(bracket_sample(flat), n, k)
+    cut = np.partition(flat, n - k)[n - k]
+    assert lo is not None and lo <= cut and (hi is None or cut <= hi)
