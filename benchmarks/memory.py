@@ -130,6 +130,26 @@ def measure(path: str, rule: str, width: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def table(paths: list[str], rules: list[str], widths: tuple[int, int]) -> list[dict]:
+    """One row per (path, rule): the extra peak memory per parameter byte (the slope
+    between the two widths) and the fixed part, in MiB, at the smaller width."""
+    small, large = widths
+    rows = []
+    for path in paths:
+        base = {w: measure(path, "none", w) for w in (small, large)}
+        for rule in rules:
+            runs = {w: measure(path, rule, w) for w in (small, large)}
+            extra = {w: runs[w]["peak_mib"] - base[w]["peak_mib"] for w in (small, large)}
+            mib = {w: base[w]["param_bytes"] / 2**20 for w in (small, large)}
+            slope = (extra[large] - extra[small]) / (mib[large] - mib[small])
+            rows.append({
+                "path": path, "rule": rule, "per_byte": slope,
+                "fixed_mib": extra[small] - slope * mib[small],
+                "param_mib": [mib[small], mib[large]], "extra_mib": [extra[small], extra[large]],
+            })  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
@@ -142,19 +162,7 @@ def main() -> None:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
     small, large = args.widths
-    rows = []
-    for path in args.paths:
-        base = {w: measure(path, "none", w) for w in (small, large)}
-        for rule in args.rules:
-            runs = {w: measure(path, rule, w) for w in (small, large)}
-            extra = {w: runs[w]["peak_mib"] - base[w]["peak_mib"] for w in (small, large)}
-            mib = {w: base[w]["param_bytes"] / 2**20 for w in (small, large)}
-            slope = (extra[large] - extra[small]) / (mib[large] - mib[small])
-            rows.append({
-                "path": path, "rule": rule, "per_byte": slope,
-                "fixed_mib": extra[small] - slope * mib[small],
-                "param_mib": [mib[small], mib[large]], "extra_mib": [extra[small], extra[large]],
-            })  # fmt: skip
+    rows = table(args.paths, args.rules, (small, large))
     if args.json:
         print(json.dumps(rows))
         return

@@ -88,6 +88,30 @@ def assign_all(pairs: Sequence[tuple[Any, Any]]) -> None:
     ctx.merge_call(update, args=([value for _, value in pairs],))
 
 
+def can_branch() -> bool:
+    """True where a step can put its optimizer update under a branch: torch, and
+    TensorFlow without a multi-replica strategy (JAX keeps the step stateless; TF
+    strategies update through merge calls, which a branch cannot hold)."""
+    backend = keras.backend.backend()
+    return backend == "torch" or (backend == "tensorflow" and _replica_context() is None)
+
+
+def run_if(flag: Any, update: Any) -> None:
+    """Run ``update()`` (it assigns variables) only where ``flag`` (a boolean scalar)
+    is True. Needs :func:`can_branch`."""
+    if keras.backend.backend() == "torch":
+        if bool(flag):
+            update()
+        return
+    import tensorflow as tf
+
+    def run() -> Any:
+        update()
+        return tf.constant(True)
+
+    tf.cond(flag, run, lambda: tf.constant(False))
+
+
 def restore_unless(flag: Any, pairs: Sequence[tuple[Any, Any]]) -> None:
     """``variable.assign(value)`` for each pair where ``flag`` (a boolean scalar) is False.
 

@@ -200,6 +200,36 @@ def compiled_step(fn: Callable[..., Any], restricts: bool) -> Callable[..., Any]
     return fn
 
 
+MEASURE_CHUNK = 1 << 22
+"""Entries per slice of :func:`change_totals` (16 MiB of float32)."""
+
+
+def change_totals(after: Array, before: Array, alpha: float) -> tuple[Array, Array, Array]:
+    """``(sum |d|, count(d != 0), sum |d| ** alpha)`` of ``d = after - before``, one
+    slice of at most :data:`MEASURE_CHUNK` entries at a time, so that measuring a step
+    holds no difference of a whole tensor (XLA fuses each slice's passes into one)."""
+    a, b = ops.reshape(after, (-1,)), ops.reshape(before, (-1,))
+    n = int(a.shape[0])
+    parts = []
+    for start in range(0, n, MEASURE_CHUNK):
+        d = a[start : start + MEASURE_CHUNK] - b[start : start + MEASURE_CHUNK]
+        m = ops.abs(d)
+        parts.append(
+            (
+                ops.sum(m),
+                _count(ops.not_equal(d, 0)),
+                None if alpha == 1.0 else ops.sum(ops.power(m, alpha)),
+            )
+        )
+    if len(parts) == 1:
+        m1, m0, m_alpha = parts[0]
+    else:
+        m1 = ops.sum(ops.stack([p[0] for p in parts]))
+        m0 = ops.sum(ops.stack([p[1] for p in parts]))
+        m_alpha = None if alpha == 1.0 else ops.sum(ops.stack([p[2] for p in parts]))
+    return m1, m0, m1 if alpha == 1.0 else m_alpha
+
+
 def _search_top(scores: Array, k: int) -> Array:
     """Exact top-``k`` of a long 1-D array of scores ``>= 0``, without a sort.
 
@@ -211,7 +241,7 @@ def _search_top(scores: Array, k: int) -> Array:
     """
     n = int(scores.shape[0])
     bits = ops.view(ops.cast(scores, "float32"), "int32")
-    sample = bits[:: max(1, n // APPROX_SAMPLE)]
+    sample = bits[:: approx_stride(n)]  # a prime stride visits every column
     m = int(sample.shape[0])
     q = k / n
     margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m

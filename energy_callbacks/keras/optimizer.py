@@ -44,18 +44,21 @@ from keras import ops
 
 from ..core import Plasticity, Topology, checks
 from ..core.config import from_config, to_config
+from ..core.energy import net_change
 from ..core.ops import numpy_ops
 from ..core.units import RandomUnits
 from .caching import CachingVariables
 from .distribute import (
     any_across_replicas,
     assign_all,
+    can_branch,
     restore_unless,
+    run_if,
     tracing_on_tensorflow,
 )
 from .gate import GateState
 from .layers import describe, owner_kinds, wiring
-from .ops import compiled_step, keras_ops
+from .ops import change_totals, compiled_step, keras_ops
 from .totals import (  # noqa: F401
     COUNT_BITS,
     carry_count,
@@ -262,11 +265,40 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 ops.not_equal(self.iterations, 0), list(zip(self._initial, initial, strict=True))
             )
         state = self.inner_optimizer.variables
-        state_before = [_snapshot(v) for v in state]
+        live = ops.convert_to_tensor(True)
+        if self._skips_empty_steps:
+            nonzero = [ops.any(ops.not_equal(g, 0)) for g in grads if g is not None]
+            live = any_across_replicas(ops.any(ops.stack(nonzero)))
         scaler_skips = None  # a LossScaleOptimizer skips steps with inf/NaN gradients itself
         if isinstance(self.inner_optimizer, keras.optimizers.LossScaleOptimizer):
             scaler_skips = ops.logical_not(self.inner_optimizer.check_finite(grads))
-        if scaler_skips is not None and keras.backend.backend() == "jax":
+        # Where the backend can branch, a step nobody learns from or with NaN/Inf
+        # gradients does not run the inner update at all: then the optimizer's state
+        # (moments, count) needs no copy to be put back, which saves Adam two copies of
+        # the weights. Elsewhere (JAX, TF strategies, a loss scaler inside) it is copied.
+        jax = keras.backend.backend() == "jax"
+        branch = scaler_skips is None and (jax or can_branch())
+        state_before = None if branch else [_snapshot(v) for v in state]
+        grads_finite = ops.convert_to_tensor(True)
+        if branch:  # NaN/Inf gradients: the update does not run, and the step is skipped
+            grads_finite = _all_finite(grads)
+            ready = ops.logical_and(live, grads_finite)
+        if branch and jax:  # the stateless update under a lax.cond, as a pure function
+            import jax as jax_
+
+            state_now, weights_now = [v.value for v in state], [v.value for v in variables]
+            new_values, new_state = jax_.lax.cond(
+                ready,
+                lambda: self.inner_optimizer.stateless_apply(state_now, grads, weights_now),
+                lambda: (weights_now, state_now),
+            )
+            assign_all(
+                list(zip(variables, new_values, strict=True))
+                + list(zip(state, new_state, strict=True))
+            )
+        elif branch:
+            run_if(ready, lambda: self.inner_optimizer.apply(grads, variables))
+        elif scaler_skips is not None and jax:
             # its stateful apply assigns inside a jax cond: run its stateless form instead
             new_values, new_state = self.inner_optimizer.stateless_apply(
                 [v.value for v in state], grads, [v.value for v in variables]
@@ -278,14 +310,10 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         else:
             self.inner_optimizer.apply(grads, variables)
 
-        live = ops.convert_to_tensor(True)
-        if self._skips_empty_steps:
-            nonzero = [ops.any(ops.not_equal(g, 0)) for g in grads if g is not None]
-            live = any_across_replicas(ops.any(ops.stack(nonzero)))
         after = [v.value for v in variables]
         store = None if self._caching is None else [s.value for s in self._caching.store]
         final, m1, m0, m_alpha, finite, go, cached = self._masked_step_fn(
-            before, after, live, store
+            before, after, live, grads_finite, store
         )
         metered = self._metered(m1, m0, m_alpha, go, finite, scaler_skips)
         if self._caching is not None:
@@ -294,18 +322,17 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         if final is None:  # measure only: the weights change unless the step is skipped
             assign_all(metered)
             # a skipped step leaves no trace in the optimizer either (Adam's count, moments)
-            restore_unless(
-                go,
-                list(zip(variables, before, strict=True))
-                + list(zip(state, state_before, strict=True)),
-            )
+            restored = list(zip(variables, before, strict=True))
+            if state_before is not None:
+                restored += list(zip(state, state_before, strict=True))
+            restore_unless(go, restored)
             return
-        restored = [ops.where(go, v.value, b) for v, b in zip(state, state_before, strict=True)]
-        assign_all(
-            list(zip(variables, final, strict=True))
-            + list(zip(state, restored, strict=True))
-            + metered
-        )
+        assigned = list(zip(variables, final, strict=True)) + metered
+        if state_before is not None:
+            assigned += [
+                (v, ops.where(go, v.value, b)) for v, b in zip(state, state_before, strict=True)
+            ]
+        assign_all(assigned)
 
     @property
     def _writes_weights(self) -> bool:
@@ -313,14 +340,37 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         return self.plasticity.restricts or self._caching is not None
 
     def _masked_step(
-        self, before: list[Any], after: list[Any], live: Any, store: list[Any] | None = None
+        self,
+        before: list[Any],
+        after: list[Any],
+        live: Any,
+        grads_finite: Any,
+        store: list[Any] | None = None,
     ) -> tuple:
         """The step as a pure function: new values of the variables (None when no rule
         restricts and there is no caching: then they are ``after``, or ``before`` for a
-        skipped step), per-tensor M1, M0 and M_alpha of the real change, finiteness,
+        skipped step), per-tensor M1, M0 and M_alpha of the real change, finiteness
+        (of the proposal, and ``grads_finite``: the gradients' when the update ran
+        under a branch),
         whether the step goes ahead, and the caching outputs (the store's new values and
         the step's figures; None without caching)."""
         covered = self._covered
+        if not self._writes_weights:  # measuring only: totals slice by slice, nothing kept
+            alpha = self.plasticity.alpha
+            figures = [change_totals(after[i], before[i], alpha) for i in covered]
+            sums = ops.stack([f[0] for f in figures])
+            finite = ops.logical_and(ops.all(ops.isfinite(sums)), grads_finite)
+            go = ops.logical_and(finite, live)
+            m_alpha = ops.stack([f[2] for f in figures]) if alpha != 1.0 else sums
+            return (
+                None,
+                ops.where(go, sums, 0.0),
+                ops.where(go, ops.stack([f[1] for f in figures]), 0),
+                ops.where(go, m_alpha, 0.0),
+                finite,
+                go,
+                None,
+            )
         proposed = [after[i] - before[i] for i in covered]
         masks = self.plasticity.masks(proposed)
         # what each tensor keeps (unmasked: all of it); a NaN/Inf anywhere in the proposal
@@ -333,7 +383,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         checks = [
             t if m is None else ops.sum(p) for p, m, t in zip(proposed, masks, sums, strict=True)
         ]
-        finite = ops.all(ops.isfinite(ops.stack(checks)))
+        finite = ops.logical_and(ops.all(ops.isfinite(ops.stack(checks))), grads_finite)
         go = ops.logical_and(finite, live)
         final = None
         if self._writes_weights:
@@ -461,18 +511,32 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         )
         m0 = (acc["m0_high"].astype(np.int64) << COUNT_BITS) + acc["m0_low"]
         variables = [self._trainable_variables[i] for i in self._covered]
+        weight = self._flat(None)
+        initial = self._flat(values)
+        net = [
+            net_change(weight(v), initial(w0), read=ops.convert_to_numpy)
+            for v, w0 in zip(variables, self._initial, strict=True)
+        ]
         return {
             "names": [t.name for t in self.plasticity.topology.tensors],
             "m1": m1,
             "m_alpha": m_alpha,
             "m0": m0,
-            "displacement": [
-                np.asarray(v.numpy(), np.float64) - read(w0)
-                for v, w0 in zip(variables, self._initial, strict=True)
-            ],
+            "displacement": [None] * len(net),  # measured against w_0: m1_min, m0_min
+            "m1_min": np.array([m for m, _ in net], dtype=np.float64),
+            "m0_min": np.array([c for _, c in net], dtype=np.int64),
             "steps": steps,
             "skipped_steps": skipped,
         }
+
+    def _flat(self, values: Sequence[Any] | None) -> Callable[[Any], Any]:
+        """``flat(variable)``: its current value, flat, as a backend tensor that
+        :func:`~energy_callbacks.core.energy.net_change` reads slice by slice (no host
+        copy of the whole tensor); ``values`` as in :meth:`energy_state`."""
+        if values is None:
+            return lambda v: ops.reshape(v.value, (-1,))
+        own = {id(v): i for i, v in enumerate(self._variables)}
+        return lambda v: ops.reshape(values[own[id(v)]], (-1,))
 
     def caching_state(self, values: Sequence[Any] | None = None) -> dict[str, Any]:
         """The core :class:`~energy_callbacks.core.caching.Caching` state: store and totals
@@ -544,6 +608,12 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             config["inner_optimizer"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _all_finite(grads: Sequence[Any]) -> Any:
+    """True when no gradient holds NaN/Inf, on every replica (a boolean scalar)."""
+    finite = ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads if g is not None]))
+    return ops.logical_not(any_across_replicas(ops.logical_not(finite)))
 
 
 def _snapshot(variable: Any) -> Any:
