@@ -208,6 +208,8 @@ def change_totals(after: Array, before: Array, alpha: float) -> tuple[Array, Arr
     """``(sum |d|, count(d != 0), sum |d| ** alpha)`` of ``d = after - before``, one
     slice of at most :data:`MEASURE_CHUNK` entries at a time, so that measuring a step
     holds no difference of a whole tensor (XLA fuses each slice's passes into one)."""
+    if keras.backend.backend() == "torch":
+        return _torch_change_totals(after, before, alpha)
     a, b = ops.reshape(after, (-1,)), ops.reshape(before, (-1,))
     n = int(a.shape[0])
     parts = []
@@ -228,6 +230,54 @@ def change_totals(after: Array, before: Array, alpha: float) -> tuple[Array, Arr
         m0 = ops.sum(ops.stack([p[1] for p in parts]))
         m_alpha = None if alpha == 1.0 else ops.sum(ops.stack([p[2] for p in parts]))
     return m1, m0, m1 if alpha == 1.0 else m_alpha
+
+
+_SCRATCH: dict[tuple[Any, Any], Any] = {}  # one slice per (device, dtype), reused every step
+
+
+def _torch_change_totals(after: Array, before: Array, alpha: float) -> tuple[Array, Array, Array]:
+    """:func:`change_totals` on torch, eagerly: each slice's difference is written into
+    one scratch slice kept for the next step, so a step allocates nothing that scales
+    with the model. (Fresh slices of 16 MiB each step raised glibc's mmap threshold
+    and left them in its heap: the process grew by 0.7x of the weights' bytes.)"""
+    import torch
+
+    a, b = after.detach().reshape(-1), before.detach().reshape(-1)
+    key = (a.device, a.dtype)
+    scratch = _SCRATCH.get(key)
+    if scratch is None:
+        scratch = _SCRATCH[key] = torch.empty(MEASURE_CHUNK, dtype=a.dtype, device=a.device)
+    m1 = torch.zeros((), dtype=torch.float64, device=a.device)
+    m_alpha = torch.zeros((), dtype=torch.float64, device=a.device)
+    m0 = torch.zeros((), dtype=torch.int64, device=a.device)
+    for start in range(0, a.numel(), MEASURE_CHUNK):
+        end = min(start + MEASURE_CHUNK, a.numel())
+        d = torch.sub(a[start:end], b[start:end], out=scratch[: end - start])
+        m0 += torch.count_nonzero(d)
+        d.abs_()
+        m1 += d.sum(dtype=torch.float64)
+        if alpha != 1.0:
+            m_alpha += d.double().pow_(alpha).sum()
+    m1_32 = m1.to(torch.float32)
+    return m1_32, m0.to(torch.int32), m1_32 if alpha == 1.0 else m_alpha.to(torch.float32)
+
+
+def all_finite(grads: list[Any]) -> Array:
+    """True when no gradient holds NaN/Inf (a boolean scalar). On torch a float16/32
+    gradient is summed in float64, which cannot overflow and is finite exactly when
+    every entry is: no boolean copy of the gradient is made."""
+    present = [g for g in grads if g is not None]
+    if keras.backend.backend() == "torch":
+        import torch
+
+        checks = [
+            torch.isfinite(g.sum(dtype=torch.float64))
+            if g.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            else torch.isfinite(g).all()
+            for g in present
+        ]
+        return torch.stack(checks).all()
+    return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in present]))
 
 
 def _search_top(scores: Array, k: int) -> Array:

@@ -58,7 +58,7 @@ from .distribute import (
 )
 from .gate import GateState
 from .layers import describe, owner_kinds, wiring
-from .ops import change_totals, compiled_step, keras_ops
+from .ops import all_finite, change_totals, compiled_step, keras_ops
 from .totals import (  # noqa: F401
     COUNT_BITS,
     carry_count,
@@ -612,8 +612,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
 
 def _all_finite(grads: Sequence[Any]) -> Any:
     """True when no gradient holds NaN/Inf, on every replica (a boolean scalar)."""
-    finite = ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads if g is not None]))
-    return ops.logical_not(any_across_replicas(ops.logical_not(finite)))
+    return ops.logical_not(any_across_replicas(ops.logical_not(all_finite(list(grads)))))
 
 
 def _snapshot(variable: Any) -> Any:
