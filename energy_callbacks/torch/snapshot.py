@@ -128,7 +128,8 @@ class Snapshot:
                 out.append(d)
             else:
                 wide = torch.promote_types(p.dtype, torch.float32)  # exact 16-bit differences
-                self.delta[i] = p.detach().to(wide) - self.before[i].to(wide)
+                # one new tensor: the snapshot is widened inside the subtraction
+                self.delta[i] = p.detach().to(wide, copy=True).sub_(self.before[i])
                 out.append(self.delta[i])
         return out, stats
 
@@ -155,8 +156,8 @@ class Snapshot:
                 np.multiply(d, keep, out=d)
         else:
             with torch.no_grad():
-                p.copy_(torch.where(keep, p, b))
-            d.masked_fill_(~keep, 0)
+                torch.where(keep, p, b, out=p)
+            d.masked_fill_(keep.logical_not(), 0)
         return None
 
     def device_totals(
