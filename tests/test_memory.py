@@ -4,8 +4,9 @@ Per byte of parameters, tracking holds one snapshot of the weights and one copy 
 w_0: 2.0x. ``benchmarks/memory.py`` measures each path in fresh processes (peak
 resident memory with and without the callback, at two widths of an MLP; the slope
 cancels the fixed costs). Two runs' slopes differ by up to about 0.2x on this
-machine (allocator and page-cache noise at the smaller width), hence the margin: a
-regression that holds one more copy of the weights adds 1.0x.
+machine, hence the margin: a regression that holds one more copy of the weights
+adds 1.0x. TensorFlow's own peak varies more (about 150 MiB at 300 MiB of
+parameters), so its peaks are the lowest of two runs.
 """
 
 from __future__ import annotations
@@ -29,5 +30,6 @@ WIDTHS = (3072, 6144)
 @pytest.mark.slow
 @pytest.mark.parametrize("path", memory.PATHS)
 def test_tracking_holds_a_snapshot_and_w0_and_no_more(path):
-    (row,) = memory.table([path], ["tracking"], WIDTHS)
+    repeat = 2 if path == "keras-tensorflow" else 1
+    (row,) = memory.table([path], ["tracking"], WIDTHS, repeat)
     assert row["per_byte"] <= FLOOR + NOISE, row
