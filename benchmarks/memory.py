@@ -2,10 +2,12 @@
 
 For each path (the torch adapter on float32 CPU tensors, the NumPy/numba path; the
 torch adapter on bfloat16, the torch-ops path that GPUs use; Keras on TensorFlow,
-JAX and torch), each rule (none, tracking only, exact ``TopFraction(0.1)``) and two
-widths of a 3-layer MLP (``w -> w -> w -> 10``, Adam, batch 32, a few steps), one
-fresh process trains and reports its peak resident memory (``VmHWM``). The extra
-memory of a rule is its peak minus the peak of the same run without the callback.
+JAX and torch; on a machine with a CUDA device also the torch adapter there, whose
+peak is the device's ``max_memory_allocated``), each rule (none, tracking only,
+exact ``TopFraction(0.1)``) and two widths of a 3-layer MLP (``w -> w -> w -> 10``,
+Adam, batch 32, a few steps), one fresh process trains and reports its peak
+resident memory (``VmHWM``). The extra memory of a rule is its peak minus the
+peak of the same run without the callback.
 Between the two widths the fixed costs (imports, JIT, tracing) cancel:
 
 - ``per byte``: the slope of the extra memory over the parameters' bytes, the part
@@ -27,9 +29,20 @@ import sys
 from pathlib import Path
 
 PATHS = ("torch-fp32", "torch-bf16", "keras-tensorflow", "keras-jax", "keras-torch")
+GPU_PATHS = ("torch-cuda-fp32", "torch-cuda-bf16")
+"""On a CUDA device: the peak is ``torch.cuda.max_memory_allocated`` (device memory;
+w_0 lives in host memory and is not in it)."""
 RULES = ("none", "tracking", "TopFraction(0.1)")
 STEPS = 4
 BATCH = 32
+
+
+def gpu_paths() -> tuple[str, ...]:
+    """The CUDA paths when a CUDA device is present (checked in a child process, so
+    this one imports no framework)."""
+    probe = "import torch; print(torch.cuda.is_available())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return GPU_PATHS if out.stdout.strip() == "True" else ()
 
 
 def peak_mib() -> float:
@@ -50,7 +63,7 @@ def rule_kwargs(rule: str) -> dict | None:
     return {"none": None, "tracking": {}, "TopFraction(0.1)": {"synapses": TopFraction(0.1)}}[rule]
 
 
-def run_torch(width: int, rule: str, dtype_name: str) -> int:
+def run_torch(width: int, rule: str, dtype_name: str, device: str = "cpu") -> int:
     """Train in a plain torch loop (what the Lightning callback runs); the parameters' bytes."""
     import torch
     from torch import nn
@@ -63,12 +76,12 @@ def run_torch(width: int, rule: str, dtype_name: str) -> int:
     model = nn.Sequential(
         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
         nn.Linear(width, 10),
-    ).to(dtype)  # fmt: skip
+    ).to(device, dtype)  # fmt: skip
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     kwargs = rule_kwargs(rule)
     handle = None if kwargs is None else attach(model, optimizer, Plasticity(**kwargs))
-    x = torch.randn(BATCH, width, dtype=dtype)
-    y = torch.randint(0, 10, (BATCH,))
+    x = torch.randn(BATCH, width, dtype=dtype, device=device)
+    y = torch.randint(0, 10, (BATCH,), device=device)
     for _ in range(STEPS):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x).float(), y).backward()
@@ -110,6 +123,14 @@ def child(path: str, rule: str, width: int) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    if path in GPU_PATHS:
+        import torch
+
+        nbytes = run_torch(width, rule, path.split("-")[2], device="cuda")
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(json.dumps({"peak_mib": peak, "param_bytes": nbytes}))
+        return
     if path.startswith("torch"):
         nbytes = run_torch(width, rule, path.split("-")[1])
     else:
@@ -162,7 +183,9 @@ def table(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument(
+        "--paths", nargs="+", default=list(PATHS + gpu_paths()), choices=PATHS + GPU_PATHS
+    )
     parser.add_argument("--widths", type=int, nargs=2, default=[3072, 6144])
     parser.add_argument("--rules", nargs="+", default=list(RULES[1:]), choices=RULES[1:])
     parser.add_argument("--repeat", type=int, default=1, help="lowest peak of this many runs")
