@@ -214,7 +214,8 @@ def change_totals(after: Array, before: Array, alpha: float) -> tuple[Array, Arr
     n = int(a.shape[0])
     parts = []
     for start in range(0, n, MEASURE_CHUNK):
-        d = a[start : start + MEASURE_CHUNK] - b[start : start + MEASURE_CHUNK]
+        whole = n <= MEASURE_CHUNK  # no slice op (TensorFlow would copy the tensor)
+        d = a - b if whole else a[start : start + MEASURE_CHUNK] - b[start : start + MEASURE_CHUNK]
         m = ops.abs(d)
         parts.append(
             (
@@ -243,10 +244,10 @@ def _torch_change_totals(after: Array, before: Array, alpha: float) -> tuple[Arr
     import torch
 
     a, b = after.detach().reshape(-1), before.detach().reshape(-1)
-    key = (a.device, a.dtype)
+    key, size = (a.device, a.dtype), min(a.numel(), MEASURE_CHUNK)
     scratch = _SCRATCH.get(key)
-    if scratch is None:
-        scratch = _SCRATCH[key] = torch.empty(MEASURE_CHUNK, dtype=a.dtype, device=a.device)
+    if scratch is None or scratch.numel() < size:  # as large as the largest slice yet
+        scratch = _SCRATCH[key] = torch.empty(size, dtype=a.dtype, device=a.device)
     m1 = torch.zeros((), dtype=torch.float64, device=a.device)
     m_alpha = torch.zeros((), dtype=torch.float64, device=a.device)
     m0 = torch.zeros((), dtype=torch.int64, device=a.device)

@@ -458,6 +458,32 @@ def scenario_selection() -> None:
             got = ops.convert_to_numpy(fn(ops.convert_to_tensor(signed)))
             want = numpy_ops.top_magnitude_mask(signed, 10_000, approximate)
             out[f"{name}/magnitude approximate={approximate}"] = bool((got == want).all())
+    # a measure-only step's totals, summed slice by slice (1000 entries a slice here)
+    from energy_callbacks.keras import ops as keras_ops_module
+
+    chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 1000
+    try:
+        after = rng.standard_normal(n).astype("float32")
+        before = np.where(rng.random(n) < 0.3, after, rng.standard_normal(n)).astype("float32")
+        fn = compiled(lambda a, b: keras_ops_module.change_totals(a, b, 1.5))
+        m1, m0, m_alpha = (
+            float(ops.convert_to_numpy(t))
+            for t in fn(ops.convert_to_tensor(after), ops.convert_to_tensor(before))
+        )
+    finally:
+        keras_ops_module.MEASURE_CHUNK = chunk
+    d = np.abs(after.astype(np.float64) - before)
+    out["change totals in slices"] = bool(
+        m0 == np.count_nonzero(d)
+        and np.isclose(m1, d.sum(), rtol=1e-5)
+        and np.isclose(m_alpha, (d**1.5).sum(), rtol=1e-5)
+    )
+    grads = [ops.convert_to_tensor(after), ops.convert_to_tensor(before)]
+    bad = np.array(after)
+    bad[n // 2] = np.inf
+    out["all_finite"] = bool(ops.convert_to_numpy(keras_ops_module.all_finite(grads))) and not bool(
+        ops.convert_to_numpy(keras_ops_module.all_finite([grads[0], ops.convert_to_tensor(bad)]))
+    )
     RESULTS["selection"] = out
 
 
