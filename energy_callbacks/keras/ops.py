@@ -212,9 +212,9 @@ def change_totals(after: Array, before: Array, alpha: float) -> tuple[Array, Arr
         return _torch_change_totals(after, before, alpha)
     a, b = ops.reshape(after, (-1,)), ops.reshape(before, (-1,))
     n = int(a.shape[0])
+    whole = n <= MEASURE_CHUNK  # then no slice op: TensorFlow would copy the tensor
     parts = []
     for start in range(0, n, MEASURE_CHUNK):
-        whole = n <= MEASURE_CHUNK  # no slice op (TensorFlow would copy the tensor)
         d = a - b if whole else a[start : start + MEASURE_CHUNK] - b[start : start + MEASURE_CHUNK]
         m = ops.abs(d)
         parts.append(

@@ -484,8 +484,9 @@ class AttachedPlasticity:
                 "change it did not accumulate; pass the whole state_dict() it came from"
             )
         self.plasticity.load_state_dict(state)
-        for p in self.params:  # tensors the state did not measure start here
-            self._initial[id(p)] = initial.keep(p)
+        for s, p in zip(self.specs, self.params, strict=True):
+            if s.name not in saved:  # tensors the state did not measure start here
+                self._initial[id(p)] = initial.keep(p)
         for j, name in enumerate(saved):
             p = by_name[name]
             if kept is not None:

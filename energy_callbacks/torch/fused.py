@@ -341,8 +341,10 @@ class FusedNumpyOps(NumpyOps):
             return super().top_magnitude_mask(np.asarray(x), k)
         # The mask of a Difference is used within its step: one buffer per parameter
         # (its snapshot's address) is reused every step, so a step allocates nothing.
-        owner = 0 if base is None else base.__array_interface__["data"][0]
-        above = np.empty(n, dtype=bool) if base is None else self._buffer((n,), bool, owner)
+        if base is None:
+            above = np.empty(n, dtype=bool)
+        else:
+            above = self._buffer((n,), bool, owner=base.__array_interface__["data"][0])
         between = self._buffer((n,), bool)
         top = np.asarray(np.inf, flat.dtype) if hi is None else hi
         n_above, n_between = _split_bracket(flat, base, lo, top, above, between)

@@ -114,6 +114,16 @@ def error_of(fn) -> str:
 STYLE = {"own_loss": False, "weighted": False, "stateless": False}
 
 
+def guide_metrics(model, loss, y, y_pred) -> dict:
+    """The guide's metric updates at the end of its stateful train_step."""
+    for metric in model.metrics:
+        if metric.name == "loss":
+            metric.update_state(loss)
+        else:
+            metric.update_state(y, y_pred)
+    return {m.name: m.result() for m in model.metrics}
+
+
 def loss_of(model, x, y, y_pred):
     if STYLE["own_loss"]:
         w = sample_weight(model, y, y_pred, x) if STYLE["weighted"] else None
@@ -133,12 +143,7 @@ if BACKEND == "tensorflow":
             trainable_vars = self.trainable_variables
             gradients = tape.gradient(loss, trainable_vars)
             self.optimizer.apply(gradients, trainable_vars)
-            for metric in self.metrics:
-                if metric.name == "loss":
-                    metric.update_state(loss)
-                else:
-                    metric.update_state(y, y_pred)
-            return {m.name: m.result() for m in self.metrics}
+            return guide_metrics(self, loss, y, y_pred)
 
 elif BACKEND == "jax":
     import jax
@@ -203,12 +208,7 @@ else:
             gradients = [v.value.grad for v in trainable_weights]
             with torch.no_grad():
                 self.optimizer.apply(gradients, trainable_weights)
-            for metric in self.metrics:
-                if metric.name == "loss":
-                    metric.update_state(loss)
-                else:
-                    metric.update_state(y, y_pred)
-            return {m.name: m.result() for m in self.metrics}
+            return guide_metrics(self, loss, y, y_pred)
 
 
 def guide_model(seed: int = 0) -> keras.Model:
