@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,7 +33,11 @@ PATHS = ("torch-fp32", "torch-bf16", "keras-tensorflow", "keras-jax", "keras-tor
 GPU_PATHS = ("torch-cuda-fp32", "torch-cuda-bf16")
 """On a CUDA device: the peak is ``torch.cuda.max_memory_allocated`` (device memory;
 w_0 lives in host memory and is not in it)."""
-RULES = ("none", "tracking", "TopFraction(0.1)")
+RULES = (
+    "none", "tracking", "TopFraction(0.1)", "TopFraction(0.1, approximate)", "TopUnits(0.1)",
+    "TopUnits(0.1, path)", "Threshold(1e-4)", "path+TopFraction(0.1)", "caching",
+)  # fmt: skip
+DEFAULT_RULES = ("tracking", "TopFraction(0.1)")
 STEPS = 4
 BATCH = 32
 
@@ -58,9 +63,20 @@ def peak_mib() -> float:
 
 
 def rule_kwargs(rule: str) -> dict | None:
-    from energy_callbacks import TopFraction
+    """The callback's arguments for ``rule`` (None: no callback)."""
+    from energy_callbacks import Caching, Threshold, TopFraction, TopUnits
 
-    return {"none": None, "tracking": {}, "TopFraction(0.1)": {"synapses": TopFraction(0.1)}}[rule]
+    return {
+        "none": None,
+        "tracking": {},
+        "TopFraction(0.1)": {"synapses": TopFraction(0.1)},
+        "TopFraction(0.1, approximate)": {"synapses": TopFraction(0.1, approximate=True)},
+        "TopUnits(0.1)": {"units": TopUnits(0.1)},
+        "TopUnits(0.1, path)": {"units": TopUnits(0.1, path=True)},
+        "Threshold(1e-4)": {"synapses": Threshold(1e-4)},
+        "path+TopFraction(0.1)": {"units": TopUnits(0.1, path=True), "synapses": 0.1},
+        "caching": {"caching": Caching(theta=1e-3, tau=math.inf, maintenance_cost=0.1)},
+    }[rule]
 
 
 def run_torch(width: int, rule: str, dtype_name: str, device: str = "cpu") -> int:
@@ -187,7 +203,7 @@ def main() -> None:
         "--paths", nargs="+", default=list(PATHS + gpu_paths()), choices=PATHS + GPU_PATHS
     )
     parser.add_argument("--widths", type=int, nargs=2, default=[3072, 6144])
-    parser.add_argument("--rules", nargs="+", default=list(RULES[1:]), choices=RULES[1:])
+    parser.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES), choices=RULES[1:])
     parser.add_argument("--repeat", type=int, default=1, help="lowest peak of this many runs")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -201,13 +217,13 @@ def main() -> None:
         print(json.dumps(rows))
         return
     print(f"3-layer MLP, widths {small} and {large}, Adam, batch {BATCH}, {STEPS} steps")
-    print(f"{'path':<18} {'rule':<18} {'per byte':>9} {'fixed MiB':>10}  extra MiB (params MiB)")
+    print(f"{'path':<18} {'rule':<30} {'per byte':>9} {'fixed MiB':>10}  extra MiB (params MiB)")
     for r in rows:
         sizes = ", ".join(
             f"{e:.0f} ({p:.0f})" for e, p in zip(r["extra_mib"], r["param_mib"], strict=True)
         )
         print(
-            f"{r['path']:<18} {r['rule']:<18} {r['per_byte']:8.2f}x {r['fixed_mib']:10.0f}  {sizes}"
+            f"{r['path']:<18} {r['rule']:<30} {r['per_byte']:8.2f}x {r['fixed_mib']:10.0f}  {sizes}"
         )
 
 

@@ -105,6 +105,11 @@ class ArrayOps(Protocol):
         """``x`` where ``mask``, zero elsewhere (into ``out`` when given)."""
         ...
 
+    def deferred(self, x: Array) -> bool:
+        """True where ``x`` is read pass by pass, never written whole (``keep`` of it
+        then needs no ``out`` buffer)."""
+        ...
+
     def greater_equal(self, x: Array, threshold: float) -> Array:
         """``x >= threshold`` exactly as real numbers, whatever the dtype of ``x``."""
         ...
@@ -262,6 +267,9 @@ class NumpyOps:
 
     def zeros_like(self, x: Array) -> Array:
         return np.zeros_like(x)
+
+    def deferred(self, x: Array) -> bool:
+        return False
 
     def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
         if out is None:

@@ -289,7 +289,8 @@ class Plasticity:
                 prev = combined[i]
                 combined[i] = m if prev is None else ops.logical_and(prev, m)
                 if r + 1 < len(rules):  # the next rule ranks what this one left
-                    current[i] = ops.keep(dw, combined[i], out=self._ranked(i, dw))
+                    out = None if ops.deferred(dw) else self._ranked(i, dw)
+                    current[i] = ops.keep(dw, combined[i], out=out)
         return combined
 
     def _ranked(self, i: int, like: Array) -> Array:

@@ -122,6 +122,9 @@ class KerasOps:
     def zeros_like(self, x: Array) -> Array:
         return ops.zeros_like(x)
 
+    def deferred(self, x: Array) -> bool:
+        return False
+
     def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
         return ops.where(mask, x, ops.zeros_like(x))
 

@@ -22,6 +22,8 @@ The Lightning callback (:mod:`energy_callbacks.lightning`) is built on the same
 - ``layers``: :func:`describe`, which tensors the rules see and each module's unit axis;
 - ``wiring``: hidden/output layers and path links, read off the autograd graph;
 - ``snapshot``: the per-optimizer snapshot and the passes that measure, mask and undo;
+- ``difference``: on the torch-ops path, ``w - w_before`` read in blocks, and the
+  rules' selections on it (a radix top-k), so no delta is written;
 - ``gate``: the sample gate (gradient hooks on the forward output, empty steps skipped);
 - ``selective``: ``skip_backward=True``, training on the learners of a judged batch;
 - ``faults``: NaN/Inf steps explained, GradScaler skips counted;

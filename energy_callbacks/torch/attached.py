@@ -320,25 +320,22 @@ class AttachedPlasticity:
     def _step_on_device(self, snap: Snapshot, mine: list[int]) -> None:
         """Torch ops (GPU, bf16): mask, measure and undo a non-finite step on the device;
         the totals join the meter unread, so the step never waits for the device.
-        Measuring only writes no delta: the totals are taken chunk by chunk."""
+        No delta is written: the rules, the blend and the totals read ``w - before``
+        chunk by chunk."""
         plasticity = self.plasticity
         stepped = [p.grad is not None for p in snap.params]
         if not any(stepped):
             return
-        ok: torch.Tensor | None = None
+        alpha = plasticity.meter.alpha
         if plasticity.restricts:
-            deltas, _ = snap.deltas()
-            proposed = self._proposed(mine, deltas)
-            ok = torch.stack([torch.isfinite(d).all() for d in deltas if d is not None]).all()
+            # the rules read each difference chunk by chunk; the blend writes no delta
+            proposed = self._proposed(mine, snap.device_differences())
             masks = plasticity.masks(proposed)
-            for j, i in enumerate(mine):
-                if proposed[i] is not None and masks[i] is not None:
-                    snap.drop(j, masks[i])
+            totals, proposal = snap.blend_on_device([masks[i] for i in mine], alpha)
+            ok = torch.isfinite(proposal)
         else:
-            deltas = [None] * len(mine)
-            proposed = self._proposed(mine, deltas)
-        totals = snap.device_totals(deltas, plasticity.meter.alpha)
-        if ok is None:  # a NaN/Inf in the step turns its M1 NaN/Inf
+            totals = snap.device_totals(alpha)
+            # a NaN/Inf in the step turns its M1 NaN/Inf
             ok = torch.isfinite(torch.stack([t[0] for t in totals if t is not None]).sum())
         snap.undo_unless(ok, stepped)
         device = snap.params[0].device
@@ -358,10 +355,8 @@ class AttachedPlasticity:
         )
         snap.settle([False] * len(mine))
         if plasticity.caching is not None and bool(ok):  # caching reads its figures: one sync
-            if not plasticity.restricts:
-                deltas, _ = snap.deltas()
-                proposed = self._proposed(mine, deltas)
-            self._cache(snap, mine, proposed)
+            deltas, _ = snap.deltas()  # the applied change: the snapshot is still the old
+            self._cache(snap, mine, self._proposed(mine, deltas))
 
     def _count_skipped(self, snap: Snapshot) -> None:
         """Count a step that was undone for NaN/Inf; the first one of each cause warns."""

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..core.ops import APPROX_SAMPLE, Array, ArrayOps, NumpyOps, approx_stride
-from . import fused
+from . import difference, fused
+from .difference import DeviceDifference, dense
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -33,37 +34,49 @@ def ops_for(tensors: Iterable[torch.Tensor]) -> ArrayOps:
 
 
 class TorchOps:
-    """:class:`~energy_callbacks.core.ops.ArrayOps` on torch tensors of one device."""
+    """:class:`~energy_callbacks.core.ops.ArrayOps` on torch tensors of one device.
+
+    The adapter's proposals are :class:`~energy_callbacks.torch.difference.DeviceDifference`
+    objects: the top fraction, the unit rules' row norms, ``Threshold`` and a combined
+    rule's ``keep`` read them chunk by chunk; any other op writes them out first.
+    """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device if device is not None else "cpu")
         self._thresholds: dict[tuple[torch.dtype, float], torch.Tensor] = {}
 
+    def deferred(self, x: Array) -> bool:
+        """True for a proposal read chunk by chunk (``keep`` then needs no buffer)."""
+        return isinstance(x, DeviceDifference)
+
     def abs(self, x: Array) -> Array:
-        return x.abs()
+        return x.absolute() if isinstance(x, DeviceDifference) else x.abs()
 
     def magnitude(self, x: Array) -> Array:
-        return x.abs()
+        return self.abs(x)
 
     def isfinite_all(self, x: Array) -> bool:
-        return bool(torch.isfinite(x).all())
+        return bool(torch.isfinite(dense(x)).all())
 
     def total(self, x: Array, alpha: float = 1.0) -> float:
-        a = x.detach().abs().double()
+        a = dense(x).detach().abs().double()
         return float(a.sum() if alpha == 1.0 else a.pow(alpha).sum())
 
     def count_nonzero(self, x: Array) -> int:
-        return int(torch.count_nonzero(x))
+        return int(torch.count_nonzero(dense(x)))
 
     def row_l1(self, x: Array, axis: int) -> Array:
-        rows = x.detach().abs().double().movedim(axis, 0)
+        if isinstance(x, DeviceDifference) and x.whole_shape:
+            return difference.row_l1(x, axis)
+        rows = dense(x).detach().abs().double().movedim(axis, 0)
         return rows.reshape(rows.shape[0], -1).sum(1)
 
     def row_max(self, x: Array, axis: int) -> Array:
-        rows = x.detach().abs().movedim(axis, 0)
+        rows = dense(x).detach().abs().movedim(axis, 0)
         return rows.reshape(rows.shape[0], -1).amax(1)
 
     def top_k_mask(self, scores: Array, k: Array | int, largest: bool = True) -> Array:
+        scores = dense(scores)
         if scores.dim() != 2:
             raise ValueError(f"top_k_mask expects a 2-D tensor, got shape {tuple(scores.shape)}")
         rows, n = scores.shape
@@ -88,6 +101,7 @@ class TorchOps:
         return mask & (kk > 0)[:, None]  # no boolean indexing: it would wait for the device
 
     def approx_top_mask(self, scores: Array, k: int) -> Array:
+        scores = dense(scores)
         n = scores.numel()
         if n <= APPROX_SAMPLE or k <= 0 or k >= n:
             return self.top_k_mask(scores.reshape(1, n), k)[0]
@@ -99,14 +113,16 @@ class TorchOps:
         return (scores >= t) & ((t > 0) | (scores > 0))
 
     def top_magnitude_mask(self, x: Array, k: int, approximate: bool = False) -> Array:
+        if isinstance(x, DeviceDifference):
+            return difference.top_mask(x, k, approximate, self)
         s = x.abs()
         return self.approx_top_mask(s, k) if approximate else self.top_k_mask(s[None, :], k)[0]
 
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
-        return x.reshape(shape)
+        return x.reshaped(shape) if isinstance(x, DeviceDifference) else x.reshape(shape)
 
     def moveaxis(self, x: Array, source: int, destination: int) -> Array:
-        return x.movedim(source, destination)
+        return dense(x).movedim(source, destination)
 
     def expand_units(self, unit_mask: Array, shape: tuple[int, ...], axis: int) -> Array:
         view = [1] * len(shape)
@@ -123,18 +139,23 @@ class TorchOps:
         return torch.logical_not(a)
 
     def add(self, a: Array, b: Array) -> Array:
-        return torch.add(a, b)
+        return torch.add(dense(a), dense(b))
 
     def scale(self, x: Array, factor: float) -> Array:
+        x = dense(x)
         return x * torch.tensor(factor, dtype=x.dtype, device=x.device)
 
     def ones_mask(self, shape: tuple[int, ...]) -> Array:
         return torch.ones(shape, dtype=torch.bool, device=self.device)
 
     def zeros_like(self, x: Array) -> Array:
+        if isinstance(x, DeviceDifference):
+            return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
         return torch.zeros_like(x)
 
     def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
+        if isinstance(x, DeviceDifference):
+            return x.masked(mask)  # read as where(mask, x, 0) by the next pass
         if out is None:
             return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
         return torch.mul(x, mask, out=out)
@@ -149,22 +170,24 @@ class TorchOps:
             if float(t) < threshold:
                 t = torch.nextafter(t, torch.tensor(float("inf"), dtype=x.dtype))
             t = self._thresholds[key] = t
+        if isinstance(x, DeviceDifference):
+            return difference.at_least(x, t.to(x.device))
         return x >= t
 
     def from_numpy(self, x: np.ndarray) -> Array:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
     def to_numpy(self, x: Array) -> np.ndarray:
-        t = x.detach()
+        t = dense(x).detach()
         if t.dtype == torch.bfloat16:
             t = t.float()
         return t.cpu().numpy()
 
     def concat(self, xs: list[Array], axis: int) -> Array:
-        return torch.cat(xs, dim=axis)
+        return torch.cat([dense(x) for x in xs], dim=axis)
 
     def split(self, x: Array, sizes: list[int], axis: int) -> list[Array]:
-        return list(torch.split(x, sizes, dim=axis))
+        return list(torch.split(dense(x), sizes, dim=axis))
 
     def zeros_f64(self, shape: tuple[int, ...]) -> Array:
         return torch.zeros(shape, dtype=torch.float64, device=self.device)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import fused
+from . import difference, fused
+from .difference import DeviceDifference, row_blocks
 
 
 class ShapeChanged(RuntimeError):
@@ -109,6 +110,40 @@ class Snapshot:
                 torch.from_numpy(self.before[i]).copy_(self.params[i].detach())
         return stats
 
+    def device_differences(self) -> list[DeviceDifference | None]:
+        """Torch tensors only: ``w_after - w_before`` per parameter (None where it had
+        no grad), for the rules to read chunk by chunk."""
+        return [
+            None if p.grad is None else DeviceDifference(p, b)
+            for p, b in zip(self.params, self.before, strict=True)
+        ]
+
+    def blend_on_device(
+        self, masks: list[Any], alpha: float
+    ) -> tuple[list[DeviceTotals | None], torch.Tensor]:
+        """Torch tensors only: keep each stepped parameter's update where its mask says
+        (None keeps all), chunk by chunk, leaving the snapshot as it was (so that
+        :meth:`undo_unless` can still put the weights back).
+
+        Returns the applied change's device totals per parameter (None where it had no
+        grad), as :meth:`device_totals` does, and the whole proposal's ``sum |dw|``
+        over all parameters (NaN/Inf if it held any): the step's finiteness check.
+        """
+        out: list[DeviceTotals | None] = []
+        proposal = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        for p, b, m in zip(self.params, self.before, masks, strict=True):
+            if p.grad is None:
+                out.append(None)
+                continue
+            if m is None:
+                totals = _chunk_totals(p.detach().reshape(-1), b.reshape(-1), alpha)
+                full = totals[0]  # NaN/Inf too if the change held any
+            else:
+                totals, full = _blend_totals(p, b, m, alpha)
+            out.append(totals)
+            proposal = proposal + full
+        return out, proposal
+
     def deltas(self) -> tuple[list[Any], list[tuple[float, int] | None]]:
         """``w_after - w_before`` per parameter (None where the parameter had no grad),
         and ``(sum |delta|, count(delta != 0))`` where a fused kernel computed them."""
@@ -126,57 +161,41 @@ class Snapshot:
                 else:  # 16-bit weights: subtract in float32, where the difference is exact
                     np.subtract(view(p), self.before[i], out=d, dtype=d.dtype)
                 out.append(d)
-            else:
-                wide = torch.promote_types(p.dtype, torch.float32)  # exact 16-bit differences
-                # one new tensor: the snapshot is widened inside the subtraction
-                self.delta[i] = p.detach().to(wide, copy=True).sub_(self.before[i])
-                out.append(self.delta[i])
+            else:  # a new tensor (kept by the caller only): exact 16-bit differences
+                out.append(DeviceDifference(p, self.before[i]).dense())
         return out, stats
 
     def drop(self, i: int, keep: Any) -> tuple[float, int] | None:
-        """Undo parameter ``i``'s update outside ``keep``, and zero its delta there.
+        """NumPy views only: undo parameter ``i``'s update outside ``keep``, and zero its
+        delta there.
 
         Returns the applied change's ``(sum |delta|, count)`` from the fused kernel,
         which also brings the snapshot up to the new weights.
         """
         p, b, d = self.params[i], self.before[i], self.delta[i]
-        if self.use_numpy and self.fused[i]:
+        if self.fused[i]:
             return fused.blend_stats(view(p), b, d, keep)
-        if self.use_numpy:
-            bits, x = self.bits[i], self.xor[i]
-            np.copyto(bits, keep, casting="unsafe")
-            np.negative(bits, out=bits)  # all ones where kept, zero where dropped
-            w, u = view(p).view(bits.dtype), b.view(bits.dtype)
-            np.bitwise_xor(w, u, out=x)
-            np.bitwise_and(x, bits, out=x)
-            np.bitwise_xor(u, x, out=w)  # kept: the new value; dropped: the old, bit for bit
-            if d.itemsize == bits.itemsize:
-                np.bitwise_and(d.view(bits.dtype), bits, out=d.view(bits.dtype))
-            else:
-                np.multiply(d, keep, out=d)
+        bits, x = self.bits[i], self.xor[i]
+        np.copyto(bits, keep, casting="unsafe")
+        np.negative(bits, out=bits)  # all ones where kept, zero where dropped
+        w, u = view(p).view(bits.dtype), b.view(bits.dtype)
+        np.bitwise_xor(w, u, out=x)
+        np.bitwise_and(x, bits, out=x)
+        np.bitwise_xor(u, x, out=w)  # kept: the new value; dropped: the old, bit for bit
+        if d.itemsize == bits.itemsize:
+            np.bitwise_and(d.view(bits.dtype), bits, out=d.view(bits.dtype))
         else:
-            with torch.no_grad():
-                torch.where(keep, p, b, out=p)
-            d.masked_fill_(keep.logical_not(), 0)
+            np.multiply(d, keep, out=d)
         return None
 
-    def device_totals(
-        self, deltas: list[Any], alpha: float
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    def device_totals(self, alpha: float) -> list[DeviceTotals | None]:
         """Torch tensors only: each stepped parameter's ``(sum |d|, sum |d| ** alpha,
-        count(d != 0))`` as device scalars (float64, float64, int64), read by nobody
-        yet. ``d`` is its delta, or where the delta is None but the parameter stepped
-        (measuring only: :meth:`deltas` was not called), ``w - before`` taken chunk by
-        chunk, so no full-size temporary is made."""
-        out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
-        for p, b, d in zip(self.params, self.before, deltas, strict=True):
-            if p.grad is None:
-                out.append(None)
-            elif d is not None:
-                out.append(_chunk_totals(d.reshape(-1), None, alpha))
-            else:
-                out.append(_chunk_totals(p.detach().reshape(-1), b.reshape(-1), alpha))
-        return out
+        count(d != 0))`` of ``d = w - before``, as device scalars read by nobody yet,
+        taken chunk by chunk (no full-size temporary is made)."""
+        return [
+            None if p.grad is None else _chunk_totals(p.detach().reshape(-1), b.reshape(-1), alpha)
+            for p, b in zip(self.params, self.before, strict=True)
+        ]
 
     def undo_unless(self, ok: torch.Tensor, stepped: list[bool]) -> None:
         """Torch tensors only: put the ``stepped`` parameters back where ``ok`` (a device
@@ -203,30 +222,56 @@ class Snapshot:
         self.stamps = [_stamp(p) for p in self.params]
 
 
-DEVICE_CHUNK = 1 << 22
-"""Entries per temporary of the torch-ops totals (16 MiB in float32)."""
+DeviceTotals = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(sum |d|, sum |d| ** alpha, count(d != 0))`` as device scalars (float64, float64, int64)."""
 
 
-def _chunk_totals(
-    a: torch.Tensor, b: torch.Tensor | None, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_totals(a: torch.Tensor, b: torch.Tensor | None, alpha: float) -> DeviceTotals:
     """``(sum |d|, sum |d| ** alpha, count(d != 0))`` of ``d = a`` (``b`` None) or of
     ``d = a - b`` in at least float32 (exact for 16-bit weights), on the device,
-    through temporaries of at most :data:`DEVICE_CHUNK` entries."""
+    through temporaries of at most ``difference.DEVICE_CHUNK`` entries."""
     wide = torch.promote_types(a.dtype, torch.float32)
     m1 = torch.zeros((), dtype=torch.float64, device=a.device)
     m_alpha = m1 if alpha == 1.0 else m1.clone()
     m0 = torch.zeros((), dtype=torch.int64, device=a.device)
-    for start in range(0, a.numel(), DEVICE_CHUNK):
-        d = a[start : start + DEVICE_CHUNK].to(wide)
+    chunk = difference.DEVICE_CHUNK
+    for start in range(0, a.numel(), chunk):
+        d = a[start : start + chunk].to(wide)
         if b is not None:
-            d = d.sub_(b[start : start + DEVICE_CHUNK].to(wide))
+            d = d.sub_(b[start : start + chunk].to(wide))
         m0 = m0 + torch.count_nonzero(d)
         d = d.abs_() if b is not None else d.abs()
         m1 = m1 + d.sum(dtype=torch.float64)
         if alpha != 1.0:
             m_alpha = m_alpha + d.double().pow_(alpha).sum()
     return m1, (m1 if alpha == 1.0 else m_alpha), m0
+
+
+def _blend_totals(
+    p: torch.Tensor, b: torch.Tensor, keep: torch.Tensor, alpha: float
+) -> tuple[DeviceTotals, torch.Tensor]:
+    """Put ``b`` back in ``p`` outside ``keep`` (broadcast to ``p``'s shape), a block
+    of rows at a time; the kept change's totals and the whole ``sum |p - b|``."""
+    wide = torch.promote_types(p.dtype, torch.float32)
+    a, bb = p.detach(), b
+    kk = keep.expand(p.shape)
+    if p.dim() == 0:
+        a, bb, kk = a.reshape(1), bb.reshape(1), kk.reshape(1)
+    zero = torch.zeros((), dtype=torch.float64, device=p.device)
+    m1, m_alpha, full = zero, zero, zero
+    m0 = torch.zeros((), dtype=torch.int64, device=p.device)
+    with torch.no_grad():
+        for s, e in row_blocks(a):
+            ac, bc, kc = a[s:e], bb[s:e], kk[s:e]
+            ad = ac.to(wide, copy=True).sub_(bc).abs_()
+            full = full + ad.sum(dtype=torch.float64)
+            torch.where(kc, ac, bc, out=ac)
+            ad.masked_fill_(kc.logical_not(), 0)
+            m0 = m0 + torch.count_nonzero(ad)
+            m1 = m1 + ad.sum(dtype=torch.float64)
+            if alpha != 1.0:
+                m_alpha = m_alpha + ad.double().pow_(alpha).sum()
+    return (m1, m1 if alpha == 1.0 else m_alpha, m0), full
 
 
 def _stamp(p: torch.Tensor) -> tuple[int, int]:

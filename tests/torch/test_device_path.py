@@ -14,7 +14,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from energy_callbacks import Plasticity, Threshold, TopFraction, Topology, TopUnits
-from energy_callbacks.torch import attach
+from energy_callbacks.torch import attach, difference
 from energy_callbacks.torch.ops import TorchOps
 
 READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "nonzero"}
@@ -24,7 +24,21 @@ RULES = {
     "approximate top 10%": lambda: dict(synapses=TopFraction(0.1, approximate=True)),
     "threshold": lambda: dict(synapses=Threshold(1e-3)),
     "combined": lambda: dict(units=TopUnits(0.5, path=True), synapses=TopFraction(0.3)),
+    "top units": lambda: dict(units=TopUnits(0.25)),
+    "equal count": lambda: dict(synapses=TopFraction(0.2, equal_count=True)),
+    "per unit": lambda: dict(synapses=TopFraction(0.2, per_unit=True)),
+    "smallest": lambda: dict(synapses=TopFraction(0.2, largest=False)),
 }
+
+
+@pytest.fixture(params=["whole", "chunked"])
+def chunks(request, monkeypatch):
+    """Whole tensors (the dense selection), or 7-entry chunks: every tensor then takes
+    the chunked passes (radix selection, chunked sample, row norms, blend)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(difference, "DEVICE_CHUNK", 7)
+        monkeypatch.setattr(difference, "APPROX_SAMPLE", 16)
+    return request.param
 
 
 class HostReads(TorchFunctionMode):
@@ -59,7 +73,7 @@ def backward(model, x, y) -> None:
 
 
 @pytest.mark.parametrize("name", RULES)
-def test_steps_read_nothing_to_the_host(name):
+def test_steps_read_nothing_to_the_host(name, chunks):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, foreach=False)
     handle = attach(model, opt, Plasticity(**RULES[name]()))
@@ -79,7 +93,9 @@ def test_steps_read_nothing_to_the_host(name):
 
 
 @pytest.mark.parametrize("name", RULES)
-def test_device_path_equals_the_numpy_oracle(name):
+def test_device_path_equals_the_numpy_oracle(name, chunks, monkeypatch):
+    if chunks == "chunked":  # the oracle's approximate sample at the same size
+        monkeypatch.setattr("energy_callbacks.core.ops.APPROX_SAMPLE", 16)
     model, twin = mlp(), mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.5)

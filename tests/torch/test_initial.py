@@ -13,7 +13,7 @@ from torch import nn
 
 from energy_callbacks import Plasticity, TopFraction
 from energy_callbacks.core import energy
-from energy_callbacks.torch import attach, snapshot
+from energy_callbacks.torch import attach, difference
 from energy_callbacks.torch.attached import INITIAL_KEY
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,7 +46,7 @@ def witness(net: nn.Module, w0: list[torch.Tensor]) -> tuple[float, int]:
 def test_m1_min_is_the_net_change_against_w0(dtype, rule, monkeypatch):
     # chunks of 7 entries: every sum crosses chunk boundaries, and must not notice
     monkeypatch.setattr(energy, "NET_CHUNK", 7)
-    monkeypatch.setattr(snapshot, "DEVICE_CHUNK", 7)
+    monkeypatch.setattr(difference, "DEVICE_CHUNK", 7)
     net = model(DTYPES[dtype])
     w0 = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.Adam(net.parameters(), lr=0.05, eps=1e-3)
