@@ -278,12 +278,17 @@ class NumpyOps:
 
     def greater_equal(self, x: Array, threshold: float) -> Array:
         x = np.asarray(x)
-        # Round the threshold *up* into x's dtype, so the comparison is exact.
+        return np.greater_equal(x, self.at_least(x.dtype, threshold))
+
+    @staticmethod
+    def at_least(dtype: Any, threshold: float) -> Any:
+        """``threshold`` rounded *up* into ``dtype`` (a NumPy scalar): ``x >= it`` is
+        exactly ``x >= threshold`` for ``x`` of that dtype."""
         with np.errstate(over="ignore"):  # beyond the dtype's range: inf, no warning
-            t = np.asarray(threshold, dtype=x.dtype)
+            t = np.asarray(threshold, dtype=dtype)
             if float(t) < threshold:
-                t = np.nextafter(t, np.asarray(np.inf, dtype=x.dtype))
-        return np.greater_equal(x, t)
+                t = np.nextafter(t, np.asarray(np.inf, dtype=dtype))
+        return t[()]
 
     def from_numpy(self, x: np.ndarray) -> Array:
         return x

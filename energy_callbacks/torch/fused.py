@@ -152,22 +152,25 @@ if AVAILABLE:
                 out[i] = abs(x[i]) >= t
 
     # The selection kernels read ``x`` itself (``b`` None) or the difference ``x - b``
-    # computed entry by entry (``b`` the snapshot), so an unwritten Difference is
-    # selected from without a delta array; numba compiles each case on its own.
+    # computed entry by entry (``b`` the snapshot), zeroed where the 0/1 bytes ``m``
+    # are 0 (a combined rule's mask so far; None: no mask), so an unwritten Difference
+    # is selected from without a delta array; numba compiles each case on its own.
     @njit(inline="always")
-    def _at(x: Any, b: Any, i: int) -> Any:
+    def _at(x: Any, b: Any, m: Any, i: int) -> Any:
         if b is None:
             return x[i]
-        return x[i] - b[i]
+        if m is None:
+            return x[i] - b[i]
+        return (x[i] - b[i]) * m[i]  # a finite difference times 0/1: exact
 
     @njit(cache=True, nogil=True, fastmath=True)
     def _split_bracket(
-        x: Any, b: Any, lo: Any, hi: Any, above: Any, between: Any
+        x: Any, b: Any, m: Any, lo: Any, hi: Any, above: Any, between: Any
     ) -> tuple[int, int]:
         n_above = 0
         n_between = 0
         for i in range(x.size):
-            a = abs(_at(x, b, i))
+            a = abs(_at(x, b, m, i))
             u = a > hi
             v = (a > lo) & (a <= hi)
             above[i] = u
@@ -177,11 +180,13 @@ if AVAILABLE:
         return n_above, n_between
 
     @njit(cache=True, nogil=True, fastmath=True)
-    def _row_l1(x: Any, out: Any) -> None:
+    def _row_l1(x: Any, b: Any, out: Any) -> None:
+        # rows of x (b None) or of the difference x - b (both (rows, m) views)
         for i in range(x.shape[0]):
             acc = 0.0
             for j in range(x.shape[1]):
-                acc += abs(np.float64(x[i, j]))
+                d = x[i, j] if b is None else x[i, j] - b[i, j]
+                acc += abs(np.float64(d))
             out[i] = acc
 
     @njit(cache=True, nogil=True)
@@ -192,7 +197,9 @@ if AVAILABLE:
                 out[i, j] = x[i, j] * x.dtype.type(mask[i, j])
 
     @njit(cache=True, nogil=True)
-    def _gather_flagged(x: Any, b: Any, flags: Any, words: Any, idx: Any, values: Any) -> int:
+    def _gather_flagged(
+        x: Any, b: Any, m: Any, flags: Any, words: Any, idx: Any, values: Any
+    ) -> int:
         # Compact the flagged entries' indices and |x| in index order. ``words`` views
         # ``flags`` 8 bytes at a time, so that the mostly-empty words cost one load; the
         # writes inside a word are branch-free (the slot advances only on a flag), so
@@ -202,11 +209,11 @@ if AVAILABLE:
             if words[w] != 0:
                 for i in range(8 * w, 8 * w + 8):
                     idx[c] = i
-                    values[c] = abs(_at(x, b, i))
+                    values[c] = abs(_at(x, b, m, i))
                     c += flags[i]
         for i in range(8 * words.size, x.size):
             idx[c] = i
-            values[c] = abs(_at(x, b, i))
+            values[c] = abs(_at(x, b, m, i))
             c += flags[i]
         return c
 
@@ -226,12 +233,12 @@ if AVAILABLE:
                 ties -= 1
 
     @njit(cache=True, nogil=True)
-    def _keep_first_equal(x: Any, b: Any, value: Any, r: int, mask: Any) -> int:
+    def _keep_first_equal(x: Any, b: Any, m: Any, value: Any, r: int, mask: Any) -> int:
         # Set ``mask`` on the first ``r`` entries with ``|x| == value``; return how many
         # were missing. Scans only as far as it needs.
         i = 0
         while r > 0 and i < x.size:
-            if abs(_at(x, b, i)) == value:
+            if abs(_at(x, b, m, i)) == value:
                 mask[i] = True
                 r -= 1
             i += 1
@@ -287,17 +294,38 @@ class FusedNumpyOps(NumpyOps):
       the reference; a missed bracket takes the reference path;
     - ``row_l1`` (unit scores) and ``keep`` with a broadcast unit mask run as
       single loops (NumPy casts there element by element: 2-7x slower).
+
+    On an unwritten :class:`Difference` the unit scores, ``Threshold`` (a
+    :class:`ThresholdMask`) and the exact top fraction read ``after - before``
+    entry by entry, and ``keep`` (a combined rule's ranking) attaches its mask,
+    which the selection kernels apply as they read: no delta is written.
     """
 
     def row_l1(self, x: Any, axis: int) -> Any:
+        if self.deferred(x) and x.kept is None and axis == 0 and x.ndim >= 2:
+            out = np.empty(x.shape[0], dtype=np.float64)  # after - before, entry by entry
+            rows = (x.shape[0], -1)
+            _row_l1(x.after.reshape(rows), x.before.reshape(rows), out)
+            return out
         x = np.asarray(x)
         if x.dtype not in FUSED_DTYPES or axis != 0 or x.ndim < 2 or not x.flags.c_contiguous:
             return super().row_l1(x, axis)
         out = np.empty(x.shape[0], dtype=np.float64)
-        _row_l1(x.reshape(x.shape[0], -1), out)
+        _row_l1(x.reshape(x.shape[0], -1), None, out)
         return out
 
-    def keep(self, x: Any, mask: Any, out: Any | None = None) -> Any:
+    def abs(self, x: Any) -> Any:
+        if isinstance(x, Difference) and not x.written:
+            return x.magnitude()  # |after - before|, still unwritten
+        return super().abs(x)
+
+    def greater_equal(self, x: Any, threshold: float) -> Any:
+        if self.deferred(x) and x.absolute and x.kept is None:
+            # Threshold: applied in the blend pass, the difference is not written
+            return ThresholdMask(x, self.at_least(x.dtype, threshold), x.shape)
+        return super().greater_equal(x, threshold)
+
+    def _keep(self, x: Any, mask: Any, out: Any | None = None) -> Any:
         x, mask = np.asarray(x), np.asarray(mask)
         fits = x.ndim == 2 and x.dtype in FUSED_DTYPES and mask.dtype == bool
         if out is None or not fits or mask.shape != x.shape:
@@ -310,21 +338,29 @@ class FusedNumpyOps(NumpyOps):
             return x.reshaped(shape)
         return super().reshape(x, shape)
 
+    def deferred(self, x: Any) -> bool:
+        return isinstance(x, Difference) and not x.written and x.dtype in FUSED_DTYPES
+
+    def keep(self, x: Any, mask: Any, out: Any | None = None) -> Any:
+        if self.deferred(x) and not x.absolute:
+            return x.masked(mask)  # read as where(mask, x, 0) by the selection kernels
+        return self._keep(x, mask, out)
+
     def top_magnitude_mask(self, x: Any, k: int, approximate: bool = False) -> Any:
-        if approximate and isinstance(x, Difference) and not x.written:
+        if approximate and isinstance(x, Difference) and not x.written and x.kept is None:
             n = x.size
             if x.dtype in FUSED_DTYPES and 0 < k < n and n > APPROX_SAMPLE:
                 # The sample of w - before is all the threshold needs: the difference
                 # itself is never written (the adapter applies the threshold as it undoes).
                 step = approx_stride(n)
                 t = approx_cut(np.abs(x.after[::step] - x.before[::step]), n, k)
-                return ThresholdMask(x, t, (n,))
+                return ThresholdMask(x, t, (n,), approximate=True)
         if isinstance(x, Difference) and not x.written and not approximate:
             # the exact selection reads after - before entry by entry: no delta is written
-            flat, base = x.after, x.before
+            flat, base, kept = x.after, x.before, x.kept
         else:
             x = np.asarray(x)
-            flat, base = x.reshape(-1), None
+            flat, base, kept = x.reshape(-1), None, None
         n = x.size
         if x.dtype not in FUSED_DTYPES or k <= 0 or k >= n or n <= APPROX_SAMPLE:
             return super().top_magnitude_mask(np.asarray(x), k, approximate)
@@ -336,6 +372,8 @@ class FusedNumpyOps(NumpyOps):
         sample = bracket_sample(flat)
         if base is not None:
             sample = sample - bracket_sample(base)
+        if kept is not None:
+            sample = sample * bracket_sample(kept)
         lo, hi = bracket(np.abs(sample), n, k)
         if lo is None:
             return super().top_magnitude_mask(np.asarray(x), k)
@@ -347,13 +385,13 @@ class FusedNumpyOps(NumpyOps):
             above = self._buffer((n,), bool, owner=base.__array_interface__["data"][0])
         between = self._buffer((n,), bool)
         top = np.asarray(np.inf, flat.dtype) if hi is None else hi
-        n_above, n_between = _split_bracket(flat, base, lo, top, above, between)
+        n_above, n_between = _split_bracket(flat, base, kept, lo, top, above, between)
         need = k - n_above
         if need < 0:
             return super().top_magnitude_mask(np.asarray(x), k)
         if n_between <= need:  # all of them, and the rest from the ties at lo (zeros)
             np.logical_or(above, between, out=above)
-            if _keep_first_equal(flat, base, lo, need - n_between, above) > 0:
+            if _keep_first_equal(flat, base, kept, lo, need - n_between, above) > 0:
                 return super().top_magnitude_mask(np.asarray(x), k)
             return above
         if need == 0:
@@ -361,7 +399,8 @@ class FusedNumpyOps(NumpyOps):
         room = 1 << (n_between + 8).bit_length()  # few sizes, so the scratch is reused
         idx, values = self._buffer((room,), np.intp), self._buffer((room,), flat.dtype)
         flags = between.view(np.uint8)
-        _gather_flagged(flat, base, flags, flags[: n - n % 8].view(np.uint64), idx, values)
+        words = flags[: n - n % 8].view(np.uint64)
+        _gather_flagged(flat, base, kept, flags, words, idx, values)
         idx, values = idx[:n_between], values[:n_between]
         cut = np.partition(values, n_between - need)[n_between - need]
         _mark_largest(idx, values, cut, need, above)
@@ -404,6 +443,8 @@ class Difference(_Unwritten):
         self.delta = delta
         self.shape: tuple[int, ...] = tuple(delta.shape)
         self.dtype = delta.dtype
+        self.absolute = False  # |after - before| (see magnitude())
+        self.kept: np.ndarray | None = None  # flat 0/1 bytes: zero elsewhere (see masked())
         self._origin = self  # shared by reshaped views, so the difference is written once
         self._written = False
 
@@ -411,32 +452,55 @@ class Difference(_Unwritten):
     def written(self) -> bool:
         return self._origin._written
 
+    def magnitude(self) -> Difference:
+        """``|after - before|``, unwritten as well."""
+        view = copy.copy(self)
+        view.absolute = True
+        return view
+
+    def masked(self, mask: Any) -> Difference:
+        """Zero outside ``mask`` (in this difference's shape), unwritten as well."""
+        flat = np.broadcast_to(np.asarray(mask, dtype=bool), self.shape).reshape(-1)
+        if self.kept is not None:
+            flat = flat & self.kept.view(bool)
+        view = copy.copy(self)
+        view.kept = np.ascontiguousarray(flat).view(np.uint8)
+        return view
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         origin = self._origin
         if not origin._written:
             diff_stats(self.after, self.before, origin.delta)
             origin._written = True
         out = origin.delta.reshape(self.shape)
+        if self.kept is not None:
+            out = np.where(self.kept.view(bool).reshape(self.shape), out, out.dtype.type(0))
+        if self.absolute:
+            out = np.abs(out)
         return out if dtype is None else out.astype(dtype)
 
 
 class ThresholdMask(_Unwritten):
-    """The approximate top fraction of a :class:`Difference` kept as its threshold:
-    ``|dw| >= t`` (``|dw| > 0`` when ``t <= 0``), as
+    """``|dw| >= t`` of a :class:`Difference` kept as its threshold: ``Threshold``'s
+    mask (``t`` rounded up into the weights' dtype), or the approximate top
+    fraction's, where ``strict``: ``|dw| > 0`` when ``t <= 0``, as
     :meth:`~energy_callbacks.core.ops.ArrayOps.approx_top_mask` defines it.
 
     The torch adapter applies it in one pass (:func:`blend_kept`); ``np.asarray``
     writes the boolean mask for any other op.
     """
 
-    def __init__(self, difference: Difference, t: Any, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, difference: Difference, t: Any, shape: tuple[int, ...], approximate: bool = False
+    ) -> None:
         self.difference, self.t, self.shape = difference, t, tuple(shape)
+        self.strict = approximate and t <= 0
         self.dtype = np.dtype(bool)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.size, dtype=bool)
         flat = np.asarray(self.difference).reshape(-1)
-        _magnitude_at_least(flat, self.t, self.t <= 0, out)
+        _magnitude_at_least(flat, self.t, self.strict, out)
         out = out.reshape(self.shape)
         return out if dtype is None else out.astype(dtype)
 
@@ -452,7 +516,7 @@ def blend_kept(
     """
     if isinstance(keep, ThresholdMask):
         t, mask = keep.t, None
-        floor = t if t <= 0 else w.dtype.type(-np.inf)
+        floor = t if keep.strict else w.dtype.type(-np.inf)
     else:
         t, floor = w.dtype.type(0), w.dtype.type(0)  # unused with a mask
         mask = np.ascontiguousarray(keep).reshape(-1).view(np.uint8)

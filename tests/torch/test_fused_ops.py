@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from energy_callbacks.core import numpy_ops
-from energy_callbacks.core.ops import approx_stride, bracket, bracket_sample
+from energy_callbacks.core.ops import NumpyOps, approx_stride, bracket, bracket_sample
 from energy_callbacks.torch import fused
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
@@ -144,3 +144,54 @@ def test_the_bracket_holds_the_cut_of_a_matrix_with_columns_of_different_scales(
     lo, hi = bracket(bracket_sample(flat), n, k)
     cut = np.partition(flat, n - k)[n - k]
     assert lo is not None and lo <= cut and (hi is None or cut <= hi)
+
+
+def test_row_norms_and_threshold_of_an_unwritten_difference_write_nothing():
+    """The unit rules' row norms and ``Threshold`` read ``after - before`` entry by
+    entry: the oracle's numbers, with the difference left unwritten; the blend pass
+    applies the threshold as the oracle's mask would."""
+    rng = np.random.default_rng(11)
+    oracle = NumpyOps()
+    for dtype in (np.float32, np.float64):
+        before = rng.standard_normal((37, 5, 3)).astype(dtype)
+        after = (before + np.round(rng.standard_normal(before.shape) * 100) / 1e4).astype(dtype)
+        d = after - before
+        for theta in (0.0, 0.003, 0.01, 1.0):
+            x = fused.Difference(after, before, np.empty_like(before))
+            ops = fused.FusedNumpyOps()
+            rows = ops.row_l1(x, 0)
+            np.testing.assert_array_equal(rows, ops.row_l1(d, 0))  # as on the written one
+            np.testing.assert_allclose(rows, oracle.row_l1(d, 0), rtol=1e-14)
+            mask = ops.greater_equal(ops.abs(x), theta)
+            assert isinstance(mask, fused.ThresholdMask) and not x.written
+            want = oracle.greater_equal(np.abs(d), theta)
+            w = after.copy()
+            (m1, m0), total = fused.blend_kept(w, before, mask)
+            np.testing.assert_array_equal(w, np.where(want, after, before))
+            assert m0 == np.count_nonzero(np.where(want, d, 0)) and not x.written
+            assert m1 == pytest.approx(np.abs(np.where(want, d, 0)).sum(dtype=np.float64))
+            np.testing.assert_array_equal(np.asarray(mask).reshape(d.shape), want)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_a_masked_difference_is_selected_from_as_the_oracle_ranks_it(ties):
+    """A combined rule's ``keep`` attaches its mask to the unwritten difference; the
+    exact top fraction then ranks ``where(mask, dw, 0)`` as the oracle does, with
+    masked-out zeros tied at the bottom, and writes no delta."""
+    rng = np.random.default_rng(12)
+    before = rng.standard_normal((300, 200)).astype(np.float32)
+    step = rng.standard_normal(before.shape) * 1e-2
+    if ties:
+        step = np.round(step * 300) / 300
+    after = (before + step).astype(np.float32)
+    d = after - before
+    units = rng.random((300, 1)) < 0.3
+    ops = fused.FusedNumpyOps()
+    for k in (1, 500, 6000, 17000, 18000):
+        x = fused.Difference(after, before, np.empty_like(before))
+        assert ops.deferred(x)
+        ranked = ops.keep(x, np.broadcast_to(units, d.shape))
+        got = ops.top_magnitude_mask(ops.reshape(ranked, (d.size,)), k)
+        want = numpy_ops.top_magnitude_mask(np.where(units, d, 0).reshape(-1), k)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"k={k}")
+        assert not x.written
