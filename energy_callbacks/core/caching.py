@@ -51,6 +51,8 @@ from .ops import Array, ArrayOps, numpy_ops
 from .topology import TensorSpec, Topology
 
 SCOPES = ("synapse", "layer_max", "layer_sum")
+BLOCK = 1 << 20
+"""Entries per block of the host store's step (the synapse scope's temporaries)."""
 
 
 @dataclass(frozen=True)
@@ -168,14 +170,37 @@ class Caching:
             if u is None:
                 continue
             held = self._store[i]
+            if self.scope == "synapse":  # element by element: in place, a block at a time
+                if held is None:
+                    held = self._store[i] = ops.zeros_like(u)
+                decays[i] = self._step_blocks(i, held, u)
+                continue
             base = ops.zeros_like(u) if held is None else held
             out = self.transient(ops.add(base, u), ops)
             self._store[i] = out.store
-            self._consolidation[i] += float(out.consolidated)
-            self._consolidations[i] += int(out.consolidations)
-            self._maintenance[i] += float(out.maintenance)
+            self._add_figures(i, out)
             decays[i] = out.decay
         return decays
+
+    def _step_blocks(self, i: int, held: Array, u: Array) -> Array | None:
+        """The synapse scope's step on the store ``held`` (written in place) and the
+        update ``u``, :data:`BLOCK` entries at a time, so that its temporaries stay
+        the size of a block; the decay (None when ``tau`` is inf) in ``held``'s shape."""
+        ops = self.ops
+        decay = []
+        for h, v in zip(ops.blocks(held, BLOCK), ops.blocks(u, BLOCK), strict=True):
+            out = self.transient(ops.add(h, v), ops)
+            ops.assign(h, out.store)
+            self._add_figures(i, out)
+            decay.append(out.decay)
+        if not decay or decay[0] is None:
+            return None
+        return ops.reshape(ops.concat(decay, 0), tuple(int(d) for d in held.shape))
+
+    def _add_figures(self, i: int, out: Transient) -> None:
+        self._consolidation[i] += float(out.consolidated)
+        self._consolidations[i] += int(out.consolidations)
+        self._maintenance[i] += float(out.maintenance)
 
     def consolidate(self) -> None:
         """Consolidate the whole store (end of fit): costs ``sum |w_e|``; weights unchanged."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -123,6 +123,16 @@ class ArrayOps(Protocol):
     def concat(self, xs: list[Array], axis: int) -> Array: ...
 
     def split(self, x: Array, sizes: list[int], axis: int) -> list[Array]: ...
+
+    def blocks(self, x: Array, size: int) -> Iterator[Array]:
+        """``x`` flattened, ``size`` entries at a time in row-major order: views of
+        an array, fresh blocks of a :meth:`deferred` one. Host backends only."""
+        ...
+
+    def assign(self, dst: Array, src: Array) -> None:
+        """Write ``src`` into the block ``dst`` of an array, in place. Host backends only
+        (NumPy, torch): the store of :meth:`Caching.step` is updated a block at a time."""
+        ...
 
     def zeros_f64(self, shape: tuple[int, ...]) -> Array:
         """A float64 accumulator."""
@@ -301,6 +311,14 @@ class NumpyOps:
 
     def split(self, x: Array, sizes: list[int], axis: int) -> list[Array]:
         return np.split(x, np.cumsum(sizes)[:-1], axis=axis)
+
+    def blocks(self, x: Array, size: int) -> Iterator[Array]:
+        flat = np.asarray(x).reshape(-1)
+        for start in range(0, flat.size, size):
+            yield flat[start : start + size]
+
+    def assign(self, dst: Array, src: Array) -> None:
+        np.copyto(dst, src)
 
     def zeros_f64(self, shape: tuple[int, ...]) -> Array:
         return np.zeros(shape, dtype=np.float64)

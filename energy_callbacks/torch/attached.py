@@ -242,10 +242,9 @@ class AttachedPlasticity:
         elif self._probe is not None:
             self._probe.take()  # the wiring is known: drop this step's records
         snap, mine = entry
-        caching = self.plasticity.caching is not None
         if not self._use_numpy:
             self._step_on_device(snap, mine)
-        elif all(snap.fused) and self.plasticity.meter.alpha == 1.0 and not caching:
+        elif all(snap.fused) and self.plasticity.meter.alpha == 1.0:
             self._step_fused(snap, mine)
         else:
             self._step_numpy(snap, mine)
@@ -308,14 +307,20 @@ class AttachedPlasticity:
         diffs = snap.differences()
         proposed = self._proposed(mine, diffs)
         masks = plasticity.masks(proposed) if plasticity.restricts else [None] * len(proposed)
-        applied = snap.apply(diffs, [masks[i] for i in mine])
+        caching = plasticity.caching is not None
+        # caching reads the applied change against the old snapshot: no refresh yet
+        applied = snap.apply(diffs, [masks[i] for i in mine], refresh=not caching)
         if applied is None:  # NaN/Inf: apply() put the weights back
             self._count_skipped(snap)
             return
         # record() reads only the totals here (alpha = 1, no displacement).
         totals = self._proposed(mine, applied)
         plasticity.record(proposed, check_finite=False, displacement=False, totals=totals)
-        snap.settle([s is not None for s in applied])
+        if caching:  # the applied change w - before, read a block at a time
+            snap.settle([False] * len(mine))
+            self._cache(snap, mine, self._proposed(mine, snap.differences()))
+        else:
+            snap.settle([s is not None for s in applied])
 
     def _step_on_device(self, snap: Snapshot, mine: list[int]) -> None:
         """Torch ops (GPU, bf16): mask, measure and undo a non-finite step on the device;
@@ -355,8 +360,8 @@ class AttachedPlasticity:
         )
         snap.settle([False] * len(mine))
         if plasticity.caching is not None and bool(ok):  # caching reads its figures: one sync
-            deltas, _ = snap.deltas()  # the applied change: the snapshot is still the old
-            self._cache(snap, mine, self._proposed(mine, deltas))
+            # the applied change, read a block at a time: the snapshot is still the old
+            self._cache(snap, mine, self._proposed(mine, snap.device_differences()))
 
     def _count_skipped(self, snap: Snapshot) -> None:
         """Count a step that was undone for NaN/Inf; the first one of each cause warns."""

@@ -105,6 +105,16 @@ class DeviceDifference:
                 d.masked_fill_(m[s:e].logical_not(), 0)
             yield s, (d.abs_() if self.magnitude else d)
 
+    def flat_blocks(self, size: int) -> Iterator[torch.Tensor]:
+        """The values flattened, ``size`` entries at a time (each a fresh tensor)."""
+        if self.mask is not None or not self.after.is_contiguous():
+            yield from self.dense().reshape(-1).split(size)
+            return
+        a, b = self.after.reshape(-1), self.before.reshape(-1)
+        for s in range(0, a.numel(), size):
+            d = a[s : s + size].to(self.dtype, copy=True).sub_(b[s : s + size])
+            yield d.abs_() if self.magnitude else d
+
     def dense(self) -> torch.Tensor:
         """The values, written out whole (a new tensor in ``shape``)."""
         d = self.after.to(self.dtype, copy=True).sub_(self.before)

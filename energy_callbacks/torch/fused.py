@@ -40,6 +40,7 @@ adapter then uses the NumPy reference path. Only float32 and float64 are fused.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -340,6 +341,20 @@ class FusedNumpyOps(NumpyOps):
 
     def deferred(self, x: Any) -> bool:
         return isinstance(x, Difference) and not x.written and x.dtype in FUSED_DTYPES
+
+    def zeros_like(self, x: Any) -> Any:
+        if isinstance(x, Difference):
+            return np.zeros(x.shape, dtype=x.dtype)
+        return super().zeros_like(x)
+
+    def blocks(self, x: Any, size: int) -> Iterator[Any]:
+        if not (self.deferred(x) and x.kept is None):
+            yield from super().blocks(x, size)
+            return
+        after, before = x.after, x.before  # the difference in the weights' dtype
+        for s in range(0, after.size, size):
+            d = np.subtract(after[s : s + size], before[s : s + size])
+            yield np.abs(d, out=d) if x.absolute else d
 
     def keep(self, x: Any, mask: Any, out: Any | None = None) -> Any:
         if self.deferred(x) and not x.absolute:

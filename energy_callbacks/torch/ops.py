@@ -12,7 +12,7 @@ scores the lower flat index wins.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -59,8 +59,12 @@ class TorchOps:
         return bool(torch.isfinite(dense(x)).all())
 
     def total(self, x: Array, alpha: float = 1.0) -> float:
-        a = dense(x).detach().abs().double()
-        return float(a.sum() if alpha == 1.0 else a.pow(alpha).sum())
+        # float64 sums of |x| a block at a time: no float64 copy of a whole tensor
+        acc = torch.zeros((), dtype=torch.float64, device=x.device)
+        for block in self.blocks(x, difference.DEVICE_CHUNK):
+            a = block.abs()
+            acc += a.sum(dtype=torch.float64) if alpha == 1.0 else a.double().pow_(alpha).sum()
+        return float(acc)
 
     def count_nonzero(self, x: Array) -> int:
         return int(torch.count_nonzero(dense(x)))
@@ -188,6 +192,16 @@ class TorchOps:
 
     def split(self, x: Array, sizes: list[int], axis: int) -> list[Array]:
         return list(torch.split(dense(x), sizes, dim=axis))
+
+    def blocks(self, x: Array, size: int) -> Iterator[Array]:
+        if isinstance(x, DeviceDifference):
+            yield from x.flat_blocks(size)
+            return
+        yield from x.detach().reshape(-1).split(size)
+
+    def assign(self, dst: Array, src: Array) -> None:
+        with torch.no_grad():
+            dst.copy_(src)
 
     def zeros_f64(self, shape: tuple[int, ...]) -> Array:
         return torch.zeros(shape, dtype=torch.float64, device=self.device)

@@ -82,10 +82,11 @@ class Snapshot:
         ]
 
     def apply(
-        self, diffs: list[fused.Difference | None], masks: list[Any]
+        self, diffs: list[fused.Difference | None], masks: list[Any], refresh: bool = True
     ) -> list[tuple[float, int] | None] | None:
         """Keep each fused parameter's update where its mask says (None keeps all), in
-        one pass each, then copy the new weights into the snapshot.
+        one pass each, then copy the new weights into the snapshot (unless not
+        ``refresh``: then the snapshot still holds the old weights).
 
         Returns the applied change's ``(sum |dw|, count)`` per parameter, or None if
         the step held NaN/Inf: then every parameter is back to its value before it.
@@ -106,7 +107,7 @@ class Snapshot:
             self.undo()
             return None
         for i, s in enumerate(stats):
-            if s is not None:
+            if s is not None and refresh:
                 torch.from_numpy(self.before[i]).copy_(self.params[i].detach())
         return stats
 

@@ -289,3 +289,34 @@ def _arrays(state):
     if isinstance(state, list):
         return [_arrays(v) for v in state]
     return state
+
+
+@pytest.mark.parametrize("tau", [math.inf, 3.0])
+def test_the_synapse_scope_steps_a_block_at_a_time_as_on_the_whole_tensor(monkeypatch, tau):
+    """The synapse scope updates its store in place in blocks of ``BLOCK`` entries; with
+    7-entry blocks (crossing rows and ragged at the end) the store, the decay and the
+    figures are those of one whole-tensor step."""
+    from energy_callbacks.core import caching as module
+
+    rng = np.random.default_rng(3)
+    specs = [TensorSpec("w", (5, 9)), TensorSpec("b", (5,)), TensorSpec("s", (), unit_axis=None)]
+    steps = [[rng.normal(0, 0.01, s.shape) for s in specs] for _ in range(6)]
+
+    def run_with(block):
+        monkeypatch.setattr(module, "BLOCK", block)
+        rule = Caching(0.02, tau, 0.1)
+        rule.setup(specs)
+        decays = [rule.step([u.copy() for u in us]) for us in steps]
+        return rule, decays
+
+    whole, whole_decays = run_with(1 << 20)
+    blocked, blocked_decays = run_with(7)
+    for a, b in zip(whole.state_dict()["store"], blocked.state_dict()["store"]):
+        np.testing.assert_array_equal(a, b)
+    for da, db in zip(whole_decays, blocked_decays):
+        for a, b in zip(da, db):
+            assert (a is None) == (b is None) == math.isinf(tau)
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+    assert blocked.totals()[1] == whole.totals()[1] > 0
+    assert blocked.totals()[0] == pytest.approx(whole.totals()[0], rel=1e-12)

@@ -89,3 +89,20 @@ def test_nothing_is_written_to_the_weights(chunk):
     x = DeviceDifference(after, before).reshaped((900,))
     TorchOps().top_magnitude_mask(x, 90)
     assert torch.equal(after, a) and torch.equal(before, b)
+
+
+def test_blocks_of_an_unwritten_difference_are_its_values_in_order():
+    """Caching reads the applied change a block at a time (torch ops and the fused
+    NumPy views): the blocks, joined, are the written difference."""
+    from energy_callbacks.torch import fused
+
+    after, before = pair((9, 5), torch.bfloat16, ties=True, seed=8)
+    blocks = list(TorchOps().blocks(DeviceDifference(after, before), 7))
+    assert [b.numel() for b in blocks] == [7] * 6 + [3]
+    want = numpy_difference(after, before).reshape(-1)
+    np.testing.assert_array_equal(torch.cat(blocks).numpy(), want)
+    a, b = after.float().numpy(), before.float().numpy()
+    ops = fused.FusedNumpyOps()
+    x = fused.Difference(a, b, np.empty_like(a))
+    np.testing.assert_array_equal(np.concatenate(list(ops.blocks(x, 7))), (a - b).reshape(-1))
+    assert not x.written
