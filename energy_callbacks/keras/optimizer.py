@@ -361,18 +361,25 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 go,
                 None,
             )
-        proposed = [after[i] - before[i] for i in covered]
+        proposed: list[Any] = [after[i] - before[i] for i in covered]
         masks = self.plasticity.masks(proposed)
-        # what each tensor keeps (unmasked: all of it); a NaN/Inf anywhere in the proposal
-        # makes its plain sum non-finite
-        kept = [
-            p if m is None else ops.where(m, p, ops.zeros_like(p))
-            for p, m in zip(proposed, masks, strict=True)
-        ]
-        sums = [ops.sum(ops.abs(c)) for c in kept]
-        checks = [
-            t if m is None else ops.sum(p) for p, m, t in zip(proposed, masks, sums, strict=True)
-        ]
+        alpha = self.plasticity.alpha
+        caching = self._caching is not None and store is not None
+        # Per tensor, what it keeps (unmasked: all of it) and its figures; a NaN/Inf
+        # anywhere in the proposal makes its plain sum non-finite. Each proposal is let
+        # go once read, so an eager backend (torch) holds one tensor's at a time.
+        sums, checks, counts, powers, kept = [], [], [], [], []
+        for j, m in enumerate(masks):
+            p = proposed[j]
+            c = p if m is None else ops.where(m, p, ops.zeros_like(p))
+            sums.append(ops.sum(ops.abs(c)))
+            checks.append(sums[-1] if m is None else ops.sum(p))
+            counts.append(keras_ops.count_nonzero(c))
+            if alpha != 1.0:
+                powers.append(keras_ops.total(c, alpha))
+            if caching:
+                kept.append(c)
+            proposed[j] = p = c = None
         finite = ops.logical_and(ops.all(ops.isfinite(ops.stack(checks))), grads_finite)
         go = ops.logical_and(finite, live)
         final = None
@@ -383,15 +390,12 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                     keep[i] = ops.logical_and(m, go)
             final = [ops.where(k, a, b) for a, b, k in zip(after, before, keep, strict=True)]
         cached = None
-        if self._caching is not None and store is not None:
+        if caching:
             final, new_store, figures = self._caching.step(final, covered, kept, store, go)
             cached = (new_store, figures)
         m1 = ops.where(go, ops.stack(sums), 0.0)
-        m0 = ops.where(go, ops.stack([keras_ops.count_nonzero(c) for c in kept]), 0)
-        m_alpha = m1
-        if self.plasticity.alpha != 1.0:
-            alpha = ops.stack([keras_ops.total(c, self.plasticity.alpha) for c in kept])
-            m_alpha = ops.where(go, alpha, 0.0)
+        m0 = ops.where(go, ops.stack(counts), 0)
+        m_alpha = m1 if alpha == 1.0 else ops.where(go, ops.stack(powers), 0.0)
         return final, m1, m0, m_alpha, finite, go, cached
 
     @property

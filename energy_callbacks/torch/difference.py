@@ -26,7 +26,7 @@ back to the host, so masking a step does not wait for the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -179,16 +179,45 @@ def _threshold_top(x: DeviceDifference, n: int, k: int) -> torch.Tensor:
 
 
 def _radix_top(x: DeviceDifference, k: int) -> torch.Tensor:
-    """Exact top-k of the non-negative ``x`` (``|dw|``) without writing it out.
+    """Exact top-k of the non-negative ``x`` (``|dw|``) without writing it out."""
+    out = torch.empty(_rows(x.after).shape, dtype=torch.bool, device=x.device)
+    return radix_top(x.chunks, out, k, x.dtype).reshape(x.shape)
+
+
+def top_k_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The mask of the ``k`` largest of the non-negative float ``scores`` (1-D), exact,
+    ties lowest index first, in passes over blocks of :data:`DEVICE_CHUNK` entries
+    (no sort, no host read)."""
+    flat = scores.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # 16-bit scores order as their float32 values
+
+    def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+        for s in range(0, flat.numel(), DEVICE_CHUNK):
+            yield s, flat[s : s + DEVICE_CHUNK]
+
+    out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    return radix_top(blocks, out, k, flat.dtype).reshape(scores.shape)
+
+
+def radix_top(
+    blocks: Callable[[], Iterable[tuple[int, torch.Tensor]]],
+    out: torch.Tensor,
+    k: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Write into ``out`` the mask of the ``k`` largest non-negative values that
+    ``blocks()`` yields as ``(first row of out, values)`` in row-major order.
 
     A non-negative float's bits, read as a signed integer of its width, order as the
     float does, so the k-th largest value is found 16 bits at a time: each round
-    counts, over all chunks, the entries that share the bits found so far by their
-    next 16 bits, and picks the digit where the count from the top reaches k.
+    counts, over all blocks, the entries that share the bits found so far by their
+    next 16 bits, and picks the digit where the count from the top reaches k. One
+    more pass keeps the entries above that value and the first ones equal to it.
     """
-    keys = torch.int32 if x.dtype == torch.float32 else torch.int64
+    keys = torch.int32 if dtype == torch.float32 else torch.int64
     width = 32 if keys == torch.int32 else 64
-    device = x.device
+    device = out.device
     prefix = torch.zeros((), dtype=torch.int64, device=device)
     need = torch.full((1,), k, dtype=torch.int64, device=device)  # rank among matches
     ones = torch.ones((), dtype=torch.int64, device=device)
@@ -196,7 +225,7 @@ def _radix_top(x: DeviceDifference, k: int) -> torch.Tensor:
         hist = torch.zeros(_BINS + 1, dtype=torch.int64, device=device)
         first = shift + _DIGIT_BITS == width
         high = None if first else (prefix >> (shift + _DIGIT_BITS)).to(keys)
-        for _, d in x.chunks():
+        for _, d in blocks():
             key = d.reshape(-1).view(keys)
             digit = ((key >> shift) & (_BINS - 1)).to(torch.int32)
             if high is not None:  # entries outside the prefix go to the spare bin
@@ -208,16 +237,15 @@ def _radix_top(x: DeviceDifference, k: int) -> torch.Tensor:
         need = need - (from_top[rank] - hist[digit])  # minus the entries above this digit
         prefix = prefix | (digit[0] << shift)
     cut = prefix.to(keys)
-    out = torch.empty(_rows(x.after).shape, dtype=torch.bool, device=device)
-    taken = torch.zeros((), dtype=torch.int64, device=device)  # ties kept in earlier chunks
-    for s, d in x.chunks():
+    taken = torch.zeros((), dtype=torch.int64, device=device)  # ties kept in earlier blocks
+    for s, d in blocks():
         key = d.reshape(-1).view(keys)
         tied = key == cut
-        ranks = tied.cumsum(0, dtype=torch.int32)  # among this chunk's ties
+        ranks = tied.cumsum(0, dtype=torch.int32)  # among this block's ties
         keep = (key > cut) | (tied & (ranks <= need - taken))
         out[s : s + d.shape[0]] = keep.reshape(d.shape)
         taken = taken + tied.sum()
-    return out.reshape(x.shape)
+    return out
 
 
 def row_l1(x: DeviceDifference, axis: int) -> torch.Tensor:
