@@ -1,7 +1,8 @@
 """Step-time overhead of the Keras PlasticityCallback on one backend, side by side.
 
-The same model and batches as benchmarks/overhead.py (784-1000-10, leaky ReLU,
-cross-entropy, SGD, random data, CPU). Each round fits every configuration for
+The same models and batches as benchmarks/overhead.py (the MLP 784-1000-10 with
+leaky ReLU, or with ``--workload cnn`` its CNN on 28x28 images; cross-entropy, SGD,
+random data, CPU). Each round fits every configuration for
 the same number of steps, alternating, in one process. The step time is the
 median interval between consecutive ``on_train_batch_begin`` calls after the
 warm-up steps (the first steps include tracing): what a user waits for per step.
@@ -9,6 +10,7 @@ The ratio is over the plain fit of the same round; the median over rounds is sho
 
     KERAS_BACKEND=jax python benchmarks/keras_overhead.py --batch-sizes 32
     KERAS_BACKEND=jax python benchmarks/keras_overhead.py --batch-sizes 32 --no-jit
+    KERAS_BACKEND=jax python benchmarks/keras_overhead.py --workload cnn --batch-sizes 128
     python benchmarks/overhead.py --keras tensorflow jax torch   # all rows, one table
 """
 
@@ -44,16 +46,8 @@ class StepTimer(keras.callbacks.Callback):
         float(np.asarray(logs["loss"]))  # wait for the step (JAX dispatches asynchronously)
 
 
-def median_step(
-    config, batch_size: int, steps: int, warmup: int, jit: str | bool = "auto"
-) -> float:
-    """Median seconds per step of one fit."""
-    keras.utils.set_random_seed(0)
-    n = batch_size * (steps + warmup)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, 784)).astype("float32")
-    y = rng.integers(0, 10, n).astype("int32")
-    model = keras.Sequential(
+def mlp() -> keras.Model:
+    return keras.Sequential(
         [
             keras.Input((784,)),
             keras.layers.Dense(1000),
@@ -61,6 +55,42 @@ def median_step(
             keras.layers.Dense(10),
         ]
     )
+
+
+def cnn() -> keras.Model:
+    """The CNN of benchmarks/overhead.py: conv 32 - pool - conv 64 - pool - dense 128 - 10."""
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+WORKLOADS = {"mlp": mlp, "cnn": cnn}
+
+
+def median_step(
+    config,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    jit: str | bool = "auto",
+    workload: str = "mlp",
+) -> float:
+    """Median seconds per step of one fit."""
+    keras.utils.set_random_seed(0)
+    n = batch_size * (steps + warmup)
+    rng = np.random.default_rng(0)
+    model = WORKLOADS[workload]()
+    x = rng.standard_normal((n, *model.input_shape[1:])).astype("float32")
+    y = rng.integers(0, 10, n).astype("int32")
     model.compile(
         optimizer=keras.optimizers.SGD(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -74,7 +104,12 @@ def median_step(
 
 
 def measure(
-    batch_sizes: list[int], steps: int, warmup: int, rounds: int, jit: str | bool = "auto"
+    batch_sizes: list[int],
+    steps: int,
+    warmup: int,
+    rounds: int,
+    jit: str | bool = "auto",
+    workload: str = "mlp",
 ) -> list[dict]:
     """One row per (batch size, configuration): median ms and ratio (min, max) over rounds."""
     rows = []
@@ -84,7 +119,7 @@ def measure(
         for _ in range(rounds):
             base = 1.0
             for name, config in CONFIGS.items():
-                t = median_step(config, batch_size, steps, warmup, jit)
+                t = median_step(config, batch_size, steps, warmup, jit, workload)
                 base = t if config is None else base
                 runs[name].append(t)
                 ratios[name].append(t / base)
@@ -109,6 +144,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per fit")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="mlp")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument(
         "--no-jit", action="store_true", help="compile with jit_compile=False (no XLA)"
@@ -116,12 +152,15 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     jit = False if args.no_jit else "auto"
-    rows = measure(args.batch_sizes, args.steps, args.warmup, args.rounds, jit)
+    rows = measure(args.batch_sizes, args.steps, args.warmup, args.rounds, jit, args.workload)
     if args.json:
         print(json.dumps(rows))
         return
     xla = ", jit_compile=False" if args.no_jit else ""
-    print(f"keras {keras.__version__} on {keras.backend.backend()}{xla}, {args.rounds} rounds")
+    print(
+        f"keras {keras.__version__} on {keras.backend.backend()}{xla}, {args.workload}, "
+        f"{args.rounds} rounds"
+    )
     print(f"{'batch':>5}  {'configuration':<38} {'ms/step':>8} {'ratio':>6} (min-max)")
     for r in rows:
         print(

@@ -173,6 +173,8 @@ class Caching:
             if self.scope == "synapse":  # element by element: in place, a block at a time
                 if held is None:
                     held = self._store[i] = ops.zeros_like(u)
+                elif held.dtype != u.dtype:  # a resumed float32 store of wider updates
+                    held = self._store[i] = ops.add(held, ops.zeros_like(u))
                 decays[i] = self._step_blocks(i, held, u)
                 continue
             base = ops.zeros_like(u) if held is None else held

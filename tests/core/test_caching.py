@@ -320,3 +320,18 @@ def test_the_synapse_scope_steps_a_block_at_a_time_as_on_the_whole_tensor(monkey
                 np.testing.assert_array_equal(a, b)
     assert blocked.totals()[1] == whole.totals()[1] > 0
     assert blocked.totals()[0] == pytest.approx(whole.totals()[0], rel=1e-12)
+
+
+def test_a_resumed_float32_store_widens_to_float64_updates():
+    """An empty store is saved as float32 zeros; resumed under float64 updates it
+    steps in float64, as a store that was never saved does."""
+    spec = [TensorSpec("w", (3, 4))]
+    fresh, resumed = Caching(1.0, math.inf, 0.1), Caching(1.0, math.inf, 0.1)
+    fresh.setup(spec)
+    resumed.setup(spec)
+    resumed.load_state_dict(fresh.state_dict())
+    u = np.full((3, 4), 0.1 + 1e-12)
+    fresh.step([u])
+    resumed.step([u])
+    assert resumed.state_dict()["store"][0].dtype == np.float64
+    np.testing.assert_array_equal(resumed.state_dict()["store"][0], fresh.state_dict()["store"][0])
