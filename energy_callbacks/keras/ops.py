@@ -70,10 +70,6 @@ class KerasOps:
         if k <= 0:
             return ops.zeros(scores.shape, dtype="bool")
         if rows == 1 and largest and n > _search_above():
-            if keras.backend.backend() == "torch":
-                from ..torch.difference import top_k_scores
-
-                return ops.reshape(top_k_scores(ops.reshape(scores, (n,)), k), (1, n))
             search = _xla(_search_top)
             return ops.reshape(search(ops.reshape(scores, (n,)), k), (1, n))
         s = scores if largest else ops.negative(scores)
@@ -163,12 +159,10 @@ class KerasOps:
         return ops.sum(probs * ops.cast(onehot, probs.dtype), axis=-1)
 
 
-SEARCH_ABOVE = {"jax": 512, "tensorflow": 512, "torch": 512}
+SEARCH_ABOVE = {"jax": 512, "tensorflow": 512}
 """Longer 1-D selections use the bit search: XLA sorts slowly on CPU (``top_k`` over 10k
 values took 2 ms). The masked step runs under XLA on both (see :func:`xla_on_tensorflow`).
-The torch backend, eager, takes the torch adapter's radix selection instead (16-bit
-histograms on the device, no loop that waits for it): 4.5 ms against ``top_k``'s 17 ms
-over 784k scores."""
+The torch backend always uses ``top_k``."""
 FLOAT_BITS_END = 0x7F800001
 """One past the bit pattern of +inf: every finite score ``>= 0`` lies below it."""
 

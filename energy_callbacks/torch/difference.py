@@ -184,22 +184,6 @@ def _radix_top(x: DeviceDifference, k: int) -> torch.Tensor:
     return radix_top(x.chunks, out, k, x.dtype).reshape(x.shape)
 
 
-def top_k_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The mask of the ``k`` largest of the non-negative float ``scores`` (1-D), exact,
-    ties lowest index first, in passes over blocks of :data:`DEVICE_CHUNK` entries
-    (no sort, no host read)."""
-    flat = scores.detach().reshape(-1)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()  # 16-bit scores order as their float32 values
-
-    def blocks() -> Iterator[tuple[int, torch.Tensor]]:
-        for s in range(0, flat.numel(), DEVICE_CHUNK):
-            yield s, flat[s : s + DEVICE_CHUNK]
-
-    out = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-    return radix_top(blocks, out, k, flat.dtype).reshape(scores.shape)
-
-
 def radix_top(
     blocks: Callable[[], Iterable[tuple[int, torch.Tensor]]],
     out: torch.Tensor,
