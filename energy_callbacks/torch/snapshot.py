@@ -137,7 +137,7 @@ class Snapshot:
                 out.append(None)
                 continue
             if m is None:
-                totals = _chunk_totals(p.detach().reshape(-1), b.reshape(-1), alpha)
+                totals = _change_totals(p, b, alpha)
                 full = totals[0]  # NaN/Inf too if the change held any
             else:
                 totals, full = _blend_totals(p, b, m, alpha)
@@ -194,7 +194,7 @@ class Snapshot:
         count(d != 0))`` of ``d = w - before``, as device scalars read by nobody yet,
         taken chunk by chunk (no full-size temporary is made)."""
         return [
-            None if p.grad is None else _chunk_totals(p.detach().reshape(-1), b.reshape(-1), alpha)
+            None if p.grad is None else _change_totals(p, b, alpha)
             for p, b in zip(self.params, self.before, strict=True)
         ]
 
@@ -227,21 +227,17 @@ DeviceTotals = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(sum |d|, sum |d| ** alpha, count(d != 0))`` as device scalars (float64, float64, int64)."""
 
 
-def _chunk_totals(a: torch.Tensor, b: torch.Tensor | None, alpha: float) -> DeviceTotals:
-    """``(sum |d|, sum |d| ** alpha, count(d != 0))`` of ``d = a`` (``b`` None) or of
-    ``d = a - b`` in at least float32 (exact for 16-bit weights), on the device,
-    through temporaries of at most ``difference.DEVICE_CHUNK`` entries."""
-    wide = torch.promote_types(a.dtype, torch.float32)
-    m1 = torch.zeros((), dtype=torch.float64, device=a.device)
+def _change_totals(p: torch.Tensor, b: torch.Tensor, alpha: float) -> DeviceTotals:
+    """``(sum |d|, sum |d| ** alpha, count(d != 0))`` of ``d = p - b`` in at least
+    float32 (exact for 16-bit weights), on the device, a block of
+    ``difference.DEVICE_CHUNK`` entries at a time (each block a fresh tensor: the
+    weights are only read)."""
+    m1 = torch.zeros((), dtype=torch.float64, device=p.device)
     m_alpha = m1 if alpha == 1.0 else m1.clone()
-    m0 = torch.zeros((), dtype=torch.int64, device=a.device)
-    chunk = difference.DEVICE_CHUNK
-    for start in range(0, a.numel(), chunk):
-        d = a[start : start + chunk].to(wide)
-        if b is not None:
-            d = d.sub_(b[start : start + chunk].to(wide))
+    m0 = torch.zeros((), dtype=torch.int64, device=p.device)
+    for d in DeviceDifference(p, b).flat_blocks(difference.DEVICE_CHUNK):
         m0 = m0 + torch.count_nonzero(d)
-        d = d.abs_() if b is not None else d.abs()
+        d = d.abs_()
         m1 = m1 + d.sum(dtype=torch.float64)
         if alpha != 1.0:
             m_alpha = m_alpha + d.double().pow_(alpha).sum()

@@ -137,3 +137,23 @@ def test_a_nonfinite_step_is_undone_on_the_device_and_reported_once_read():
     with pytest.warns(RuntimeWarning, match="NaN/Inf"):
         report = handle.report()
     assert report.skipped_steps == 1 and report.steps == 0 and report.m1 == 0.0
+
+
+def test_measuring_float32_weights_on_torch_ops_leaves_them_alone(chunks):
+    """float32 weights take the torch-ops path on a GPU: measuring a step reads
+    ``w - before`` block by block and writes nothing into the weights."""
+    from energy_callbacks.torch.snapshot import Snapshot
+
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(9, 5))
+    snap = Snapshot([p], use_numpy=False)
+    snap.take()
+    p.grad = torch.zeros_like(p)
+    with torch.no_grad():
+        p.add_(torch.randn(9, 5) * 1e-2)
+    stepped = p.detach().clone()
+    (m1, _, m0), = snap.device_totals(1.0)
+    assert torch.equal(p.detach(), stepped)
+    d = (stepped - snap.before[0]).double()
+    assert int(m0) == int(torch.count_nonzero(d))
+    assert float(m1) == pytest.approx(float(d.abs().sum()), rel=1e-6)
