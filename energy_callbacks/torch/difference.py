@@ -100,7 +100,7 @@ class DeviceDifference:
         if m is not None:
             m = _rows(m.expand(self.after.shape))
         for s, e in row_blocks(a):
-            d = a[s:e].to(self.dtype, copy=True).sub_(b[s:e])
+            d = block_difference(a[s:e], b[s:e], self.dtype)
             if m is not None:
                 d.masked_fill_(m[s:e].logical_not(), 0)
             yield s, (d.abs_() if self.magnitude else d)
@@ -112,15 +112,21 @@ class DeviceDifference:
             return
         a, b = self.after.reshape(-1), self.before.reshape(-1)
         for s in range(0, a.numel(), size):
-            d = a[s : s + size].to(self.dtype, copy=True).sub_(b[s : s + size])
+            d = block_difference(a[s : s + size], b[s : s + size], self.dtype)
             yield d.abs_() if self.magnitude else d
 
     def dense(self) -> torch.Tensor:
         """The values, written out whole (a new tensor in ``shape``)."""
-        d = self.after.to(self.dtype, copy=True).sub_(self.before)
+        d = block_difference(self.after, self.before, self.dtype)
         if self.mask is not None:
             d.masked_fill_(self.mask.expand(d.shape).logical_not(), 0)
         return (d.abs_() if self.magnitude else d).reshape(self.shape)
+
+
+def block_difference(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a - b`` in ``dtype`` (at least float32: exact for 16-bit weights), as a new
+    tensor: ``a`` is only read, even when it already has that dtype."""
+    return a.to(dtype, copy=True).sub_(b)
 
 
 def dense(x: object) -> object:

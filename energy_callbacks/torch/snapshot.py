@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import difference, fused
-from .difference import DeviceDifference, row_blocks
+from .difference import DeviceDifference, block_difference, row_blocks
 
 
 class ShapeChanged(RuntimeError):
@@ -146,24 +146,23 @@ class Snapshot:
         return out, proposal
 
     def deltas(self) -> tuple[list[Any], list[tuple[float, int] | None]]:
-        """``w_after - w_before`` per parameter (None where the parameter had no grad),
+        """NumPy views only (torch ops read :meth:`device_differences` in blocks):
+        ``w_after - w_before`` per parameter (None where the parameter had no grad),
         and ``(sum |delta|, count(delta != 0))`` where a fused kernel computed them."""
         out: list[Any] = []
         stats: list[tuple[float, int] | None] = [None] * len(self.params)
         for i, p in enumerate(self.params):
             if p.grad is None:
                 out.append(None)
-            elif self.use_numpy:
-                d = self.delta[i]
-                if self.fused[i]:
-                    stats[i] = fused.diff_stats(view(p), self.before[i], d)
-                elif d.dtype == self.before[i].dtype:
-                    torch.sub(p.detach(), torch.from_numpy(self.before[i]), out=torch.from_numpy(d))
-                else:  # 16-bit weights: subtract in float32, where the difference is exact
-                    np.subtract(view(p), self.before[i], out=d, dtype=d.dtype)
-                out.append(d)
-            else:  # a new tensor (kept by the caller only): exact 16-bit differences
-                out.append(DeviceDifference(p, self.before[i]).dense())
+                continue
+            d = self.delta[i]
+            if self.fused[i]:
+                stats[i] = fused.diff_stats(view(p), self.before[i], d)
+            elif d.dtype == self.before[i].dtype:
+                torch.sub(p.detach(), torch.from_numpy(self.before[i]), out=torch.from_numpy(d))
+            else:  # 16-bit weights: subtract in float32, where the difference is exact
+                np.subtract(view(p), self.before[i], out=d, dtype=d.dtype)
+            out.append(d)
         return out, stats
 
     def drop(self, i: int, keep: Any) -> tuple[float, int] | None:
@@ -260,7 +259,7 @@ def _blend_totals(
     with torch.no_grad():
         for s, e in row_blocks(a):
             ac, bc, kc = a[s:e], bb[s:e], kk[s:e]
-            ad = ac.to(wide, copy=True).sub_(bc).abs_()
+            ad = block_difference(ac, bc, wide).abs_()
             full = full + ad.sum(dtype=torch.float64)
             torch.where(kc, ac, bc, out=ac)
             ad.masked_fill_(kc.logical_not(), 0)
