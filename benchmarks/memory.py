@@ -6,8 +6,9 @@ JAX and torch; on a machine with a CUDA device also the torch adapter there, who
 peak is the device's ``max_memory_allocated``), each rule (none, tracking only,
 exact ``TopFraction(0.1)``) and two widths of a 3-layer MLP (``w -> w -> w -> 10``,
 Adam, batch 32, a few steps), one fresh process trains and reports its peak
-resident memory (``VmHWM``). The extra memory of a rule is its peak minus the
-peak of the same run without the callback.
+resident memory (``VmHWM``, with glibc's mmap threshold fixed: ``MMAP_THRESHOLD``).
+The extra memory of a rule is its peak minus the peak of the same run without the
+callback.
 Between the two widths the fixed costs (imports, JIT, tracing) cancel:
 
 - ``per byte``: the slope of the extra memory over the parameters' bytes, the part
@@ -40,6 +41,13 @@ RULES = (
 DEFAULT_RULES = ("tracking", "TopFraction(0.1)")
 STEPS = 4
 BATCH = 32
+MMAP_THRESHOLD = 1 << 20
+"""glibc's malloc serves blocks of at least this many bytes by ``mmap`` and gives them
+back when freed. Its default threshold moves up as large blocks are freed, after which
+they come from the heap and stay resident, so a freed tensor's pages could count in a
+later peak or not, from run to run: about 100 MiB at 200 MiB of parameters. With the
+threshold fixed the peak is that of the live tensors; the torch paths' peaks repeat to
+within 3 MiB."""
 
 
 def gpu_paths() -> tuple[str, ...]:
@@ -157,6 +165,7 @@ def child(path: str, rule: str, width: int) -> None:
 def measure(path: str, rule: str, width: int) -> dict:
     """One fresh process: its peak memory and the parameters' bytes."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     if path.startswith("keras-"):
         env["KERAS_BACKEND"] = path.split("-", 1)[1]
     proc = subprocess.run(
