@@ -317,9 +317,10 @@ class PlasticityCallback(keras.callbacks.Callback):
             self._warned.add("skipped")
             warnings.warn(
                 f"plasticity: {report.skipped_steps} step(s) so far had NaN/Inf updates (NaN/Inf "
-                "gradients?); each was skipped: weights and optimizer state left as before, "
-                "nothing counted. Later ones are counted in report().skipped_steps and the "
-                "plasticity/skipped_steps log without another warning.",
+                "gradients?); each was skipped: weights left as before (and the optimizer's "
+                "state, where the gradients held NaN/Inf), nothing counted. Later ones are "
+                "counted in report().skipped_steps and the plasticity/skipped_steps log "
+                "without another warning.",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -121,6 +121,30 @@ def case_nan() -> None:
     }
 
 
+def case_nonfinite_proposal() -> None:
+    """Finite gradients, a proposal of Inf/NaN (an infinite learning rate): the weights
+    stay and the step counts as skipped, on every backend; the optimizer's state keeps
+    its update (its step count), as the gradients held nothing to undo."""
+    from energy_callbacks.keras import PlasticityCallback
+
+    x, y = data(32)
+    out = {}
+    for name, rule in (("measuring", {}), ("masking", {"synapses": 0.5})):
+        model = compiled(small_model(), keras.optimizers.SGD(learning_rate=math.inf))
+        before = [np.array(w) for w in model.get_weights()]
+        callback = PlasticityCallback(**rule)
+        said, _ = fit(model, callback, x, y)
+        out[name] = {
+            "report": report_dict(callback.report()),
+            "unchanged": all(
+                np.array_equal(a, np.asarray(b)) for a, b in zip(before, model.get_weights())
+            ),
+            "iterations": int(np.asarray(model.optimizer.iterations)),
+            "warnings": said,
+        }
+    RESULTS["nonfinite_proposal"] = out
+
+
 def case_loss_scaling() -> None:
     """mixed_float16: Keras wraps the optimizer in a LossScaleOptimizer, which skips the
     steps whose gradients overflow float16 at its loss scale and halves the scale."""
@@ -345,6 +369,7 @@ def case_accumulators() -> None:
 
 CASES = {
     "nan": case_nan,
+    "nonfinite_proposal": case_nonfinite_proposal,
     "loss_scaling": case_loss_scaling,
     "ids": case_ids,
     "targets": case_targets,

@@ -12,6 +12,15 @@ def test_nan_steps_are_skipped_counted_logged_and_warned_once(keras_results):
     assert len(r["warnings"]) == 1 and "skipped_steps" in r["warnings"][0]
 
 
+def test_a_nonfinite_proposal_from_finite_gradients_is_undone_in_the_weights(keras_results):
+    for name, r in keras_results["nonfinite_proposal"].items():
+        assert r["unchanged"], name
+        assert r["report"]["skipped"] == 4 and r["report"]["steps"] == 0, name
+        assert r["report"]["m1"] == 0 and r["report"]["m0"] == 0, name
+        assert r["iterations"] == 4, name  # the optimizer's state kept its updates
+        assert len(r["warnings"]) == 1 and "skipped_steps" in r["warnings"][0], name
+
+
 def test_loss_scaler_skips_cost_nothing_and_count_as_skipped(keras_results):
     r = keras_results["loss_scaling"]
     assert r["inner"] == "LossScaleOptimizer"
