@@ -298,12 +298,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 + list(zip(state, new_state, strict=True))
             )
         else:
-            if state_before is not None and scaler_skips is None:
-                grads_finite = _all_finite(grads)
             self.inner_optimizer.apply(grads, variables)
-        # the optimizer's state goes back when the gradients say so, known before the
-        # update (JAX then updates it in place); the weights also on the proposal
-        state_go = ops.logical_and(live, grads_finite)
 
         after = [v.value for v in variables]
         store = None if self._caching is None else [s.value for s in self._caching.store]
@@ -317,15 +312,15 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         if final is None:  # measure only: the weights change unless the step is skipped
             assign_all(metered)
             # a skipped step leaves no trace in the optimizer either (Adam's count, moments)
-            restore_unless(go, list(zip(variables, before, strict=True)))
+            restored = list(zip(variables, before, strict=True))
             if state_before is not None:
-                restore_unless(state_go, list(zip(state, state_before, strict=True)))
+                restored += list(zip(state, state_before, strict=True))
+            restore_unless(go, restored)
             return
         assigned = list(zip(variables, final, strict=True)) + metered
         if state_before is not None:
             assigned += [
-                (v, ops.where(state_go, v.value, b))
-                for v, b in zip(state, state_before, strict=True)
+                (v, ops.where(go, v.value, b)) for v, b in zip(state, state_before, strict=True)
             ]
         assign_all(assigned)
 
