@@ -318,9 +318,9 @@ class PlasticityCallback(keras.callbacks.Callback):
             warnings.warn(
                 f"plasticity: {report.skipped_steps} step(s) so far had NaN/Inf updates (NaN/Inf "
                 "gradients?); each was skipped: weights left as before (and the optimizer's "
-                "state, where the gradients held NaN/Inf), nothing counted. Later ones are "
-                "counted in report().skipped_steps and the plasticity/skipped_steps log "
-                "without another warning.",
+                "state, at least where the gradients held NaN/Inf), nothing counted. Later "
+                "ones are counted in report().skipped_steps and the plasticity/skipped_steps "
+                "log without another warning.",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -123,8 +123,9 @@ def case_nan() -> None:
 
 def case_nonfinite_proposal() -> None:
     """Finite gradients, a proposal of Inf/NaN (an infinite learning rate): the weights
-    stay and the step counts as skipped, on every backend; the optimizer's state keeps
-    its update (its step count), as the gradients held nothing to undo."""
+    stay and the step counts as skipped, on every backend; the optimizer's state (its
+    step count) keeps its update where the update ran behind a branch on the gradients
+    (TensorFlow, torch) and goes back with the weights on JAX."""
     from energy_callbacks.keras import PlasticityCallback
 
     x, y = data(32)
