@@ -58,7 +58,7 @@ from .distribute import (
 )
 from .gate import GateState
 from .layers import describe, owner_kinds, wiring
-from .ops import all_finite, change_totals, compiled_step, keras_ops
+from .ops import Difference, all_finite, change_totals, compiled_step, keras_ops
 from .totals import (  # noqa: F401
     COUNT_BITS,
     carry_count,
@@ -361,24 +361,35 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 go,
                 None,
             )
-        proposed: list[Any] = [after[i] - before[i] for i in covered]
+        # compiled (TF, JAX): the proposals stay unwritten, each pass reads after - before
+        unwritten = keras.backend.backend() != "torch"
+        proposed: list[Any] = [
+            Difference(after[i], before[i]) if unwritten else after[i] - before[i] for i in covered
+        ]
         masks = self.plasticity.masks(proposed)
         alpha = self.plasticity.alpha
         caching = self._caching is not None and store is not None
-        # Per tensor, what it keeps (unmasked: all of it) and its figures; a NaN/Inf
-        # anywhere in the proposal makes its plain sum non-finite. Each proposal is let
-        # go once read, so an eager backend (torch) holds one tensor's at a time.
+        # Per tensor, the figures of what it keeps (unmasked: all of it); a NaN/Inf
+        # anywhere in the proposal makes the sum of all of it non-finite. Compiled, they
+        # are read slice by slice from after and before; eager torch reads its proposal,
+        # let go once read, so that it holds one tensor's at a time.
         sums, checks, counts, powers, kept = [], [], [], [], []
-        for j, m in enumerate(masks):
+        for j, (i, m) in enumerate(zip(covered, masks, strict=True)):
             p = proposed[j]
-            c = p if m is None else ops.where(m, p, ops.zeros_like(p))
-            sums.append(ops.sum(ops.abs(c)))
-            checks.append(sums[-1] if m is None else ops.sum(p))
-            counts.append(keras_ops.count_nonzero(c))
-            if alpha != 1.0:
-                powers.append(keras_ops.total(c, alpha))
+            if isinstance(p, Difference):
+                m1_j, m0_j, m_alpha_j, whole = change_totals(after[i], before[i], alpha, m)
+                p = p.dense() if caching else None
+            else:
+                c = p if m is None else ops.where(m, p, ops.zeros_like(p))
+                m1_j, m0_j = ops.sum(ops.abs(c)), keras_ops.count_nonzero(c)
+                m_alpha_j = m1_j if alpha == 1.0 else keras_ops.total(c, alpha)
+                whole = m1_j if m is None else ops.sum(p)
+            sums.append(m1_j)
+            checks.append(whole)
+            counts.append(m0_j)
+            powers.append(m_alpha_j)
             if caching:
-                kept.append(c)
+                kept.append(p if m is None else ops.where(m, p, ops.zeros_like(p)))
             proposed[j] = p = c = None
         finite = ops.logical_and(ops.all(ops.isfinite(ops.stack(checks))), grads_finite)
         go = ops.logical_and(finite, live)

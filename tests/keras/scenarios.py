@@ -427,6 +427,7 @@ def scenario_misc(tmp: str) -> None:
 # -- 5. selections on long tensors (the bisection search), inside a compiled function ----
 def scenario_selection() -> None:
     from energy_callbacks.core.ops import numpy_ops
+    from energy_callbacks.keras.ops import Difference as keras_ops_difference
     from energy_callbacks.keras.ops import keras_ops
 
     rng = np.random.default_rng(0)
@@ -458,6 +459,18 @@ def scenario_selection() -> None:
             got = ops.convert_to_numpy(fn(ops.convert_to_tensor(signed)))
             want = numpy_ops.top_magnitude_mask(signed, 10_000, approximate)
             out[f"{name}/magnitude approximate={approximate}"] = bool((got == want).all())
+        # a step's proposal, unwritten: the selection reads after - before at each round
+        after = rng.standard_normal(n).astype("float32")
+        before = (after - signed).astype("float32")
+        for k in (1, 10_000, n - 1):
+            fn = compiled(
+                lambda a, b, k=k: keras_ops.top_magnitude_mask(keras_ops_difference(a, b), k)
+            )
+            got = ops.convert_to_numpy(
+                fn(ops.convert_to_tensor(after), ops.convert_to_tensor(before))
+            )
+            want = numpy_ops.top_magnitude_mask(after - before, k)
+            out[f"{name}/difference k={k}"] = bool((got == want).all())
     # a measure-only step's totals, summed slice by slice (1000 entries a slice here)
     from energy_callbacks.keras import ops as keras_ops_module
 
@@ -465,19 +478,27 @@ def scenario_selection() -> None:
     try:
         after = rng.standard_normal(n).astype("float32")
         before = np.where(rng.random(n) < 0.3, after, rng.standard_normal(n)).astype("float32")
-        fn = compiled(lambda a, b: keras_ops_module.change_totals(a, b, 1.5))
-        m1, m0, m_alpha = (
-            float(ops.convert_to_numpy(t))
-            for t in fn(ops.convert_to_tensor(after), ops.convert_to_tensor(before))
-        )
+        keep = rng.random(n) < 0.4
+        d = np.abs(after.astype(np.float64) - before)
+        for masked in (False, True):
+            fn = compiled(
+                lambda a, b, m, masked=masked: keras_ops_module.change_totals(
+                    a, b, 1.5, m if masked else None
+                )
+            )
+            m1, m0, m_alpha, whole = (
+                float(ops.convert_to_numpy(t))
+                for t in fn(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
+            )
+            c = np.where(keep, d, 0) if masked else d
+            out[f"change totals in slices, masked={masked}"] = bool(
+                m0 == np.count_nonzero(c)
+                and np.isclose(m1, c.sum(), rtol=1e-5)
+                and np.isclose(m_alpha, (c**1.5).sum(), rtol=1e-5)
+                and np.isclose(whole, d.sum(), rtol=1e-5)
+            )
     finally:
         keras_ops_module.MEASURE_CHUNK = chunk
-    d = np.abs(after.astype(np.float64) - before)
-    out["change totals in slices"] = bool(
-        m0 == np.count_nonzero(d)
-        and np.isclose(m1, d.sum(), rtol=1e-5)
-        and np.isclose(m_alpha, (d**1.5).sum(), rtol=1e-5)
-    )
     grads = [ops.convert_to_tensor(after), ops.convert_to_tensor(before)]
     bad = np.array(after)
     bad[n // 2] = np.inf
@@ -576,8 +597,15 @@ def scenario_saved_file() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8)).astype("float32")
     y = rng.integers(0, 3, size=64)
-    model.fit({"features": x, "index": np.arange(64)}, y, batch_size=16, epochs=1,
-              shuffle=False, verbose=0, callbacks=[cb])
+    model.fit(
+        {"features": x, "index": np.arange(64)},
+        y,
+        batch_size=16,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[cb],
+    )
     RESULTS["saved_file"] = {
         "wrapper": type(wrapper).__name__,
         "m0": [int(v) for v in np.asarray(state["m0"]).ravel()],
