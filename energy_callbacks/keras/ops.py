@@ -332,10 +332,6 @@ def all_finite(grads: list[Any]) -> Array:
             for g in present
         ]
         return torch.stack(checks).all()
-    if keras.backend.backend() == "jax":
-        # one fused sum per gradient: g * 0 is 0 where g is finite, NaN elsewhere
-        # (784k entries: 0.11 ms against 0.33 ms for a reduction of isfinite flags)
-        return ops.isfinite(ops.sum(ops.stack([ops.sum(g * 0) for g in present])))
     return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in present]))
 
 
