@@ -47,7 +47,10 @@ back when freed. Its default threshold moves up as large blocks are freed, after
 they come from the heap and stay resident, so a freed tensor's pages could count in a
 later peak or not, from run to run: about 100 MiB at 200 MiB of parameters. With the
 threshold fixed the peak is that of the live tensors; the torch paths' peaks repeat to
-within 3 MiB."""
+within 3 MiB. TensorFlow runs independent ops of a step side by side, so which
+temporaries overlap varied from run to run (its peak by 290 MiB at 288 MiB of
+parameters); the TensorFlow path runs them one at a time (``TF_NUM_INTEROP_THREADS=1``),
+and its peaks repeat to within 1 MiB."""
 
 
 def gpu_paths() -> tuple[str, ...]:
@@ -168,6 +171,8 @@ def measure(path: str, rule: str, width: int) -> dict:
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     if path.startswith("keras-"):
         env["KERAS_BACKEND"] = path.split("-", 1)[1]
+    if path == "keras-tensorflow":
+        env.setdefault("TF_NUM_INTEROP_THREADS", "1")
     proc = subprocess.run(
         [sys.executable, __file__, "--child", path, rule, str(width)],
         capture_output=True, text=True, env=env, check=False,
