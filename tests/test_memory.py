@@ -27,8 +27,9 @@ spec.loader.exec_module(memory)
 FLOOR = 2.0
 MARGIN = 0.25
 # JAX holds the optimizer state from before the step until the step's select (for
-# Adam twice the weights): its ceiling until that state is freed at no step-time cost
-CEILING = {"keras-jax": 4.0}
+# Adam twice the weights): its ceiling until that state is freed at no step-time cost.
+# Its peak varies by about 0.2x of the slope between runs (3.98-4.18x for tracking).
+CEILING = {"keras-jax": 4.25}
 # on a CUDA device w_0 is in host memory: the device holds the snapshot only
 CEILING.update(dict.fromkeys(memory.GPU_PATHS, 1.0))
 EXACT = "TopFraction(0.1)"
@@ -36,8 +37,8 @@ EXACT = "TopFraction(0.1)"
 EXACT_CEILING = dict.fromkeys(("torch-fp32", "torch-bf16"), 2.5)
 EXACT_CEILING.update(dict.fromkeys(memory.GPU_PATHS, 1.5))
 # compiled Keras: the selection reads after - before at each round and holds no |dw|;
-# the step writes the new weights beside the old (TensorFlow 3.0x, JAX 3.5x measured)
-EXACT_CEILING.update({"keras-tensorflow": 3.25, "keras-jax": 3.75})
+# the step writes the new weights beside the old (TensorFlow 2.9-3.1x, JAX 3.5-3.8x)
+EXACT_CEILING.update({"keras-tensorflow": 3.25, "keras-jax": 4.0})
 
 
 TORCH_PATHS = tuple(p for p in memory.PATHS if p.startswith("torch")) + memory.GPU_PATHS
