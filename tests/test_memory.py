@@ -37,8 +37,9 @@ EXACT = "TopFraction(0.1)"
 EXACT_CEILING = dict.fromkeys(("torch-fp32", "torch-bf16"), 2.5)
 EXACT_CEILING.update(dict.fromkeys(memory.GPU_PATHS, 1.5))
 # compiled Keras: the selection reads after - before at each round and holds no |dw|;
-# the step writes the new weights beside the old (TensorFlow 2.9-3.1x, JAX 3.5-3.8x)
-EXACT_CEILING.update({"keras-tensorflow": 3.25, "keras-jax": 4.0})
+# the step writes the new weights beside the old (TensorFlow 2.9-3.1x measured; JAX
+# runs the same selection code, 3.5-3.8x in benchmarks/memory.py, not measured here)
+EXACT_CEILING["keras-tensorflow"] = 3.25
 
 
 TORCH_PATHS = tuple(p for p in memory.PATHS if p.startswith("torch")) + memory.GPU_PATHS
