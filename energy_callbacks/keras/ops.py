@@ -120,7 +120,6 @@ class KerasOps:
         s = ops.abs(_dense(x))
         if approximate:
             return self.approx_top_mask(s, k)
-        n = int(s.shape[0])
         return ops.reshape(self.top_k_mask(ops.reshape(s, (1, n)), k), (n,))
 
     def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
@@ -250,9 +249,13 @@ def change_totals(
     and ``c = d`` where ``mask`` (all of it without one), one slice of at most
     :data:`MEASURE_CHUNK` entries at a time, so that no difference of a whole tensor
     is written (XLA fuses each slice's passes into one). The last figure is finite
-    exactly when ``d`` is, masked out or not."""
+    exactly when ``d`` is, masked out or not. A ``mask`` is for compiled backends:
+    eager torch masks the proposal it has written (the masked step)."""
     if keras.backend.backend() == "torch":
-        return _torch_change_totals(after, before, alpha, mask)
+        if mask is not None:
+            raise ValueError("change_totals: a mask on torch; sum the written proposal")
+        m1, m0, m_alpha = _torch_change_totals(after, before, alpha)
+        return m1, m0, m_alpha, m1
     a, b = ops.reshape(after, (-1,)), ops.reshape(before, (-1,))
     keep = None if mask is None else ops.reshape(mask, (-1,))
     n = int(a.shape[0])
@@ -284,9 +287,7 @@ def change_totals(
 _SCRATCH: dict[tuple[Any, Any], Any] = {}  # one slice per (device, dtype), reused every step
 
 
-def _torch_change_totals(
-    after: Array, before: Array, alpha: float, mask: Array | None
-) -> tuple[Array, Array, Array, Array]:
+def _torch_change_totals(after: Array, before: Array, alpha: float) -> tuple[Array, Array, Array]:
     """:func:`change_totals` on torch, eagerly: each slice's difference is written into
     one scratch slice kept for the next step, so a step allocates nothing that scales
     with the model. (Fresh slices of 16 MiB each step raised glibc's mmap threshold
@@ -294,27 +295,23 @@ def _torch_change_totals(
     import torch
 
     a, b = after.detach().reshape(-1), before.detach().reshape(-1)
-    keep = None if mask is None else mask.reshape(-1)
     key, size = (a.device, a.dtype), min(a.numel(), MEASURE_CHUNK)
     scratch = _SCRATCH.get(key)
     if scratch is None or scratch.numel() < size:  # as large as the largest slice yet
         scratch = _SCRATCH[key] = torch.empty(size, dtype=a.dtype, device=a.device)
-    m1, m_alpha, m_all = (torch.zeros((), dtype=torch.float64, device=a.device) for _ in "abc")
+    m1 = torch.zeros((), dtype=torch.float64, device=a.device)
+    m_alpha = torch.zeros((), dtype=torch.float64, device=a.device)
     m0 = torch.zeros((), dtype=torch.int64, device=a.device)
     for start in range(0, a.numel(), MEASURE_CHUNK):
         end = min(start + MEASURE_CHUNK, a.numel())
         d = torch.sub(a[start:end], b[start:end], out=scratch[: end - start])
-        d.abs_()
-        if keep is not None:
-            m_all += d.sum(dtype=torch.float64)
-            d.mul_(keep[start:end])
         m0 += torch.count_nonzero(d)
+        d.abs_()
         m1 += d.sum(dtype=torch.float64)
         if alpha != 1.0:
             m_alpha += d.double().pow_(alpha).sum()
     m1_32 = m1.to(torch.float32)
-    m_alpha_32 = m1_32 if alpha == 1.0 else m_alpha.to(torch.float32)
-    return m1_32, m0.to(torch.int32), m_alpha_32, m1_32 if keep is None else m_all.to(torch.float32)
+    return m1_32, m0.to(torch.int32), m1_32 if alpha == 1.0 else m_alpha.to(torch.float32)
 
 
 def all_finite(grads: list[Any]) -> Array:

@@ -26,7 +26,7 @@ back to the host, so masking a step does not wait for the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -185,19 +185,7 @@ def _threshold_top(x: DeviceDifference, n: int, k: int) -> torch.Tensor:
 
 
 def _radix_top(x: DeviceDifference, k: int) -> torch.Tensor:
-    """Exact top-k of the non-negative ``x`` (``|dw|``) without writing it out."""
-    out = torch.empty(_rows(x.after).shape, dtype=torch.bool, device=x.device)
-    return radix_top(x.chunks, out, k, x.dtype).reshape(x.shape)
-
-
-def radix_top(
-    blocks: Callable[[], Iterable[tuple[int, torch.Tensor]]],
-    out: torch.Tensor,
-    k: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Write into ``out`` the mask of the ``k`` largest non-negative values that
-    ``blocks()`` yields as ``(first row of out, values)`` in row-major order.
+    """Exact top-k of the non-negative ``x`` (``|dw|``) without writing it out.
 
     A non-negative float's bits, read as a signed integer of its width, order as the
     float does, so the k-th largest value is found 16 bits at a time: each round
@@ -205,9 +193,9 @@ def radix_top(
     next 16 bits, and picks the digit where the count from the top reaches k. One
     more pass keeps the entries above that value and the first ones equal to it.
     """
-    keys = torch.int32 if dtype == torch.float32 else torch.int64
+    keys = torch.int32 if x.dtype == torch.float32 else torch.int64
     width = 32 if keys == torch.int32 else 64
-    device = out.device
+    device = x.device
     prefix = torch.zeros((), dtype=torch.int64, device=device)
     need = torch.full((1,), k, dtype=torch.int64, device=device)  # rank among matches
     ones = torch.ones((), dtype=torch.int64, device=device)
@@ -215,7 +203,7 @@ def radix_top(
         hist = torch.zeros(_BINS + 1, dtype=torch.int64, device=device)
         first = shift + _DIGIT_BITS == width
         high = None if first else (prefix >> (shift + _DIGIT_BITS)).to(keys)
-        for _, d in blocks():
+        for _, d in x.chunks():
             key = d.reshape(-1).view(keys)
             digit = ((key >> shift) & (_BINS - 1)).to(torch.int32)
             if high is not None:  # entries outside the prefix go to the spare bin
@@ -227,15 +215,16 @@ def radix_top(
         need = need - (from_top[rank] - hist[digit])  # minus the entries above this digit
         prefix = prefix | (digit[0] << shift)
     cut = prefix.to(keys)
+    out = torch.empty(_rows(x.after).shape, dtype=torch.bool, device=device)
     taken = torch.zeros((), dtype=torch.int64, device=device)  # ties kept in earlier blocks
-    for s, d in blocks():
+    for s, d in x.chunks():
         key = d.reshape(-1).view(keys)
         tied = key == cut
         ranks = tied.cumsum(0, dtype=torch.int32)  # among this block's ties
         keep = (key > cut) | (tied & (ranks <= need - taken))
         out[s : s + d.shape[0]] = keep.reshape(d.shape)
         taken = taken + tied.sum()
-    return out
+    return out.reshape(x.shape)
 
 
 def row_l1(x: DeviceDifference, axis: int) -> torch.Tensor:
