@@ -7,8 +7,10 @@ w_0: 2.0x; the exact top fraction adds a boolean mask per tensor (0.25x of float
 weights, 0.5x of bfloat16), 2.5x in all. ``benchmarks/memory.py`` measures each path
 in fresh processes (peak resident memory with and without the callback, at two
 widths of an MLP; the slope cancels the fixed costs). On the torch paths two runs'
-slopes differ by less than 0.05x, TensorFlow's by 0.1x; the margin is 0.25x: a
-regression that holds one more copy of the weights adds 1.0x.
+slopes differ by less than 0.05x, TensorFlow's by 0.15x; the margin is 0.25x: a
+regression that holds one more copy of the weights adds 1.0x. A reading over its
+ceiling is measured again, each peak the lowest of three runs (a regression stays
+over).
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ def check(path: str) -> None:
     if path in memory.GPU_PATHS and path not in memory.gpu_paths():
         pytest.skip("no CUDA device")
     rules = ["tracking"] + ([EXACT] if path in EXACT_CEILING else [])
+
+    def ceiling(row: dict) -> float:
+        return (EXACT_CEILING[path] if row["rule"] == EXACT else CEILING.get(path, FLOOR)) + MARGIN
+
     rows = memory.table([path], rules, (3072, 6144))
+    over = [row["rule"] for row in rows if row["per_byte"] > ceiling(row)]
+    if over:  # a noisy reading: each peak the lowest of three runs; a regression stays over
+        rows = memory.table([path], over, (3072, 6144), repeat=3)
     for row in rows:
-        ceiling = EXACT_CEILING[path] if row["rule"] == EXACT else CEILING.get(path, FLOOR)
-        assert row["per_byte"] <= ceiling + MARGIN, row
+        assert row["per_byte"] <= ceiling(row), row
