@@ -248,9 +248,9 @@ def change_totals(
     """``(sum |c|, count(c != 0), sum |c| ** alpha, sum |d|)`` of ``d = after - before``
     and ``c = d`` where ``mask`` (all of it without one), one slice of at most
     :data:`MEASURE_CHUNK` entries at a time, so that no difference of a whole tensor
-    is written (XLA fuses each slice's passes into one). The last figure is finite
-    exactly when ``d`` is, masked out or not. A ``mask`` is for compiled backends:
-    eager torch masks the proposal it has written (the masked step)."""
+    is written (:func:`_sum_over_slices`). The last figure is finite exactly when ``d`` is,
+    masked out or not. A ``mask`` is for compiled backends: eager torch masks the
+    proposal it has written (the masked step)."""
     if keras.backend.backend() == "torch":
         if mask is not None:
             raise ValueError("change_totals: a mask on torch; sum the written proposal")
@@ -258,30 +258,48 @@ def change_totals(
         return m1, m0, m_alpha, m1
     a, b = ops.reshape(after, (-1,)), ops.reshape(before, (-1,))
     keep = None if mask is None else ops.reshape(mask, (-1,))
-    n = int(a.shape[0])
-    whole = n <= MEASURE_CHUNK  # then no slice op: TensorFlow would copy the tensor
-    parts = []
-    for start in range(0, n, MEASURE_CHUNK):
-        part = slice(None) if whole else slice(start, start + MEASURE_CHUNK)
-        d = a[part] - b[part]
-        m = ops.abs(d)
-        c = m if keep is None else ops.where(keep[part], m, ops.zeros_like(m))
-        parts.append(
-            (
-                ops.sum(c),
-                _count(ops.not_equal(c, 0)),
-                None if alpha == 1.0 else ops.sum(ops.power(c, alpha)),
-                None if keep is None else ops.sum(m),
-            )
-        )
-    columns = zip(*parts, strict=True)
-    m1, m0, m_alpha, m_all = (
-        parts[0]
-        if len(parts) == 1
-        else [None if c[0] is None else ops.sum(ops.stack(list(c))) for c in columns]
+
+    def totals(a: Array, b: Array, keep: Array | None) -> tuple[Array, Array, Array, Array]:
+        m = ops.abs(a - b)
+        c = m if keep is None else ops.where(keep, m, ops.zeros_like(m))
+        m1 = ops.sum(c)
+        m_alpha = m1 if alpha == 1.0 else ops.sum(ops.power(c, alpha))
+        return m1, _count(ops.not_equal(c, 0)), m_alpha, m1 if keep is None else ops.sum(m)
+
+    zero = ops.zeros((), "float32")
+    return _sum_over_slices(  # type: ignore[return-value]
+        totals, (a, b, keep), (zero, ops.zeros((), "int32"), zero, zero)
     )
-    m_alpha = m1 if alpha == 1.0 else m_alpha
-    return m1, m0, m_alpha, m1 if keep is None else m_all
+
+
+def _sum_over_slices(
+    figures: Callable[..., tuple[Array, ...]],
+    arrays: tuple[Array | None, ...],
+    zeros: tuple[Array, ...],
+) -> tuple[Array, ...]:
+    """The sums over slices of :data:`MEASURE_CHUNK` entries of ``figures(*slices)``
+    (scalars) of the 1-D ``arrays`` (None stays None), one slice per iteration of a
+    loop; ``zeros`` gives the sums' dtypes. XLA's CPU backend reduces through library
+    calls that read a written input, and with slices side by side in one graph its
+    scheduler kept them all alive (about 2x the tensor for ``Threshold`` on
+    TensorFlow); a loop holds one slice's. An array of at most one slice is read
+    whole (a slice op would make TensorFlow copy it)."""
+    n = int(next(x for x in arrays if x is not None).shape[0])
+    if n <= MEASURE_CHUNK:
+        return figures(*arrays)
+    chunk, whole_slices = MEASURE_CHUNK, n // MEASURE_CHUNK
+
+    def add_slice(i: Array, sums: tuple[Array, ...]) -> tuple[Array, ...]:
+        start = (i * chunk,)
+        part = figures(*(None if x is None else ops.slice(x, start, (chunk,)) for x in arrays))
+        return tuple(ops.add(s, ops.cast(p, s.dtype)) for s, p in zip(sums, part, strict=True))
+
+    sums = ops.fori_loop(0, whole_slices, add_slice, zeros)
+    done = whole_slices * chunk
+    if done < n:
+        tail = figures(*(None if x is None else x[done:] for x in arrays))
+        sums = tuple(ops.add(s, ops.cast(p, s.dtype)) for s, p in zip(sums, tail, strict=True))
+    return tuple(sums)
 
 
 _SCRATCH: dict[tuple[Any, Any], Any] = {}  # one slice per (device, dtype), reused every step
@@ -355,11 +373,16 @@ def _search_top(a: Array, b: Array | None, k: int) -> Array:
     hi = _kth_largest(lambda t: _count_at_least(sample, t), rank_hi, 0, FLOAT_BITS_END) + 1
 
     def count(t: Array) -> Array:
-        # ``a`` read through a select on the round's ``t`` (never negative): otherwise XLA
-        # hoists |a - b| out of the loop and writes it whole
-        if b is None:
-            return _count_at_least(_bits(a, None), t)
-        return _count_at_least(_bits(ops.where(ops.less(t, 0), b, a), b), t)
+        # slice by slice: a whole tensor's count would write its flags as int32 (XLA's
+        # library sum reads a written input). ``a`` read through a select on the
+        # round's ``t`` (never negative): otherwise XLA hoists |a - b| out of the loop
+        # and writes it whole.
+        def count_slice(a: Array, b: Array | None) -> tuple[Array]:
+            if b is None:
+                return (_count_at_least(_bits(a, None), t),)
+            return (_count_at_least(_bits(ops.where(ops.less(t, 0), b, a), b), t),)
+
+        return _sum_over_slices(count_slice, (a, b), (ops.zeros((), "int32"),))[0]
 
     c_lo, c_hi = count(lo), count(hi)
     lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)

@@ -427,6 +427,7 @@ def scenario_misc(tmp: str) -> None:
 # -- 5. selections on long tensors (the bisection search), inside a compiled function ----
 def scenario_selection() -> None:
     from energy_callbacks.core.ops import numpy_ops
+    from energy_callbacks.keras import ops as keras_ops_module
     from energy_callbacks.keras.ops import Difference as keras_ops_difference
     from energy_callbacks.keras.ops import keras_ops
 
@@ -462,14 +463,18 @@ def scenario_selection() -> None:
         # a step's proposal, unwritten: the selection reads after - before at each round
         after = rng.standard_normal(n).astype("float32")
         before = (after - signed).astype("float32")
-        # one k per case (one compile): the ties, bracket and count passes are the same code
+        # one k per case (one compile): the ties, bracket and count passes are the same
+        # code; each count pass sums slices of 1000 entries here (a loop, and the tail)
         fn = compiled(lambda a, b: keras_ops.top_magnitude_mask(keras_ops_difference(a, b), 10_000))
-        got = ops.convert_to_numpy(fn(ops.convert_to_tensor(after), ops.convert_to_tensor(before)))
+        chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 1000
+        try:
+            got = fn(ops.convert_to_tensor(after), ops.convert_to_tensor(before))
+        finally:
+            keras_ops_module.MEASURE_CHUNK = chunk
+        got = ops.convert_to_numpy(got)
         want = numpy_ops.top_magnitude_mask(after - before, 10_000)
         out[f"{name}/difference k=10000"] = bool((got == want).all())
     # a measure-only step's totals, summed slice by slice (1000 entries a slice here)
-    from energy_callbacks.keras import ops as keras_ops_module
-
     chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 1000
     try:
         after = rng.standard_normal(n).astype("float32")
