@@ -43,19 +43,23 @@ NET_CHUNK = 1 << 20
 
 
 def net_change(
-    after: Any, before: Any, chunk: int | None = None, read: Any = np.asarray
+    after: Any, before: Any | None, chunk: int | None = None, read: Any = np.asarray
 ) -> tuple[float, int]:
     """``(sum |after - before|, count(after != before))`` of two flat arrays, in
     float64, through temporaries of at most ``chunk`` entries (NaN/Inf make the sum
-    non-finite). ``after`` and ``before`` may be any sliceable arrays whose slices
-    ``read`` brings to the host as NumPy arrays (a framework's tensors)."""
+    non-finite); ``before=None`` is zero. ``after`` and ``before`` may be any
+    sliceable arrays whose slices ``read`` brings to the host as NumPy arrays (a
+    framework's tensors)."""
     size, chunk = len(after), chunk or NET_CHUNK
     acc = 0.0
     count = 0
     for start in range(0, size, chunk):
         a = np.asarray(read(after[start : start + chunk]), dtype=np.float64)
-        b = np.asarray(read(before[start : start + chunk]), dtype=np.float64)
-        d = np.subtract(a, b)  # a new chunk: ``a`` may be a view of the weights
+        if before is None:
+            d = a if a.base is None else a.copy()  # a new chunk, not a view of ``after``
+        else:
+            b = np.asarray(read(before[start : start + chunk]), dtype=np.float64)
+            d = np.subtract(a, b)  # a new chunk: ``a`` may be a view of the weights
         count += int(np.count_nonzero(d))
         acc += float(np.abs(d, out=d).sum())
     return acc, count

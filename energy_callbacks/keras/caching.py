@@ -15,6 +15,7 @@ on the host: it costs ``sum |w_e|`` and moves no weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,8 @@ import numpy as np
 from keras import ops
 
 from ..core.caching import Caching
-from .ops import keras_ops
+from ..core.energy import net_change
+from .ops import cut, keras_ops, over_slices, put
 from .totals import (
     carry_count,
     read_count,
@@ -72,23 +74,23 @@ class CachingVariables:
         """The cached step as a pure function of tensors.
 
         ``final`` are the new values of all variables, ``kept`` the applied change of
-        each covered one, ``store`` the store's values. Returns ``final`` with the
-        decay added, the new store values, and per tensor the consolidation energy,
-        writes and maintenance of the step (zeros when it does not go ahead).
+        each covered one (a tensor, or compiled a ``(Difference, mask or None)`` that
+        is read a slice at a time), ``store`` the store's values. Returns ``final``
+        with the decay added, the new store values, and per tensor the consolidation
+        energy, writes and maintenance of the step (zeros when it does not go ahead).
         """
         final = list(final)
         new_store, consolidated, writes, upkeep = [], [], [], []
+        compiled = keras.backend.backend() != "torch"
         for j, i in enumerate(covered):
-            zeros = ops.zeros_like(store[j])
-            applied = ops.where(go, ops.cast(kept[j], store[j].dtype), zeros)
-            out = self.caching.transient(ops.add(store[j], applied), keras_ops)
-            new_store.append(ops.where(go, out.store, store[j]))
-            if out.decay is not None:
-                decay = ops.where(go, out.decay, zeros)
-                final[i] = final[i] + ops.cast(decay, final[i].dtype)
-            consolidated.append(ops.cast(out.consolidated, "float32"))
-            writes.append(ops.cast(out.consolidations, "int32"))
-            upkeep.append(ops.cast(out.maintenance, "float32"))
+            if compiled and self.caching.scope == "synapse":  # element by element: in slices
+                new, final[i], figures = self._in_slices(final[i], kept[j], store[j], go)
+            else:
+                new, final[i], figures = self._tensor_step(final[i], _dense(kept[j]), store[j], go)
+            new_store.append(new)
+            consolidated.append(figures[0])
+            writes.append(figures[1])
+            upkeep.append(figures[2])
         n = len(covered)
         zero_f, zero_i = ops.zeros((n,), "float32"), ops.zeros((n,), "int32")
         figures = (
@@ -97,6 +99,51 @@ class CachingVariables:
             ops.where(go, ops.stack(upkeep), zero_f),
         )
         return final, new_store, figures
+
+    def _tensor_step(self, final: Any, kept: Any, store: Any, go: Any) -> tuple[Any, Any, tuple]:
+        """One tensor's (or slice's) step: the new store, ``final`` with the decay
+        added (None stays None: no decay), and its figures."""
+        zeros = ops.zeros_like(store)
+        applied = ops.where(go, ops.cast(kept, store.dtype), zeros)
+        out = self.caching.transient(ops.add(store, applied), keras_ops)
+        if out.decay is not None:
+            final = final + ops.cast(ops.where(go, out.decay, zeros), final.dtype)
+        figures = (
+            ops.cast(out.consolidated, "float32"),
+            ops.cast(out.consolidations, "int32"),
+            ops.cast(out.maintenance, "float32"),
+        )
+        return ops.where(go, out.store, store), final, figures
+
+    def _in_slices(self, final: Any, kept: Any, store: Any, go: Any) -> tuple[Any, Any, tuple]:
+        """:meth:`_tensor_step` of the synapse scope (element by element), a slice of
+        the flat tensor at a time: the new store (and with a decay, the weights) are
+        written in place in the loop's carry, and no temporary of the whole tensor's
+        size (the store plus the update, the masks, the sums' written inputs) lives."""
+        shape, n = tuple(store.shape), int(np.prod(store.shape))
+        flat_store = ops.reshape(store, (-1,))
+        decays = math.isfinite(self.caching.tau)
+        weights = ops.reshape(final, (-1,)) if decays else ops.zeros(())
+
+        def one(start: Any, size: int, carry: tuple) -> tuple:
+            new_store, weights, *sums = carry
+            new, w, figures = self._tensor_step(
+                cut(weights, start, size) if decays else None,
+                _kept_slice(kept, start, size),
+                cut(flat_store, start, size),
+                go,
+            )
+            return (
+                put(new_store, start, new),
+                put(weights, start, w) if decays else weights,
+                *(ops.add(s, f) for s, f in zip(sums, figures, strict=True)),
+            )
+
+        zero = ops.zeros((), "float32")
+        carry = (flat_store, weights, zero, ops.zeros((), "int32"), zero)
+        new_store, weights, *sums = over_slices(n, one, carry)
+        final = ops.reshape(weights, tuple(final.shape)) if decays else final
+        return ops.reshape(new_store, shape), final, tuple(sums)
 
     def metered(self, new_store: Sequence[Any], figures: tuple[Any, Any, Any]) -> list[Any]:
         """The ``(variable, new value)`` assignments of a step's :meth:`step` outputs."""
@@ -131,12 +178,15 @@ class CachingVariables:
         return {"names": list(names), "store": [read(s) for s in self.store], **self.read(read)}
 
     def consolidate(self) -> None:
-        """Empty the store into the consolidation totals (the end of fit)."""
+        """Empty the store into the consolidation totals (the end of fit), reading it
+        a slice at a time (float64 sums on the host, no copy of a whole tensor)."""
         read = lambda v: np.asarray(v.numpy())  # noqa: E731
         totals = self.read(read)
-        held = [read(s) for s in self.store]
-        consolidation = totals["consolidation"] + [np.abs(h.astype(np.float64)).sum() for h in held]
-        writes = totals["consolidations"] + [np.count_nonzero(h) for h in held]
+        consolidation, writes = totals["consolidation"], totals["consolidations"]
+        for j, s in enumerate(self.store):
+            held, count = net_change(ops.reshape(s.value, (-1,)), None, read=ops.convert_to_numpy)
+            consolidation[j] += held
+            writes[j] += count
         value, error = split_total(consolidation)
         low, high = split_count(writes)
         for name, x in (
@@ -146,8 +196,29 @@ class CachingVariables:
             ("consolidations_high", high),
         ):
             self.totals[name].assign(x)
-        for s, h in zip(self.store, held, strict=True):
-            s.assign(np.zeros_like(h))
+        for s in self.store:
+            s.assign(ops.zeros(s.shape, s.dtype))
+
+
+def _dense(kept: Any) -> Any:
+    """A covered tensor's applied change, written (compiled, from its Difference)."""
+    if not isinstance(kept, tuple):
+        return kept
+    change, mask = kept
+    d = change.dense()
+    return d if mask is None else ops.where(mask, d, ops.zeros_like(d))
+
+
+def _kept_slice(kept: Any, start: Any, size: int) -> Any:
+    """``size`` entries of the flat applied change from ``start``."""
+    if not isinstance(kept, tuple):
+        return cut(ops.reshape(kept, (-1,)), start, size)
+    change, mask = kept
+    after, before = change.flat()
+    d = cut(after, start, size) - cut(before, start, size)
+    if mask is None:
+        return d
+    return ops.where(cut(ops.reshape(mask, (-1,)), start, size), d, ops.zeros_like(d))
 
 
 def _store_dtype(variable: Any) -> str:

@@ -277,29 +277,50 @@ def _sum_over_slices(
     arrays: tuple[Array | None, ...],
     zeros: tuple[Array, ...],
 ) -> tuple[Array, ...]:
-    """The sums over slices of :data:`MEASURE_CHUNK` entries of ``figures(*slices)``
-    (scalars) of the 1-D ``arrays`` (None stays None), one slice per iteration of a
-    loop; ``zeros`` gives the sums' dtypes. XLA's CPU backend reduces through library
-    calls that read a written input, and with slices side by side in one graph its
-    scheduler kept them all alive (about 2x the tensor for ``Threshold`` on
-    TensorFlow); a loop holds one slice's. An array of at most one slice is read
-    whole (a slice op would make TensorFlow copy it)."""
+    """The sums over the slices of :func:`over_slices` of ``figures(*slices)``
+    (scalars) of the 1-D ``arrays`` (None stays None); ``zeros`` gives the sums'
+    dtypes. XLA's CPU backend reduces through library calls that read a written
+    input, and with slices side by side in one graph its scheduler kept them all
+    alive (about 2x the tensor for ``Threshold`` on TensorFlow); a loop holds one
+    slice's."""
     n = int(next(x for x in arrays if x is not None).shape[0])
     if n <= MEASURE_CHUNK:
         return figures(*arrays)
-    chunk, whole_slices = MEASURE_CHUNK, n // MEASURE_CHUNK
 
-    def add_slice(i: Array, sums: tuple[Array, ...]) -> tuple[Array, ...]:
-        start = (i * chunk,)
-        part = figures(*(None if x is None else ops.slice(x, start, (chunk,)) for x in arrays))
+    def add(start: Any, size: int, sums: tuple[Array, ...]) -> tuple[Array, ...]:
+        part = figures(*(None if x is None else cut(x, start, size) for x in arrays))
         return tuple(ops.add(s, ops.cast(p, s.dtype)) for s, p in zip(sums, part, strict=True))
 
-    sums = ops.fori_loop(0, whole_slices, add_slice, zeros)
+    return over_slices(n, add, zeros)  # type: ignore[no-any-return]
+
+
+def over_slices(n: int, step: Callable[[Any, int, Any], Any], carry: Any) -> Any:
+    """``carry = step(start, size, carry)`` over ``range(n)`` in slices of
+    :data:`MEASURE_CHUNK` entries: the whole slices are the iterations of a loop
+    (one slice's temporaries live at a time, and a buffer in the carry is updated in
+    place), the tail a call of its own; one call with ``(0, n)`` when ``n`` fits one."""
+    if n <= MEASURE_CHUNK:
+        return step(0, n, carry)
+    chunk, whole_slices = MEASURE_CHUNK, n // MEASURE_CHUNK
+    carry = ops.fori_loop(0, whole_slices, lambda i, c: step(i * chunk, chunk, c), carry)
     done = whole_slices * chunk
-    if done < n:
-        tail = figures(*(None if x is None else x[done:] for x in arrays))
-        sums = tuple(ops.add(s, ops.cast(p, s.dtype)) for s, p in zip(sums, tail, strict=True))
-    return tuple(sums)
+    return carry if done == n else step(done, n - done, carry)
+
+
+def cut(x: Array, start: Any, size: int) -> Array:
+    """``x[start : start + size]`` of a 1-D ``x`` (``x`` itself when that is all of it:
+    a slice op would make TensorFlow copy it)."""
+    if size == int(x.shape[0]):
+        return x
+    return ops.slice(x, (start,), (size,))
+
+
+def put(x: Array, start: Any, value: Array) -> Array:
+    """``x`` with ``x[start : start + len(value)] = value`` (``value`` when that is all
+    of it); in a loop's carry, XLA writes it in place."""
+    if int(value.shape[0]) == int(x.shape[0]):
+        return value
+    return ops.slice_update(x, (start,), value)
 
 
 _SCRATCH: dict[tuple[Any, Any], Any] = {}  # one slice per (device, dtype), reused every step

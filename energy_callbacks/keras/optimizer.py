@@ -378,7 +378,6 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             p = proposed[j]
             if isinstance(p, Difference):
                 m1_j, m0_j, m_alpha_j, whole = change_totals(after[i], before[i], alpha, m)
-                p = p.dense() if caching else None
             else:
                 c = p if m is None else ops.where(m, p, ops.zeros_like(p))
                 m1_j, m0_j = ops.sum(ops.abs(c)), keras_ops.count_nonzero(c)
@@ -388,8 +387,11 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             checks.append(whole)
             counts.append(m0_j)
             powers.append(m_alpha_j)
-            if caching:
-                kept.append(p if m is None else ops.where(m, p, ops.zeros_like(p)))
+            if caching:  # compiled: the Difference and its mask, read a slice at a time
+                if isinstance(p, Difference):
+                    kept.append((p, m))
+                else:
+                    kept.append(p if m is None else ops.where(m, p, ops.zeros_like(p)))
             proposed[j] = p = c = None
         finite = ops.logical_and(ops.all(ops.isfinite(ops.stack(checks))), grads_finite)
         go = ops.logical_and(finite, live)

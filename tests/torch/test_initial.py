@@ -133,3 +133,11 @@ def test_net_change_sums_in_float64_chunks():
     got = energy.net_change(a, b, chunk=7)
     assert got[1] == np.count_nonzero(want)
     assert got[0] == pytest.approx(want.sum(), rel=1e-13)
+    # against zero (a store's sum |w_e| and its nonzero entries); the float64 chunks
+    # it reads are views of ``store``, which stays as it was
+    store = a.astype(np.float64)
+    store[::5] = 0.0
+    kept = store.copy()
+    got = energy.net_change(store, None, chunk=7)
+    assert got == (pytest.approx(np.abs(kept).sum(), rel=1e-13), np.count_nonzero(kept))
+    assert (store == kept).all()
