@@ -109,6 +109,7 @@ class Caching:
         self._consolidation = np.zeros(0, dtype=np.float64)
         self._maintenance = np.zeros(0, dtype=np.float64)
         self._consolidations = np.zeros(0, dtype=np.int64)
+        self._held: list[float] | None = None  # held figures of a store kept elsewhere
 
     def __repr__(self) -> str:
         return (
@@ -152,6 +153,7 @@ class Caching:
         self._consolidation = np.zeros(n, dtype=np.float64)
         self._maintenance = np.zeros(n, dtype=np.float64)
         self._consolidations = np.zeros(n, dtype=np.int64)
+        self._held = None
 
     def step(self, applied: Sequence[Array | None]) -> list[Array | None]:
         """One step's applied updates (None: tensor not stepped) into the store.
@@ -165,6 +167,7 @@ class Caching:
                 "call Plasticity.setup first"
             )
         ops = self.ops
+        self._held = None
         decays: list[Array | None] = [None] * len(applied)
         for i, u in enumerate(applied):
             if u is None:
@@ -207,6 +210,7 @@ class Caching:
     def consolidate(self) -> None:
         """Consolidate the whole store (end of fit): costs ``sum |w_e|``; weights unchanged."""
         ops = self.ops
+        self._held = None
         for i, held in enumerate(self._store):
             if held is None:
                 continue
@@ -216,7 +220,25 @@ class Caching:
 
     def held(self) -> list[float]:
         """``sum |w_e|`` per tensor: what the store holds, not yet paid for."""
+        if self._held is not None:
+            return list(self._held)
         return [0.0 if s is None else self.ops.total(s) for s in self._store]
+
+    def load_figures(self, state: Mapping[str, Any], held: Sequence[float]) -> None:
+        """The totals of a :meth:`state_dict` (its ``"store"`` is not read), and
+        ``held``, :meth:`held` of a store an adapter keeps itself (Keras: optimizer
+        variables), so that a report copies no store. Stepping or loading a store
+        here again goes back to this one's."""
+        names = [t.name for t in self._tensors]
+        if [str(n) for n in state["names"]] != names or len(held) != len(names):
+            raise ValueError(
+                f"Caching.load_figures: figures of {list(state['names'])} for this "
+                f"network's {names}"
+            )
+        self._consolidation = np.asarray(state["consolidation"], np.float64).copy()
+        self._maintenance = np.asarray(state["maintenance"], np.float64).copy()
+        self._consolidations = np.asarray(state["consolidations"], np.int64).copy()
+        self._held = [float(h) for h in held]
 
     def totals(self) -> tuple[float, int]:
         """``(consolidation + maintenance, consolidation writes)`` so far."""
@@ -292,6 +314,7 @@ class Caching:
         self._store = store
         self._consolidation, self._maintenance = consolidation, maintenance
         self._consolidations = consolidations
+        self._held = None
 
     def rebind(self, topology: Topology | Sequence[TensorSpec], ops: ArrayOps) -> None:
         """Bind to a new description of the same run (tensors joined): the store and the

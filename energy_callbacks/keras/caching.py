@@ -177,14 +177,27 @@ class CachingVariables:
         """The core :meth:`Caching.state_dict` of the variables."""
         return {"names": list(names), "store": [read(s) for s in self.store], **self.read(read)}
 
+    def figures(
+        self, names: Sequence[str], read: Callable[[Any], np.ndarray]
+    ) -> tuple[dict[str, Any], list[float]]:
+        """The totals (:meth:`state` without the store) and ``sum |w_e|`` per tensor,
+        for :meth:`Caching.load_figures`: a report copies no store."""
+        return {"names": list(names), **self.read(read)}, [h for h, _ in self._held()]
+
+    def _held(self) -> list[tuple[float, int]]:
+        """``(sum |w_e|, count(w_e != 0))`` per tensor, read a slice at a time (float64
+        sums on the host, no copy of a whole tensor)."""
+        return [
+            net_change(ops.reshape(s.value, (-1,)), None, read=ops.convert_to_numpy)
+            for s in self.store
+        ]
+
     def consolidate(self) -> None:
-        """Empty the store into the consolidation totals (the end of fit), reading it
-        a slice at a time (float64 sums on the host, no copy of a whole tensor)."""
+        """Empty the store into the consolidation totals (the end of fit)."""
         read = lambda v: np.asarray(v.numpy())  # noqa: E731
         totals = self.read(read)
         consolidation, writes = totals["consolidation"], totals["consolidations"]
-        for j, s in enumerate(self.store):
-            held, count = net_change(ops.reshape(s.value, (-1,)), None, read=ops.convert_to_numpy)
+        for j, (held, count) in enumerate(self._held()):
             consolidation[j] += held
             writes[j] += count
         value, error = split_total(consolidation)

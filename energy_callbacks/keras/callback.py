@@ -342,7 +342,7 @@ class PlasticityCallback(keras.callbacks.Callback):
         plasticity = wrapper.plasticity
         plasticity.meter.load_state_dict(wrapper.energy_state())
         if plasticity.caching is not None:
-            plasticity.caching.load_state_dict(wrapper.caching_state())
+            plasticity.caching.load_figures(*wrapper.caching_figures())
         plasticity.samples_seen, plasticity.samples_learned, lost, bad = wrapper.gate.counts()
         self._warn_batches(lost, bad, wrapper.gate)
         plasticity.step_count = plasticity.meter.steps

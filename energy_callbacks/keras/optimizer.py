@@ -553,6 +553,14 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         names = [t.name for t in self.plasticity.topology.tensors]
         return self._caching.state(names, self._reader(values))
 
+    def caching_figures(self) -> tuple[dict[str, Any], list[float]]:
+        """The caching totals (:meth:`caching_state` without the store) and what the
+        store holds per tensor, for :meth:`Caching.load_figures`."""
+        if self._caching is None:
+            raise RuntimeError("PlasticityOptimizer.caching_figures(): the rules have no caching")
+        names = [t.name for t in self.plasticity.topology.tensors]
+        return self._caching.figures(names, self._reader(None))
+
     def consolidate(self) -> None:
         """Synaptic caching: consolidate the whole transient store (the end of fit)."""
         if self._caching is None:

@@ -181,6 +181,25 @@ def test_state_dict_carries_the_store_and_resumes_exactly():
     assert straight.report().transient > 0  # the store really carried something
 
 
+def test_figures_of_a_store_kept_elsewhere_report_as_the_store_itself():
+    topo = Topology.mlp([5, 4, 3])
+    rule = Plasticity(caching=Caching(0.05, 20.0, 0.01)).setup(topo)
+    for t in range(6):
+        r = np.random.default_rng(t)
+        rule.step([r.normal(scale=0.02, size=s.shape) for s in topo.tensors])
+    state = rule.caching.state_dict()
+    held = [float(np.abs(s).sum()) for s in state["store"]]
+    elsewhere = Plasticity(caching=Caching(0.05, 20.0, 0.01)).setup(topo)
+    elsewhere.caching.load_figures(state, held)
+    elsewhere.meter.load_state_dict(rule.meter.state_dict())
+    assert elsewhere.report() == rule.report()
+    assert elsewhere.report().transient > 0
+    elsewhere.caching.load_state_dict(state)  # its own store again
+    assert elsewhere.caching.held() == rule.caching.held()
+    with pytest.raises(ValueError, match="load_figures"):
+        elsewhere.caching.load_figures(state, held[:1])
+
+
 def test_state_must_match_the_rules():
     with_cache = Plasticity(caching=Caching(1.0, 2.0, 0.0)).setup(W)
     without = Plasticity().setup(W)
