@@ -73,17 +73,17 @@ class CachingVariables:
     ) -> tuple[list[Any], list[Any], tuple[Any, Any, Any]]:
         """The cached step as a pure function of tensors.
 
-        ``final`` are the new values of all variables, ``kept`` the applied change of
-        each covered one (a tensor, or compiled a ``(Difference, mask or None)`` that
-        is read a slice at a time), ``store`` the store's values. Returns ``final``
+        ``final`` are the new values of all variables (tensors of the step's own),
+        ``kept`` the applied change of each covered one (a tensor, or compiled a
+        ``(Difference, mask or None)`` that is read a slice at a time), ``store`` the
+        store's values. Returns ``final``
         with the decay added, the new store values, and per tensor the consolidation
         energy, writes and maintenance of the step (zeros when it does not go ahead).
         """
         final = list(final)
         new_store, consolidated, writes, upkeep = [], [], [], []
-        compiled = keras.backend.backend() != "torch"
         for j, i in enumerate(covered):
-            if compiled and self.caching.scope == "synapse":  # element by element: in slices
+            if self.caching.scope == "synapse":  # element by element: in slices
                 new, final[i], figures = self._in_slices(final[i], kept[j], store[j], go)
             else:
                 new, final[i], figures = self._tensor_step(final[i], _dense(kept[j]), store[j], go)
@@ -117,9 +117,10 @@ class CachingVariables:
 
     def _in_slices(self, final: Any, kept: Any, store: Any, go: Any) -> tuple[Any, Any, tuple]:
         """:meth:`_tensor_step` of the synapse scope (element by element), a slice of
-        the flat tensor at a time: the new store (and with a decay, the weights) are
-        written in place in the loop's carry, and no temporary of the whole tensor's
-        size (the store plus the update, the masks, the sums' written inputs) lives."""
+        the flat tensor at a time: the new store (and with a decay, the weights, a
+        tensor of the step's own) are written in place, in the loop's carry where
+        compiled, and no temporary of the whole tensor's size (the store plus the
+        update, the masks, the sums' written inputs) lives."""
         shape, n = tuple(store.shape), int(np.prod(store.shape))
         flat_store = ops.reshape(store, (-1,))
         decays = math.isfinite(self.caching.tau)
@@ -140,7 +141,7 @@ class CachingVariables:
             )
 
         zero = ops.zeros((), "float32")
-        carry = (flat_store, weights, zero, ops.zeros((), "int32"), zero)
+        carry = (ops.zeros_like(flat_store), weights, zero, ops.zeros((), "int32"), zero)
         new_store, weights, *sums = over_slices(n, one, carry)
         final = ops.reshape(weights, tuple(final.shape)) if decays else final
         return ops.reshape(new_store, shape), final, tuple(sums)

@@ -317,9 +317,15 @@ def cut(x: Array, start: Any, size: int) -> Array:
 
 def put(x: Array, start: Any, value: Array) -> Array:
     """``x`` with ``x[start : start + len(value)] = value`` (``value`` when that is all
-    of it); in a loop's carry, XLA writes it in place."""
-    if int(value.shape[0]) == int(x.shape[0]):
+    of it). In a loop's carry XLA writes it in place; eager torch writes ``x`` in
+    place (Keras's ``slice_update`` there copies ``x``), so ``x`` must be the caller's
+    own buffer."""
+    size = int(value.shape[0])
+    if size == int(x.shape[0]):
         return value
+    if keras.backend.backend() == "torch":
+        x[start : start + size] = value
+        return x
     return ops.slice_update(x, (start,), value)
 
 
