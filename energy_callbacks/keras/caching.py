@@ -25,7 +25,7 @@ from keras import ops
 
 from ..core.caching import Caching
 from ..core.energy import net_change
-from .ops import cut, keras_ops, over_slices, put
+from .ops import cut, keras_ops, one_slice, over_slices, put
 from .totals import (
     carry_count,
     read_count,
@@ -141,7 +141,9 @@ class CachingVariables:
             )
 
         zero = ops.zeros((), "float32")
-        carry = (ops.zeros_like(flat_store), weights, zero, ops.zeros((), "int32"), zero)
+        # the new store's buffer (one slice: the slice's result is the new store)
+        buffer = flat_store if one_slice(n) else ops.zeros_like(flat_store)
+        carry = (buffer, weights, zero, ops.zeros((), "int32"), zero)
         new_store, weights, *sums = over_slices(n, one, carry)
         final = ops.reshape(weights, tuple(final.shape)) if decays else final
         return ops.reshape(new_store, shape), final, tuple(sums)

@@ -284,7 +284,7 @@ def _sum_over_slices(
     alive (about 2x the tensor for ``Threshold`` on TensorFlow); a loop holds one
     slice's."""
     n = int(next(x for x in arrays if x is not None).shape[0])
-    if n <= MEASURE_CHUNK:
+    if one_slice(n):
         return figures(*arrays)
 
     def add(start: Any, size: int, sums: tuple[Array, ...]) -> tuple[Array, ...]:
@@ -299,12 +299,17 @@ def over_slices(n: int, step: Callable[[Any, int, Any], Any], carry: Any) -> Any
     :data:`MEASURE_CHUNK` entries: the whole slices are the iterations of a loop
     (one slice's temporaries live at a time, and a buffer in the carry is updated in
     place), the tail a call of its own; one call with ``(0, n)`` when ``n`` fits one."""
-    if n <= MEASURE_CHUNK:
+    if one_slice(n):
         return step(0, n, carry)
     chunk, whole_slices = MEASURE_CHUNK, n // MEASURE_CHUNK
     carry = ops.fori_loop(0, whole_slices, lambda i, c: step(i * chunk, chunk, c), carry)
     done = whole_slices * chunk
     return carry if done == n else step(done, n - done, carry)
+
+
+def one_slice(n: int) -> bool:
+    """True when :func:`over_slices` takes ``n`` entries in one call."""
+    return n <= MEASURE_CHUNK
 
 
 def cut(x: Array, start: Any, size: int) -> Array:
