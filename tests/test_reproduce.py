@@ -14,6 +14,7 @@ from energy_callbacks.cli import main
 from energy_callbacks.data import FASHION_MNIST_DIR
 from energy_callbacks.reproduce import Config, load_data, reproduce
 from energy_callbacks.reproduce import frameworks as fw
+from energy_callbacks.reproduce.paper import Curve
 from energy_callbacks.reproduce.report import markdown, power_law
 from energy_callbacks.reproduce.runner import COLUMNS, Sweep, read_table
 from energy_callbacks.reproduce.sweep import _scaling
@@ -45,6 +46,12 @@ def test_quick_size_sweep_writes_csv_plot_and_table(tmp_path, capsys):
     for r in rows:
         assert float(r["m1"]) >= float(r["m1_min"]) > 0
         assert int(r["m0"]) > 0 and 0 < float(r["accuracy"]) <= 1
+    curves = Sweep(tmp_path, "size-sweep").curves()
+    for r in rows:  # a run stops after two consecutive test points at the target
+        accuracy = curves[r["key"]].accuracy
+        if r["reached"] == "True" and r["samples_sustained"]:
+            assert min(accuracy[-2:]) >= 0.7 and int(r["samples_sustained"]) < int(r["samples"])
+            assert int(r["samples_to_target"]) <= int(r["samples_sustained"])
     backprop = [r for r in rows if r["rule"] == "backprop"]
     combined = [r for r in rows if r["rule"] == "combined"]
     for b, c in zip(backprop, combined):  # the restriction saves updates
@@ -359,6 +366,14 @@ def test_table_and_scaling_helpers():
     assert np.isnan(power_law([100], [1.0]))
     text = markdown(["a", "b"], [["x|y", "1"]])
     assert text.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+
+
+def test_a_sustained_crossing_is_the_first_of_two_points_at_the_target():
+    c = Curve(samples=[1, 2, 3, 4, 5], accuracy=[0.2, 0.9, 0.5, 0.86, 0.88])
+    assert c.first_reaching(0.85) == 1
+    assert c.first_sustained(0.85) == 3
+    assert c.first_sustained(0.95) is None
+    assert c.first_sustained(0.85, points=1) == 1
 
 
 def test_the_scaling_fit_needs_two_sizes_per_rule():

@@ -117,8 +117,10 @@ def paper_run(
     target: float | None,
     max_samples: int,
     eval_every: int,
+    confirm: int = 1,
 ) -> RunResult:
-    """Train ``spec.params`` (rule, n_hidden, seed) to ``target`` or ``max_samples``."""
+    """Train ``spec.params`` (rule, n_hidden, seed) to ``target`` (held for ``confirm``
+    consecutive test points) or ``max_samples``."""
     p = spec.params
     rule = get_rule(p["rule"])
     run = experiment.fit(
@@ -129,6 +131,7 @@ def paper_run(
         max_samples=max_samples,
         eval_every=eval_every,
         target=target,
+        confirm=confirm,
     )
     row = experiment.row(p, run, rule.name, rule.label, loss, max_samples)
     return RunResult(row, run.curve)

@@ -32,6 +32,8 @@ from ..lightning import PlasticityCallback
 from ..reference import PaperMLP
 
 LOSSES = ("mse", "cross_entropy")
+SUSTAINED_POINTS = 2
+"""Consecutive test points at or above the target that make a sustained crossing."""
 
 
 class PaperModule(pl.LightningModule):
@@ -146,9 +148,18 @@ class Curve:
         """Index of the first test point at or above ``target`` (None: never)."""
         return next((i for i, a in enumerate(self.accuracy) if a >= target), None)
 
+    def first_sustained(self, target: float, points: int = SUSTAINED_POINTS) -> int | None:
+        """Index of the first of ``points`` consecutive test points at or above ``target``
+        (None: never): a crossing that one lucky test point cannot make."""
+        a = self.accuracy
+        return next(
+            (i for i in range(len(a) - points + 1) if min(a[i : i + points]) >= target), None
+        )
+
 
 class TestEvery(Callback):
-    """Test every ``every`` training samples; stop at ``target`` accuracy.
+    """Test every ``every`` training samples; stop at ``target`` accuracy (after
+    ``confirm`` consecutive test points at or above it).
 
     ``subsets`` maps a name to a boolean mask over the test set; their accuracies
     are kept in :attr:`subset_accuracy` at every test point (e.g. the first task
@@ -164,7 +175,11 @@ class TestEvery(Callback):
         target: float | None = None,
         energy: PlasticityCallback | None = None,
         subsets: dict[str, np.ndarray] | None = None,
+        confirm: int = 1,
     ) -> None:
+        if confirm < 1:
+            raise ValueError(f"confirm must be >= 1 test point, got {confirm}")
+        self.confirm = confirm
         self.x_test, self.y_test = x_test, y_test
         self.every, self.target, self.energy = every, target, energy
         self.subsets = {k: torch.from_numpy(v) for k, v in (subsets or {}).items()}
@@ -189,7 +204,12 @@ class TestEvery(Callback):
         if self.seen >= self._next or last:
             self._next += self.every
             self.test(pl_module)
-            if self.target is not None and self.curve.accuracy[-1] >= self.target:
+            recent = self.curve.accuracy[-self.confirm :]
+            if (
+                self.target is not None
+                and len(recent) == self.confirm
+                and min(recent) >= self.target
+            ):
                 self.reached = True
                 trainer.should_stop = True
 
@@ -253,10 +273,12 @@ class PaperRun:
         """The CSV figures of this run (see :data:`~energy_callbacks.reproduce.runner.COLUMNS`).
 
         ``reached`` and ``*_to_target`` come from the first test point at or above
-        ``target``, whether or not the run stopped there.
+        ``target``, whether or not the run stopped there; ``*_sustained`` from the first
+        of :data:`SUSTAINED_POINTS` consecutive ones.
         """
         rep, c = self.report, self.curve
         hit = None if target is None else c.first_reaching(target)
+        held = None if target is None else c.first_sustained(target)
         return {
             "samples": self.samples,
             "epochs": self.samples / n_train,
@@ -272,6 +294,9 @@ class PaperRun:
             "m1_to_target": "" if hit is None else c.m1[hit],
             "m0_to_target": "" if hit is None else c.m0[hit],
             "seconds_to_target": "" if hit is None else c.seconds[hit],
+            "samples_sustained": "" if held is None else c.samples[held],
+            "m1_sustained": "" if held is None else c.m1[held],
+            "m0_sustained": "" if held is None else c.m0[held],
             "train_seconds": c.seconds[-1] if c.seconds else 0.0,
             "seconds": self.seconds,
         }
@@ -296,6 +321,7 @@ def fit_paper(
     phases: Sequence[np.ndarray | Callable[[PlasticityCallback], np.ndarray]] | None = None,
     subsets: dict[str, np.ndarray] | None = None,
     phase_targets: Sequence[float | None] | None = None,
+    confirm: int = 1,
 ) -> PaperRun:
     """Train the paper MLP through :class:`PlasticityCallback`; batch 1, with replacement.
 
@@ -304,7 +330,8 @@ def fit_paper(
     ``max_samples`` samples and until its ``phase_targets`` entry (default ``target``).
     A phase may be a callable that gets the energy callback (its mistake memory)
     and returns the pool. ``subsets`` are test-set masks whose accuracy is kept.
-    ``output_lr`` is the output layer's step size (default ``lr``).
+    ``output_lr`` is the output layer's step size (default ``lr``). A run stops at its
+    target after ``confirm`` consecutive test points at or above it.
     """
     module = PaperModule(
         x_train.shape[1], n_hidden, n_outputs, loss=loss, lr=lr, output_lr=output_lr, seed=seed
@@ -318,6 +345,7 @@ def fit_paper(
         target=target,
         energy=energy,
         subsets=subsets,
+        confirm=confirm,
     )
     pools = list(phases) if phases is not None else [np.arange(len(x_train))]
     goals = list(phase_targets) if phase_targets is not None else [target] * len(pools)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .base import Experiment, paper_run
 from .config import Config
+from .paper import SUSTAINED_POINTS
 from .report import (
     cell,
     fmt,
@@ -107,6 +108,7 @@ class _EnergyToTarget(Experiment):
             target=self.config.accuracy_target,
             max_samples=max_samples,
             eval_every=eval_every,
+            confirm=SUSTAINED_POINTS,
         )
 
 
