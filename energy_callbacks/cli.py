@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["package", "reference"],
         default="package",
         help="package: subtract the per-pixel training mean; reference: the authors' code "
-        "(one mean over all pixels, N(0, 0.001) noise on the training inputs)",
+        "(one mean over all pixels, N(0, 0.001) noise on the training and test inputs)",
     )
     rep.add_argument(
         "--output-lr",

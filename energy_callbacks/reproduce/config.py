@@ -4,7 +4,8 @@
 overrides); :func:`load_data` reads the IDX files once and preprocesses them
 (SCIENCE.md section 3: inputs scaled to [0.01, 0.99], then the training mean
 subtracted, per pixel; ``--preprocessing reference`` subtracts one mean over all
-pixels and adds N(0, 0.001) noise to the training inputs, as the authors' code).
+pixels and adds N(0, 0.001) noise to the training and test inputs, as the authors'
+code).
 """
 
 from __future__ import annotations
@@ -151,8 +152,9 @@ def load_data(config: Config) -> Data:
     x_train, mean = data.paper_inputs(ds.train.images, per_pixel=per_pixel)
     x_test, _ = data.paper_inputs(ds.test.images, mean)
     name = ds.name
-    if not per_pixel:  # the reference code: one mean, and N(0, 0.001) noise on the inputs
-        noise = np.random.default_rng(0).normal(0.0, REFERENCE_NOISE_SD, x_train.shape)
-        x_train = x_train + noise.astype(np.float32)
+    if not per_pixel:  # the reference code: one mean, and N(0, 0.001) noise on all inputs
+        rng = np.random.default_rng(0)
+        x_train = x_train + rng.normal(0.0, REFERENCE_NOISE_SD, x_train.shape).astype(np.float32)
+        x_test = x_test + rng.normal(0.0, REFERENCE_NOISE_SD, x_test.shape).astype(np.float32)
         name = f"{ds.name} (reference preprocessing)"
     return Data(name, x_train, ds.train.labels, x_test, ds.test.labels, ds.n_classes)
