@@ -100,6 +100,9 @@ def run_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import Config, reproduce
     from .reproduce.frameworks import KerasUnavailable
 
+    if args.experiment == "report":
+        return _report(args)
+
     try:
         config = Config(
             dataset=args.dataset,
@@ -133,6 +136,25 @@ def run_reproduce(args: argparse.Namespace) -> int:
     console.print(Markdown(table))
     stem = csv_path.with_suffix("")
     console.print(f"wrote {csv_path}, {stem}.md and {stem}.png")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .reproduce.results import build_report
+
+    if not args.data:
+        print("energy-callbacks reproduce report: pass --data DIR, the run CSVs", file=sys.stderr)
+        return 2
+    try:
+        written = build_report(Path(args.data), Path(args.out))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"energy-callbacks reproduce report: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} tables (and their plots) into {args.out}:")
+    for path in written:
+        print(f"  {path}")
     return 0
 
 
@@ -203,11 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce",
         help="rerun a paper experiment through the Lightning callback: CSV, table and plot",
         description="Rerun one experiment of the papers through the framework callbacks. "
-        "Finished runs in OUT/EXPERIMENT.csv are not repeated.",
+        "Finished runs in OUT/EXPERIMENT.csv are not repeated. "
+        "`reproduce report --data DIR --out DIR` builds the claims table and every table and "
+        "plot from the runs' CSVs in DIR, without training.",
     )
     rep.add_argument(
         "experiment",
-        choices=["size-sweep", "lazy", "mistakes", "combined", "frameworks", "caching"],
+        choices=["size-sweep", "lazy", "mistakes", "combined", "frameworks", "caching", "report"],
+    )
+    rep.add_argument(
+        "--data",
+        help="report: the folder of run CSVs to build the results from (its --out is where "
+        "claims.md and the tables and plots go)",
     )
     rep.add_argument(
         "--data-dir",

@@ -379,7 +379,9 @@ def test_a_sustained_crossing_is_the_first_of_two_points_at_the_target():
 
 def test_the_scaling_fit_needs_two_sizes_per_rule():
     def row(rule, n, reached=True):
-        figures = {"m1": 2.0 * n, "m0": n**2, "samples": 10.0, "reached": reached}
+        figures = {"m1_sustained": 2.0 * n, "m0_sustained": n**2, "samples_sustained": 10.0}
+        if not reached:
+            figures = dict.fromkeys(figures, "")
         return {"rule": rule, "n_hidden": n, **figures}
 
     one = _scaling([row("fixed", 10000)])
@@ -388,4 +390,4 @@ def test_the_scaling_fit_needs_two_sizes_per_rule():
     both = _scaling([*rows, row("fixed", 10000, reached=False)])
     assert "| fixed subnetwork, k = 10% (<= 100) | 100, 1000 | 1.00 | 2.00 | 0.00 |" in both
     assert "| backprop |" not in both
-    assert "Left out (target not reached): fixed at N = 10000." in both
+    assert "Left out (target not sustained): fixed at N = 10000." in both

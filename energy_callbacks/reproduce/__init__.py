@@ -45,4 +45,6 @@ def reproduce(
     experiment.load(data if data is not None else load_data(config))
     sweep = Sweep(config.out, name, experiment.columns)
     rows = sweep.run(experiment.specs(), experiment.execute, show_progress=show_progress)
-    return experiment.summarize(rows, config.out), sweep.csv
+    summary = experiment.summarize(rows, sweep.curves())
+    summary.write(config.out, name)
+    return summary.text, sweep.csv

@@ -9,14 +9,14 @@ the paper MLP through the Lightning callback and returns its CSV row.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core import Plasticity
 from .config import Config, Data
-from .paper import PaperRun, fit_paper
+from .paper import Curve, PaperRun, fit_paper
+from .report import Summary
 from .rules import get_rule
 from .runner import COLUMNS, RunResult, RunSpec
 
@@ -44,8 +44,8 @@ class Experiment(ABC):
         """Run one spec."""
 
     @abstractmethod
-    def summarize(self, rows: list[dict[str, Any]], out: Path) -> str:
-        """Write ``<name>.md`` and ``<name>.png`` into ``out``; return the markdown."""
+    def summarize(self, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> Summary:
+        """The table and plot of finished runs: their CSV rows and test curves by key."""
 
     def preflight(self) -> None:
         """Fail before any training when something the experiment needs is missing."""

@@ -18,12 +18,12 @@ no decay).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from ..core import Caching, Plasticity
 from .base import Experiment
-from .report import cell, fmt, group, markdown, mean_sd, ratio, seeds_phrase, values, write_outputs
+from .paper import Curve
+from .report import Summary, cell, fmt, group, markdown, mean_sd, ratio, seeds_phrase, values
 from .runner import COLUMNS, RunResult, RunSpec
 
 CACHING_COLUMNS = (
@@ -122,13 +122,12 @@ class CachingSweep(Experiment):
         }
         return RunResult(row, run.curve)
 
-    def summarize(self, rows: list[dict[str, Any]], out: Path) -> str:
+    def summarize(self, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> Summary:
         max_samples, _ = self.budget()
         same = (self.size(), self.config.accuracy_target, max_samples)
         rows = [r for r in rows if (r["n_hidden"], r["target"], r["max_samples"]) == same]
         text = f"# caching ({_setup(rows)})\n\n" + caching_table(rows)
-        write_outputs(out, self.name, text, lambda fig: _plot(fig, rows))
-        return text
+        return Summary(text, lambda fig: _plot(fig, rows))
 
 
 def _setup(rows: list[dict[str, Any]]) -> str:

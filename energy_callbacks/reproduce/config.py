@@ -104,6 +104,25 @@ class Config:
             parts.append(f"output-lr-{self.output_lr}")
         return "/".join(parts) + "|" + ("quick" if self.quick else "full")
 
+    @classmethod
+    def from_settings_key(cls, settings: str, **kwargs: object) -> Config:
+        """The settings a :meth:`settings_key` names (``kwargs`` set the other fields):
+        how a report finds the configuration of runs read back from a CSV."""
+        data, _, mode = settings.partition("|")
+        dataset, *parts = data.split("/")
+        fields: dict[str, object] = {"dataset": dataset, "quick": mode == "quick"}
+        for part in parts:
+            name, _, value = part.partition("-")
+            if name == "prep":
+                fields["preprocessing"] = value
+            elif part.startswith("output-lr-"):
+                fields["output_lr"] = part.removeprefix("output-lr-")
+            else:
+                raise ValueError(f"unknown setting {part!r} in the run key part {settings!r}")
+        if dataset != "fashion-mnist":
+            fields.setdefault("data_dir", Path("."))  # a report reads no data set
+        return cls(**{**fields, **kwargs})  # type: ignore[arg-type]
+
     @property
     def accuracy_target(self) -> float:
         """``--target``, else 0.7 with ``--quick``, else the data set's (85% / 95%)."""

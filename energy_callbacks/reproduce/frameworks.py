@@ -24,7 +24,8 @@ import numpy as np
 
 from .base import Experiment, paper_run
 from .keras_run import IMPORT_ERROR_STATUS
-from .report import fmt, group, markdown, ratio, write_outputs
+from .paper import Curve
+from .report import Summary, fmt, group, markdown, ratio
 from .rules import RULES
 from .runner import RunResult, RunSpec
 
@@ -183,10 +184,9 @@ class Frameworks(Experiment):
                 "seconds": r["seconds"],
             }
 
-    def summarize(self, rows: list[dict[str, Any]], out: Path) -> str:
+    def summarize(self, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> Summary:
         text = f"# frameworks ({_setup(rows)})\n\n" + comparison_table(rows)
-        write_outputs(out, self.name, text, lambda fig: _plot(fig, rows))
-        return text
+        return Summary(text, lambda fig: _plot(fig, rows))
 
 
 def _setup(rows: list[dict[str, Any]]) -> str:

@@ -20,16 +20,16 @@ with replacement, for a fixed budget of samples, testing every 2000 samples.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..lightning import PlasticityCallback
 from .base import Experiment, paper_run
-from .report import cell, fmt, group, markdown, mean_sd, ratio, seeds_phrase, values, write_outputs
+from .paper import Curve
+from .report import Summary, cell, fmt, group, markdown, mean_sd, ratio, seeds_phrase, values
 from .rules import RULES, get_rule
-from .runner import RunResult, RunSpec, Sweep
+from .runner import RunResult, RunSpec
 
 
 class _Gating(Experiment):
@@ -80,12 +80,10 @@ class Lazy(_Gating):
     def execute(self, spec: RunSpec) -> RunResult:
         return self.run_plain(spec)
 
-    def summarize(self, rows: list[dict[str, Any]], out: Path) -> str:
+    def summarize(self, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> Summary:
         text = f"# lazy ({_setup(rows)})\n\n" + _to_target_table(rows)
         text += "\n" + _speedup(rows, "lazy", "seconds_to_target", "wall-clock time", 2.0)
-        curves = Sweep(out, self.name).curves()
-        write_outputs(out, self.name, text, lambda fig: _plot_curves(fig, rows, curves))
-        return text
+        return Summary(text, lambda fig: _plot_curves(fig, rows, curves))
 
 
 class Mistakes(_Gating):
@@ -159,18 +157,16 @@ class Mistakes(_Gating):
         }
         return RunResult(row, run.curve)
 
-    def summarize(self, rows: list[dict[str, Any]], out: Path) -> str:
+    def summarize(self, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> Summary:
         plain = [r for r in rows if r["setting"] == "plain"]
         incremental = [r for r in rows if r["setting"] == "incremental"]
         text = f"# mistakes ({_setup(rows)})\n\n## Setting 1: plain training\n\n"
         text += _to_target_table(plain) + "\n"
         text += _speedup(plain, "mistakes", "m0_to_target", "updates (M0)", 2.0)
-        curves = Sweep(out, self.name).curves()
         text += "\n" + equal_accuracy(plain, curves)
         text += "\n## Setting 2: class-incremental (first half of the classes, then all)\n\n"
         text += _incremental_table(incremental)
-        write_outputs(out, self.name, text, lambda fig: _plot_curves(fig, plain, curves))
-        return text
+        return Summary(text, lambda fig: _plot_curves(fig, plain, curves))
 
 
 def _label(rule: str) -> str:

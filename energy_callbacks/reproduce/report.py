@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,18 @@ def power_law(ns: Sequence[float], ys: Sequence[float]) -> float:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
+
+
+@dataclass(frozen=True)
+class Summary:
+    """An experiment's table (markdown) and its plot (``draw(figure)`` fills a figure)."""
+
+    text: str
+    draw: Callable[[Any], None]
+
+    def write(self, out: Path, stem: str) -> Path:
+        """Write ``<stem>.md`` and ``<stem>.png`` into ``out``; return the PNG's path."""
+        return write_outputs(out, stem, self.text, self.draw)
 
 
 def write_outputs(out: Path, experiment: str, text: str, draw: Callable[[Any], None]) -> Path:

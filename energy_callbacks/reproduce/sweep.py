@@ -7,14 +7,17 @@ accuracy, at most 5 epochs, and compare the energy with plain backprop.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
-from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .base import Experiment, paper_run
 from .config import Config
-from .paper import SUSTAINED_POINTS
+from .paper import SUSTAINED_POINTS, Curve
 from .report import (
+    Summary,
     cell,
     fmt,
     group,
@@ -24,7 +27,6 @@ from .report import (
     ratio,
     seeds_phrase,
     values,
-    write_outputs,
 )
 from .rules import RULES, get_rule
 from .runner import RunResult, RunSpec
@@ -123,14 +125,10 @@ class SizeSweep(_EnergyToTarget):
     def sizes(self) -> tuple[int, ...]:
         return self.config.sizes or (QUICK_SIZES if self.config.quick else SWEEP_SIZES)
 
-    def summarize(self, rows: list[dict[str, Any]], out: Path) -> str:
+    def summarize(self, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> Summary:
         text = f"# size-sweep ({_setup(rows, self.config)})\n\n" + _energy_table(rows, by_size=True)
         text += "\n## Scaling: fit of energy ∝ N^a over the sizes run\n\n" + _scaling(rows)
-        fidelity = _fidelity(rows)
-        if fidelity:
-            text += "\n## Fidelity: N = 1000 against the authors' reference code\n\n" + fidelity
-        write_outputs(out, self.name, text, lambda fig: _plot_sizes(fig, rows))
-        return text
+        return Summary(text, lambda fig: _plot_sizes(fig, rows))
 
 
 class Combined(_EnergyToTarget):
@@ -144,11 +142,10 @@ class Combined(_EnergyToTarget):
     def sizes(self) -> tuple[int, ...]:
         return self.config.sizes or ((60,) if self.config.quick else (1000,))
 
-    def summarize(self, rows: list[dict[str, Any]], out: Path) -> str:
+    def summarize(self, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> Summary:
         text = f"# combined ({_setup(rows, self.config)})\n\n" + _energy_table(rows, by_size=False)
         text += "\n" + _combined_targets(rows)
-        write_outputs(out, self.name, text, lambda fig: _plot_savings(fig, rows))
-        return text
+        return Summary(text, lambda fig: _plot_savings(fig, rows))
 
 
 def _setup(rows: list[dict[str, Any]], config: Config) -> str:
@@ -162,14 +159,26 @@ def _setup(rows: list[dict[str, Any]], config: Config) -> str:
     )
 
 
+def _epochs_to_target(r: dict[str, Any]) -> float | str:
+    """Epochs at the first test point at or above the target ('' if never)."""
+    if r["samples_to_target"] == "" or not r["samples"]:
+        return ""
+    return float(r["samples_to_target"]) * float(r["epochs"]) / float(r["samples"])
+
+
+def _median(xs: list[float]) -> str:
+    return fmt(float(np.median(xs)), 3) if xs else "-"
+
+
 def _energy_table(rows: list[dict[str, Any]], by_size: bool) -> str:
+    """Per N and rule: how many runs sustained the target, the median epochs to its first
+    crossing, M1 and M0 at the sustained crossing, and the savings against backprop."""
     base = {k[0]: g for k, g in group(rows, "n_hidden", "rule").items() if k[1] == "backprop"}
     header = [
         "N",
         "rule",
-        "reached",
-        "epochs",
-        "test acc",
+        "sustained",
+        "epochs, median",
         "M1",
         "M0",
         "M1_min",
@@ -183,18 +192,20 @@ def _energy_table(rows: list[dict[str, Any]], by_size: bool) -> str:
     for (n, rule), g in ordered:
         b = base.get(n)
         saved = [
-            fmt(ratio(mean_sd(values(b, c))[0], mean_sd(values(g, c))[0]), 3) + "x" if b else "-"
-            for c in ("m1", "m0")
+            fmt(ratio(mean_sd(values(b, c))[0], mean_sd(values(g, c))[0]), 3) + "x"
+            if b and all(r[c] != "" for r in g + b)
+            else "-"
+            for c in ("m1_sustained", "m0_sustained")
         ]
+        epochs = [float(e) for e in map(_epochs_to_target, g) if e != ""]
         body.append(
             [
                 str(n),
                 RULES[rule].label if rule in RULES else rule,
-                f"{sum(bool(r['reached']) for r in g)}/{len(g)}",
-                cell(g, "epochs"),
-                cell(g, "accuracy"),
-                cell(g, "m1"),
-                cell(g, "m0"),
+                f"{sum(r['m1_sustained'] != '' for r in g)}/{len(g)}",
+                _median(epochs),
+                cell(g, "m1_sustained"),
+                cell(g, "m0_sustained"),
                 cell(g, "m1_min"),
                 cell(g, "inefficiency"),
                 *saved,
@@ -203,24 +214,34 @@ def _energy_table(rows: list[dict[str, Any]], by_size: bool) -> str:
         )
     if not by_size:
         header, body = header[1:], [row[1:] for row in body]
-    return markdown(header, body)
+    note = (
+        "\nM1, M0 and the savings at the sustained crossing: the first of two consecutive "
+        "test points at or above the target (mean ± sd over seeds; '-' where a run never "
+        "sustained it). Epochs: the median over seeds of the first crossing. M1_min and "
+        "inefficiency where the run stopped.\n"
+    )
+    return markdown(header, body) + note
+
+
+def _sizes_sustained(g: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """A rule's runs per N, only the sizes at which every run sustained the target."""
+    by_n = {k[0]: v for k, v in sorted(group(g, "n_hidden").items())}
+    return {n: v for n, v in by_n.items() if all(r["m1_sustained"] != "" for r in v)}
 
 
 def _scaling(rows: list[dict[str, Any]]) -> str:
-    """Slopes over the sizes at which every run of the rule reached the target: a run
+    """Slopes over the sizes at which every run of the rule sustained the target: a run
     stopped by the budget spent less than the target needs and would flatten the fit."""
     body, left_out = [], []
     for (rule,), g in group(rows, "rule").items():
-        by_n = dict(sorted(group(g, "n_hidden").items()))
-        for k in [k for k, v in by_n.items() if not all(r["reached"] for r in v)]:
-            left_out.append(f"{rule} at N = {k[0]}")
-            del by_n[k]
-        ns = [k[0] for k in by_n]
+        by_n = _sizes_sustained(g)
+        left_out += [f"{rule} at N = {n}" for n in sorted({r["n_hidden"] for r in g} - set(by_n))]
+        ns = list(by_n)
         if len(ns) < 2:
             continue  # one size has no slope
         exps = [
             power_law(ns, [mean_sd(values(v, c))[0] for v in by_n.values()])
-            for c in ("m1", "m0", "samples")
+            for c in ("m1_sustained", "m0_sustained", "samples_sustained")
         ]
         body.append(
             [
@@ -229,46 +250,10 @@ def _scaling(rows: list[dict[str, Any]]) -> str:
                 *(f"{a:.2f}" for a in exps),
             ]
         )
-    note = f"\nLeft out (target not reached): {', '.join(left_out)}.\n" if left_out else ""
+    note = f"\nLeft out (target not sustained): {', '.join(left_out)}.\n" if left_out else ""
     if not body:
-        return "A fit needs two sizes per rule that reached the target.\n" + note
+        return "A fit needs two sizes per rule that sustained the target.\n" + note
     return markdown(["rule", "N", "a (M1)", "a (M0)", "a (samples)"], body) + note
-
-
-def _fidelity(rows: list[dict[str, Any]]) -> str:
-    sel = [r for r in rows if r["n_hidden"] == 1000 and r["rule"] in PUBLISHED]
-    if not sel or "fashion" not in str(sel[0]["dataset"]) or sel[0]["target"] != 0.85:
-        return ""
-    header = [
-        "rule",
-        "epochs (ours / paper)",
-        "M1 (ours / paper)",
-        "M1_min",
-        "inefficiency",
-        "M0 (ours / paper)",
-        "M1 ratio",
-        "M0 ratio",
-        "within ±30%",
-    ]
-    body = []
-    for (rule,), g in group(sel, "rule").items():
-        ref = PUBLISHED[rule]
-        r1, r0 = (ratio(mean_sd(values(g, c))[0], ref[c]) for c in ("m1", "m0"))
-        ok = all(abs(x - 1) <= FIDELITY_TOLERANCE for x in (r1, r0))
-        body.append(
-            [
-                RULES[rule].label,
-                f"{cell(g, 'epochs')} / {ref['epochs']}",
-                f"{cell(g, 'm1')} / {fmt(ref['m1'])}",
-                f"{cell(g, 'm1_min')} / {fmt(ref['m1_min'])}",
-                f"{cell(g, 'inefficiency')} / {ref['inefficiency']}",
-                f"{cell(g, 'm0')} / {fmt(ref['m0'])}",
-                f"{r1:.2f}",
-                f"{r0:.2f}",
-                "yes" if ok else "no",
-            ]
-        )
-    return markdown(header, body)
 
 
 def _combined_targets(rows: list[dict[str, Any]]) -> str:
@@ -308,28 +293,47 @@ def _combined_targets(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot_sizes(figure: Any, rows: list[dict[str, Any]]) -> None:
-    axes = figure.subplots(1, 2)
-    for ax, column, title in zip(
-        axes, ("m1", "m0"), ("M1 = sum |dw|", "M0 = updates"), strict=True
-    ):
-        for (rule,), g in group(rows, "rule").items():
-            by_n = dict(sorted(group(g, "n_hidden").items()))
-            ns = [k[0] for k in by_n]
+    """M1 and M0 at the sustained crossing against N, and backprop's over each rule's,
+    with the fitted power of N in the legend."""
+    axes = figure.subplots(1, 3)
+    base = _sizes_sustained([r for r in rows if r["rule"] == "backprop"])
+    for (rule,), g in group(rows, "rule").items():
+        by_n = _sizes_sustained(g)
+        ns = list(by_n)
+        if not ns:
+            continue
+        for ax, column in zip(axes[:2], ("m1_sustained", "m0_sustained"), strict=True):
             stats = [mean_sd(values(v, column)) for v in by_n.values()]
+            a = power_law(ns, [m for m, _ in stats])
+            label = rule if math.isnan(a) else f"{rule} (N^{a:.2f})"
             ax.errorbar(
                 ns,
                 [m for m, _ in stats],
                 yerr=[s for _, s in stats],
                 marker="o",
                 capsize=3,
-                label=rule,
+                label=label,
             )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        both = [n for n in ns if n in base]
+        if rule != "backprop" and both:
+            saving = [
+                mean_sd(values(base[n], "m1_sustained"))[0]
+                / mean_sd(values(by_n[n], "m1_sustained"))[0]
+                for n in both
+            ]
+            a = power_law(both, saving)
+            label = rule if math.isnan(a) else f"{rule} (N^{a:.2f})"
+            axes[2].plot(both, saving, marker="o", label=label)
+    titles = ("M1 = sum |dw|", "M0 = updates", "M1 saved: backprop / rule")
+    for ax, title in zip(axes, titles, strict=True):
+        if ax.has_data():
+            ax.set_xscale("log")
+            ax.set_yscale("log")
         ax.set_xlabel("hidden units N")
-        ax.set_title(f"{title} to the target")
+        ax.set_title(f"{title}, to the target")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
 
 
 def _plot_savings(figure: Any, rows: list[dict[str, Any]]) -> None:

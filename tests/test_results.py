@@ -1,0 +1,134 @@
+"""The results page is built from committed run data: `energy-callbacks reproduce report`
+remakes every committed table from the CSVs, and the claims' verdicts follow their
+stated criteria."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from energy_callbacks.cli import main
+from energy_callbacks.reproduce import claims as c
+from energy_callbacks.reproduce.paper import Curve
+from energy_callbacks.reproduce.results import Runs, build_report, settings_of
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "docs" / "results" / "data"
+GENERATED = ROOT / "docs" / "results" / "generated"
+
+
+def test_the_committed_tables_are_what_the_data_gives(tmp_path):
+    """Edit the data (or the code that reads it), not the tables: rerun
+    `energy-callbacks reproduce report --data docs/results/data --out docs/results/generated`."""
+    written = build_report(DATA, tmp_path)
+    assert {p.name for p in written} == {p.name for p in GENERATED.glob("*.md")}
+    for path in written:
+        committed = (GENERATED / path.name).read_text()
+        assert path.read_text() == committed, f"{path.name} differs from the committed data"
+        assert (GENERATED / path.with_suffix(".png").name).exists() or path.name == "claims.md"
+
+
+def test_report_needs_data_and_names_it(tmp_path, capsys):
+    assert main(["reproduce", "report", "--out", str(tmp_path)]) == 2
+    assert "--data DIR" in capsys.readouterr().err
+    assert main(["reproduce", "report", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "no runs in" in capsys.readouterr().err
+
+
+def test_a_key_names_its_settings():
+    key = "size-sweep|fashion-mnist/prep-reference|full|N=1000|rule=backprop|seed=0"
+    assert settings_of(key) == "fashion-mnist/prep-reference|full"
+    runs = Runs("size-sweep", settings_of(key), [], {})
+    assert runs.stem == "size-sweep--prep-reference"
+    assert Runs("lazy", "fashion-mnist|full", [], {}).stem == "lazy"
+
+
+def _sweep(backprop_power: float, combined_power: float, seeds: int = 3) -> list[Runs]:
+    rows = []
+    for n in (100, 1000, 3000):
+        for rule, power in (("backprop", backprop_power), ("combined", combined_power)):
+            for s in range(seeds):
+                m1 = (1 + 0.01 * s) * n**power
+                rows.append(
+                    dict(
+                        key=f"size-sweep|fashion-mnist|full|N={n}|rule={rule}|seed={s}",
+                        rule=rule,
+                        n_hidden=n,
+                        seed=s,
+                        m1_sustained=m1,
+                        m0_sustained=1e6 * m1,
+                    )
+                )
+    return [Runs("size-sweep", "fashion-mnist|full", rows, {})]
+
+
+def test_size_claims_follow_their_criteria():
+    runs = _sweep(0.5, 0.0)
+    assert c.backprop_grows_like_sqrt_n(runs).verdict == c.REPRODUCED
+    assert c.restricted_energy_is_flat(runs).verdict == c.REPRODUCED
+    assert c.larger_networks_larger_savings(runs).verdict == c.REPRODUCED
+    assert "power 0.50 ± 0.00 (M1), 0.50 ± 0.00 (M0)" in c.backprop_grows_like_sqrt_n(runs).ours
+
+    steeper = _sweep(0.9, 0.3)  # grows, but not like √N; flatter than backprop, not flat
+    assert c.backprop_grows_like_sqrt_n(steeper).verdict == c.PARTLY
+    assert c.restricted_energy_is_flat(steeper).verdict == c.PARTLY
+    same = _sweep(0.5, 0.5)  # no saving that grows
+    assert c.larger_networks_larger_savings(same).verdict == c.MISSED
+    assert c.restricted_energy_is_flat(same).verdict == c.MISSED
+
+    unreached = _sweep(0.5, 0.0)
+    unreached[0].rows[-1]["m1_sustained"] = ""  # one run never sustained the target
+    assert c.larger_networks_larger_savings(unreached).verdict == c.NOT_RUN
+    assert c.backprop_grows_like_sqrt_n([]).verdict == c.NOT_RUN
+
+
+def _mistakes(gated_share: float) -> list[Runs]:
+    """Backprop and memorized mistakes curves: the gated rule spends ``gated_share`` of
+    backprop's updates at every accuracy, after a lucky single point it must not count."""
+    rows, curves = [], {}
+    for s in range(2):
+        for rule, share in (("backprop", 1.0), ("mistakes", gated_share)):
+            key = f"mistakes|fashion-mnist|full|setting=plain|rule={rule}|seed={s}"
+            accuracy = [0.5, 0.9, 0.7, *(0.79 + 0.005 * i for i in range(16))]
+            m0 = [share * 1e6 * (i + 1) for i in range(len(accuracy))]
+            if rule == "mistakes":
+                m0[1] = 1.0  # a lucky early point at 90%: not a sustained crossing
+            curves[key] = Curve(
+                samples=list(range(len(accuracy))),
+                accuracy=accuracy,
+                seconds=[0.0] * len(accuracy),
+                m1=[0.0] * len(accuracy),
+                m0=m0,
+            )
+            rows.append(dict(key=key, rule=rule, seed=s, setting="plain"))
+    return [Runs("mistakes", "fashion-mnist|full", rows, curves)]
+
+
+def test_the_mistakes_claim_compares_updates_along_the_curve():
+    claim = c.mistakes_save_updates(_mistakes(0.4))
+    assert claim.verdict == c.REPRODUCED and "60 ± 0% fewer" in claim.ours
+    assert c.mistakes_save_updates(_mistakes(0.9)).verdict == c.PARTLY
+    assert c.mistakes_save_updates(_mistakes(1.2)).verdict == c.MISSED
+
+
+@pytest.mark.parametrize("scale, verdict", [(1.1, c.REPRODUCED), (2.0, c.MISSED)])
+def test_the_reference_code_rows_compare_at_the_first_crossing(scale, verdict):
+    ref = c.REFERENCE["backprop"]
+    rows = [
+        dict(
+            rule="backprop",
+            n_hidden=1000,
+            seed=s,
+            samples=40000,
+            epochs=40000 / 60000,
+            samples_to_target=34200,
+            m1_to_target=scale * ref["m1"],
+            m0_to_target=scale * ref["m0"],
+        )
+        for s in range(3)
+    ]
+    claim = c.reference_code("backprop", "backprop")(
+        [Runs("size-sweep", "fashion-mnist|full", rows, {})]
+    )
+    assert claim.verdict == verdict and claim.ours.startswith("0.57 ± 0 epochs")
