@@ -11,7 +11,7 @@ import pytest
 from energy_callbacks.cli import main
 from energy_callbacks.reproduce import claims as c
 from energy_callbacks.reproduce.paper import Curve
-from energy_callbacks.reproduce.results import Runs, build_report, settings_of
+from energy_callbacks.reproduce.results import Runs, build_report, demote, settings_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "results" / "data"
@@ -42,6 +42,7 @@ def test_a_key_names_its_settings():
     runs = Runs("size-sweep", settings_of(key), [], {})
     assert runs.stem == "size-sweep--prep-reference"
     assert Runs("lazy", "fashion-mnist|full", [], {}).stem == "lazy"
+    assert demote("# t\n\n## s\n| a |", 2) == "### t\n\n#### s\n| a |"
 
 
 def _sweep(backprop_power: float, combined_power: float, seeds: int = 3) -> list[Runs]:
@@ -101,7 +102,7 @@ def _mistakes(gated_share: float) -> list[Runs]:
                 m1=[0.0] * len(accuracy),
                 m0=m0,
             )
-            rows.append(dict(key=key, rule=rule, seed=s, setting="plain"))
+            rows.append(dict(key=key, rule=rule, seed=s, setting="plain", target=0.85))
     return [Runs("mistakes", "fashion-mnist|full", rows, curves)]
 
 

@@ -8,7 +8,8 @@ and writes into an output folder, without training anything:
   verdict and the command that reruns it (:mod:`~energy_callbacks.reproduce.claims`);
 - per experiment and settings, ``<experiment>.md`` and ``<experiment>.png`` (a run
   with other settings, such as ``--preprocessing reference``, gets
-  ``<experiment>--prep-reference.md``): the same tables and plots as the run wrote.
+  ``<experiment>--prep-reference.md``): the same tables and plots as the run wrote,
+  their headings two levels deeper, to sit under a page's sections.
 
 Quick (smoke) runs are left out: they are no result.
 """
@@ -23,6 +24,7 @@ from typing import Any
 from .base import Experiment
 from .config import Config
 from .paper import Curve
+from .report import Summary
 from .runner import Sweep
 
 Row = dict[str, Any]
@@ -88,11 +90,20 @@ def build_report(data: Path, out: Path) -> list[Path]:
     written = []
     for r in runs:
         experiment = EXPERIMENTS[r.experiment](Config.from_settings_key(r.settings))
-        experiment.summarize(r.rows, r.curves).write(out, r.stem)
+        summary = experiment.summarize(r.rows, r.curves)
+        Summary(demote(summary.text, 2), summary.draw).write(out, r.stem)
         written.append(out / f"{r.stem}.md")
     claims = out / "claims.md"
     claims.write_text(claims_table(runs))
     return [claims, *written]
+
+
+def demote(markdown: str, levels: int) -> str:
+    """Headings ``levels`` deeper (``#`` becomes ``###`` for 2), so that a table's own
+    title sits under the section of the page that includes it."""
+    return "\n".join(
+        "#" * levels + line if line.startswith("#") else line for line in markdown.split("\n")
+    )
 
 
 def find(runs: Sequence[Runs], experiment: str, settings: str = "fashion-mnist|full") -> Runs:
