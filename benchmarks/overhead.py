@@ -3,6 +3,7 @@
 Workloads (random data, CPU, one process):
 
 - ``mlp``: the paper MLP 784-1000-10 (leaky ReLU, cross-entropy, SGD), batch 32;
+  ``mlp-128``: the same at batch 128;
 - ``cnn``: conv 32 - pool - conv 64 - pool - dense 128 - dense 10 on 28x28 images, batch 128;
 - ``transformer``: a 2-layer TransformerEncoder language model (width 128, 4 heads,
   vocabulary 1000, causal mask), batch 32 x 128 tokens.
@@ -21,8 +22,15 @@ configuration alike. Per configuration it reports:
 
 The table shows the median over the rounds, with the range of the ratios.
 
+On the classifiers (``mlp``, ``mlp-128``, ``cnn``) two more configurations measure
+the sample gates' own cost: ``samples="lazy"`` and ``samples="mistakes"`` (memorized
+mistakes, keyed by each sample's id), with ``gate_batch`` before every forward pass.
+The labels are random, so most samples stay wrong and learn: the step does all its
+work, and the ratio is what judging and gating add.
+
     python benchmarks/overhead.py                       # all three workloads
     python benchmarks/overhead.py --workloads mlp --rounds 9
+    python benchmarks/overhead.py --workloads mlp mlp-128 --rounds 5   # the gates at b = 32, 128
     python benchmarks/overhead.py --keras tensorflow jax torch   # + Keras rows (the MLP)
 """
 
@@ -60,6 +68,8 @@ class Workload:
     combined_name: str
     steps: int
     lr: float = 0.01
+    gated: bool = False
+    """A classifier: the sample gates get rows of their own."""
 
 
 def mlp() -> nn.Module:
@@ -118,9 +128,11 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 PATH_COMBINED = {"units": TopUnits(0.1, path=True), "synapses": 0.1}
 WORKLOADS = {
     "mlp": Workload(mlp, images(32, (784,)), nn.functional.cross_entropy, PATH_COMBINED,
-                    "combined (path 10% units + top 10%)", 150),
+                    "combined (path 10% units + top 10%)", 150, gated=True),
+    "mlp-128": Workload(mlp, images(128, (784,)), nn.functional.cross_entropy, PATH_COMBINED,
+                        "combined (path 10% units + top 10%)", 60, gated=True),
     "cnn": Workload(cnn, images(128, (1, 28, 28)), nn.functional.cross_entropy, PATH_COMBINED,
-                    "combined (path 10% units + top 10%)", 40),
+                    "combined (path 10% units + top 10%)", 40, gated=True),
     # A transformer's wiring is residual: no path to prove, so its combined rule has none.
     "transformer": Workload(LM, token_batches, token_loss,
                             {"units": TopUnits(0.1), "synapses": 0.1},
@@ -133,12 +145,16 @@ TARGETS = {  # (end-to-end ratio on cnn/transformer, hook cost in Adam steps)
 
 
 def configs(workload: Workload) -> dict[str, dict[str, Any] | None]:
-    return {
+    cases: dict[str, dict[str, Any] | None] = {
         "plain": None,
         "tracking only": {},
         "TopFraction(0.1)": {"synapses": TopFraction(0.1)},
         workload.combined_name: dict(workload.combined),
     }
+    if workload.gated:
+        cases["lazy (samples='lazy')"] = {"samples": "lazy"}
+        cases["memorized mistakes (samples='mistakes')"] = {"samples": "mistakes"}
+    return cases
 
 
 class HookTimer:
@@ -173,14 +189,19 @@ class Runner:
         self.model = workload.model()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=workload.lr)
         self.timer = HookTimer(self.opt)
+        self.handle = None
         if config is not None:
-            attach(self.model, self.opt, Plasticity(**config))
+            self.handle = attach(self.model, self.opt, Plasticity(**config))
+        self.gated = config is not None and "samples" in config
         self.timer.inner()
         self.times: list[float] = []
 
-    def step(self, batch: Batch) -> None:
+    def step(self, batch: Batch, index: int = 0) -> None:
         x, y = batch
         t0 = time.perf_counter()
+        if self.gated:  # the batch's targets and sample ids, before its forward pass
+            n = len(y)
+            self.handle.gate_batch(y, torch.arange(index * n, (index + 1) * n))
         self.opt.zero_grad(set_to_none=True)
         self.workload.loss(self.model(x), y).backward()
         self.opt.step()
@@ -198,7 +219,7 @@ class AdamStep:
             p.grad = torch.randn_like(p) * 1e-3
         self.times: list[float] = []
 
-    def step(self, batch: Batch) -> None:
+    def step(self, batch: Batch, index: int = 0) -> None:
         t0 = time.perf_counter()
         self.opt.step()
         self.times.append(time.perf_counter() - t0)
@@ -214,7 +235,7 @@ def one_round(workload: Workload, batches: list[Batch], warmup: int) -> dict[str
     for i in range(warmup + workload.steps):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
-            runners[name].step(batches[i % len(batches)])
+            runners[name].step(batches[i % len(batches)], i % len(batches))
     plain = runners["plain"].times[warmup:]
     adam = statistics.median(runners["adam"].times[warmup:])
     out: dict[str, Any] = {"adam": adam}

@@ -124,6 +124,9 @@ def run_reproduce(args: argparse.Namespace) -> int:
                     ("thetas", args.thetas),
                     ("taus", args.taus),
                     ("maintenance_costs", args.maintenance_costs),
+                    ("lrs", args.lrs),
+                    ("batch_sizes", args.batch_sizes),
+                    ("fractions", args.fractions),
                 )
                 if value
             },
@@ -280,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--taus", help="caching: decay times in steps, comma-separated (inf: none)")
     rep.add_argument(
         "--maintenance-costs", help="caching: maintenance costs per step, comma-separated"
+    )
+    rep.add_argument("--lrs", help="lazy: the learning-rate grid, comma-separated")
+    rep.add_argument("--batch-sizes", help="lazy: batch sizes, comma-separated (default 1,32,128)")
+    rep.add_argument(
+        "--fractions",
+        help="lazy: shares of the training set below 1, comma-separated (default 0.1,0.25,0.5)",
     )
     rep.set_defaults(run=run_reproduce)
     return parser

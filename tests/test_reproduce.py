@@ -14,9 +14,10 @@ from energy_callbacks.cli import main
 from energy_callbacks.data import FASHION_MNIST_DIR
 from energy_callbacks.reproduce import Config, load_data, reproduce
 from energy_callbacks.reproduce import frameworks as fw
+from energy_callbacks.reproduce.lazy import choose_lr
 from energy_callbacks.reproduce.paper import Curve
 from energy_callbacks.reproduce.report import markdown, power_law
-from energy_callbacks.reproduce.runner import COLUMNS, Sweep, read_table
+from energy_callbacks.reproduce.runner import COLUMNS, Sweep, parse, read_table
 from energy_callbacks.reproduce.sweep import _scaling
 
 needs_data = pytest.mark.skipif(
@@ -28,6 +29,10 @@ needs_data = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def fashion():
     return load_data(Config())
+
+
+def parse_row(row):
+    return {k: parse(v) for k, v in row.items()}
 
 
 def csv_rows(path):
@@ -73,8 +78,14 @@ def test_quick_combined_lazy_and_mistakes(tmp_path):
     combined = (tmp_path / "combined.md").read_text()
     assert "Against backprop of the same seed" in combined and "| M1 saved |" in combined
     lazy = csv_rows(tmp_path / "lazy.csv")
-    by = {r["rule"]: r for r in lazy}
-    assert float(by["lazy"]["samples_learned"]) < 1.0 == float(by["backprop"]["samples_learned"])
+    assert len(lazy) == 2 * 2 * 2 + 2 * 3  # the rate grid, then batches 1, 16 and half the data
+    test = {(r["rule"], r["batch_size"]): r for r in lazy if r["stage"] == "test"}
+    for b in ("1", "16"):
+        lr = choose_lr([parse_row(r) for r in lazy], "lazy", int(b), (0.01, 0.1))
+        assert float(test["lazy", b]["lr"]) == lr  # the test stage runs the chosen rate
+        assert float(test["lazy", b]["samples_learned"]) < 1.0
+        assert float(test["backprop", b]["samples_learned"]) == 1.0
+    assert "validation split" in lazy[0]["dataset"] and "validation" not in lazy[-1]["dataset"]
     curves = csv_rows(tmp_path / "lazy_curves.csv")
     assert {c["key"] for c in curves} == {r["key"] for r in lazy}
     mistakes = csv_rows(tmp_path / "mistakes.csv")
@@ -367,6 +378,30 @@ def test_table_and_scaling_helpers():
     assert np.isnan(power_law([100], [1.0]))
     text = markdown(["a", "b"], [["x|y", "1"]])
     assert text.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+
+
+def test_lazy_chooses_the_rate_that_sustains_the_target_first_on_validation():
+    def row(lr, samples, accuracy, batch=32, rule="lazy"):
+        figures = dict(samples_sustained=samples, accuracy=accuracy)
+        return dict(stage="lr", rule=rule, batch_size=batch, lr=lr, **figures)
+
+    rows = [row(0.01, 40000, 0.89), row(0.1, 20000, 0.88), row(0.3, "", 0.8), row(0.1, 100, 0.9, 1)]
+    assert choose_lr(rows, "lazy", 32, (0.01, 0.1, 0.3)) == 0.1
+    assert choose_lr(rows, "lazy", 32, (0.01, 0.3)) == 0.01
+    none = [row(0.01, "", 0.7), row(0.1, "", 0.8)]  # none reached: the best accuracy
+    assert choose_lr(none, "lazy", 32, (0.01, 0.1)) == 0.1
+    with pytest.raises(RuntimeError, match="unfinished"):
+        choose_lr(rows, "backprop", 32, (0.01,))
+
+
+def test_a_validation_split_holds_out_training_samples(fashion):
+    val = fashion.validation(10000)
+    assert len(val.x_test) == 10000 and len(val.x_train) == 50000
+    seen = {row.tobytes() for row in val.x_train[:2000]}
+    assert not any(row.tobytes() in seen for row in val.x_test)  # disjoint
+    assert "validation" in val.name
+    with pytest.raises(ValueError, match="validation split"):
+        fashion.validation(60000)
 
 
 def test_a_sustained_crossing_is_the_first_of_two_points_at_the_target():

@@ -5,7 +5,9 @@ Experiments (each trains through :class:`energy_callbacks.lightning.PlasticityCa
 
 - ``size-sweep``: energy to the target accuracy against the hidden size N, per rule;
 - ``combined``: units + synapses (+ lazy / mistakes) against backprop at N = 1000;
-- ``lazy``: lazy learning against backprop (accuracy vs time and updates);
+- ``lazy``: lazy learning against backprop, each at its learning rate chosen on a
+  validation split: time and backward passes to two targets, per batch size and
+  training-set size;
 - ``mistakes``: memorized mistakes vs lazy vs backprop, plain and class-incremental;
 - ``frameworks``: one small configuration through Lightning and Keras (TensorFlow);
 - ``caching``: synaptic caching against consolidating every update, at equal accuracy.
@@ -24,11 +26,12 @@ from .caching import EXPERIMENTS as _CACHING
 from .config import Config, Data, load_data
 from .frameworks import EXPERIMENTS as _FRAMEWORKS
 from .gating import EXPERIMENTS as _GATING
+from .lazy import EXPERIMENTS as _LAZY
 from .runner import Sweep
 from .sweep import EXPERIMENTS as _SWEEP
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
-    e.name: e for e in (*_SWEEP, *_GATING, *_FRAMEWORKS, *_CACHING)
+    e.name: e for e in (*_SWEEP, *_LAZY, *_GATING, *_FRAMEWORKS, *_CACHING)
 }
 
 __all__ = ["EXPERIMENTS", "Config", "Data", "Experiment", "load_data", "reproduce"]

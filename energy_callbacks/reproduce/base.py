@@ -67,10 +67,20 @@ class Experiment(ABC):
         parts += [f"{k}={v}" for k, v in params.items()]
         return "|".join(parts)
 
-    def fit(self, plasticity: Plasticity, n_hidden: int, seed: int, **kwargs: Any) -> PaperRun:
-        """:func:`fit_paper` on this experiment's data, torch threads and output step;
-        ``kwargs`` go to it (``loss``, ``max_samples``, ``target``, ``phases``, ...)."""
-        data = self.data
+    def fit(
+        self,
+        plasticity: Plasticity,
+        n_hidden: int,
+        seed: int,
+        *,
+        data: Data | None = None,
+        lr: float = 0.01,
+        **kwargs: Any,
+    ) -> PaperRun:
+        """:func:`fit_paper` on ``data`` (default: this experiment's), with step size
+        ``lr``, this experiment's torch threads and output step; ``kwargs`` go to it
+        (``loss``, ``max_samples``, ``target``, ``phases``, ``batch_size``, ...)."""
+        data = self.data if data is None else data
         torch.set_num_threads(self.config.threads)
         return fit_paper(
             plasticity,
@@ -80,7 +90,8 @@ class Experiment(ABC):
             data.y_test,
             n_hidden=n_hidden,
             n_outputs=data.n_classes,
-            output_lr=self.config.output_lr_for(n_hidden),
+            lr=lr,
+            output_lr=self.config.output_lr_for(n_hidden, lr),
             seed=seed,
             **kwargs,
         )
@@ -93,11 +104,14 @@ class Experiment(ABC):
         label: str,
         loss: str,
         max_samples: int,
+        data: Data | None = None,
     ) -> dict[str, Any]:
-        """The CSV columns every training run shares: what ran, on what, and its figures."""
+        """The CSV columns every training run shares: what ran, on what (``data``, default
+        this experiment's), and its figures."""
         target = self.config.accuracy_target
+        data = self.data if data is None else data
         return {
-            "dataset": self.data.name,
+            "dataset": data.name,
             "rule": rule,
             "label": label,
             "n_hidden": params["n_hidden"],
@@ -105,7 +119,7 @@ class Experiment(ABC):
             "loss": loss,
             "target": target,
             "max_samples": max_samples,
-            **run.row(len(self.data.x_train), target),
+            **run.row(len(data.x_train), target),
         }
 
 

@@ -158,6 +158,25 @@ class Data:
         t = slice(None) if n_test is None else slice(0, n_test)
         return Data(self.name, x, y, self.x_test[t], self.y_test[t], self.n_classes)
 
+    def validation(self, n_val: int, seed: int = 0) -> Data:
+        """The training set split in two: ``n_val`` random samples become the test set
+        (a validation split, for choosing settings without the test set), the rest the
+        training set."""
+        if not 0 < n_val < len(self.x_train):
+            raise ValueError(
+                f"a validation split needs 0 < n_val < {len(self.x_train)} samples, got {n_val}"
+            )
+        order = np.random.default_rng(seed).permutation(len(self.x_train))
+        val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+        return Data(
+            f"{self.name} (validation split)",
+            self.x_train[train],
+            self.y_train[train],
+            self.x_train[val],
+            self.y_train[val],
+            self.n_classes,
+        )
+
 
 def load_data(config: Config) -> Data:
     """Read the data set of ``config`` (no download) and preprocess it."""

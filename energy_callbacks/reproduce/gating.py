@@ -1,16 +1,15 @@
-"""``lazy`` and ``mistakes``: sample gating against backprop, with cross-entropy.
+"""``mistakes``: memorized mistake gating against lazy learning and backprop.
 
-Both train the one-hidden-layer MLP of the reference experiment with a
+It trains the one-hidden-layer MLP of the reference experiment with a
 cross-entropy loss (the gating papers' choice), SGD lr 0.01, batch 1, samples
 with replacement, for a fixed budget of samples, testing every 2000 samples.
 
-- ``lazy``: accuracy against training wall-clock time (tests excluded) and
-  against the number of synaptic updates; time, samples and updates to the
-  target; the final accuracy after the budget.
-- ``mistakes``, setting ``plain``: the same, for backprop, lazy and memorized
-  mistakes. Setting ``incremental``: the first half of the classes (0-4) for
-  one budget, then all classes for another (the new classes plus a replay of
-  the old ones). Forgetting is the drop in accuracy on the old classes' test
+- Setting ``plain``: accuracy against training time and against the number of
+  synaptic updates, for backprop, lazy and memorized mistakes; the updates each
+  gated rule saves at equal accuracy, level by level.
+- Setting ``incremental``: the first half of the classes (0-4) for one budget,
+  then all classes for another (the new classes plus a replay of the old
+  ones). Forgetting is the drop in accuracy on the old classes' test
   samples during the second phase. The replay buffer is what the second phase
   must keep of the first phase's samples: all of them for backprop and lazy,
   only the flagged ones for memorized mistakes. The rule ``mistakes`` replays
@@ -57,34 +56,6 @@ class _Gating(Experiment):
         )
         result.row["setting"] = "plain"
         return result
-
-
-class Lazy(_Gating):
-    """Lazy learning against backprop at matched settings."""
-
-    name = "lazy"
-    help = "lazy learning vs backprop: accuracy vs time and updates (cross-entropy)"
-
-    def specs(self) -> list[RunSpec]:
-        max_samples, every = self.budget()
-        n = self.size()
-        return [
-            RunSpec(
-                self.key(N=n, rule=r, seed=s, max=max_samples, every=every),
-                f"{r} seed {s}",
-                dict(n_hidden=n, rule=r, seed=s),
-            )
-            for r in ("backprop", "lazy")
-            for s in range(self.config.seeds)
-        ]
-
-    def execute(self, spec: RunSpec) -> RunResult:
-        return self.run_plain(spec)
-
-    def summarize(self, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> Summary:
-        text = f"# lazy ({_setup(rows)})\n\n" + _to_target_table(rows)
-        text += "\n" + _speedup(rows, "lazy", "seconds_to_target", "wall-clock time")
-        return Summary(text, lambda fig: _plot_curves(fig, rows, curves))
 
 
 class Mistakes(_Gating):
@@ -335,4 +306,4 @@ def _plot_curves(figure: Any, rows: list[dict[str, Any]], curves: dict[str, Any]
     axes[0].legend(fontsize=7)
 
 
-EXPERIMENTS = (Lazy, Mistakes)
+EXPERIMENTS = (Mistakes,)

@@ -143,6 +143,8 @@ class Curve:
     seconds: list[float] = field(default_factory=list)
     m1: list[float] = field(default_factory=list)
     m0: list[int] = field(default_factory=list)
+    learned: list[int] = field(default_factory=list)
+    """Samples that passed the sample gate so far (kept in memory, not in the curves CSV)."""
 
     def first_reaching(self, target: float) -> int | None:
         """Index of the first test point at or above ``target`` (None: never)."""
@@ -232,6 +234,7 @@ class TestEvery(Callback):
             m1, m0 = self.energy.plasticity.meter.totals()
             c.m1.append(float(m1))
             c.m0.append(int(m0))
+            c.learned.append(int(self.energy.plasticity.samples_learned))
         self._clock = time.perf_counter()
         return accuracy
 
@@ -322,6 +325,8 @@ def fit_paper(
     subsets: dict[str, np.ndarray] | None = None,
     phase_targets: Sequence[float | None] | None = None,
     confirm: int = 1,
+    batch_size: int = 1,
+    skip_backward: bool = False,
 ) -> PaperRun:
     """Train the paper MLP through :class:`PlasticityCallback`; batch 1, with replacement.
 
@@ -331,12 +336,14 @@ def fit_paper(
     A phase may be a callable that gets the energy callback (its mistake memory)
     and returns the pool. ``subsets`` are test-set masks whose accuracy is kept.
     ``output_lr`` is the output layer's step size (default ``lr``). A run stops at its
-    target after ``confirm`` consecutive test points at or above it.
+    target after ``confirm`` consecutive test points at or above it. Batches of
+    ``batch_size`` samples; ``skip_backward`` runs the sample gate's judging forward pass
+    and the backward pass over the learning samples only (see ``PlasticityCallback``).
     """
     module = PaperModule(
         x_train.shape[1], n_hidden, n_outputs, loss=loss, lr=lr, output_lr=output_lr, seed=seed
     )
-    energy = PlasticityCallback(plasticity)
+    energy = PlasticityCallback(plasticity, skip_backward=skip_backward)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     tester = TestEvery(
         torch.from_numpy(x_test),
@@ -356,7 +363,12 @@ def fit_paper(
         pool = phase(energy) if callable(phase) else phase
         tester.target = goals[k]
         stream = SampleStream(
-            xt, yt, max_samples, seed=seed if k == 0 else int(rng.integers(2**31)), pool=pool
+            xt,
+            yt,
+            max(1, max_samples // batch_size),
+            batch_size=batch_size,
+            seed=seed if k == 0 else int(rng.integers(2**31)),
+            pool=pool,
         )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
