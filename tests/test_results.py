@@ -78,6 +78,11 @@ def test_size_claims_follow_their_criteria():
     assert c.larger_networks_larger_savings(same).verdict == c.MISSED
     assert c.restricted_energy_is_flat(same).verdict == c.MISSED
 
+    running = _sweep(0.5, 0.0)  # a sweep still running: seed 2 has no N = 3000 yet
+    running[0].rows[:] = [r for r in running[0].rows if (r["n_hidden"], r["seed"]) != (3000, 2)]
+    saving = c.larger_networks_larger_savings(running)
+    assert saving.verdict == c.REPRODUCED and saving.runs == "2 seeds x 3 sizes"
+
     unreached = _sweep(0.5, 0.0)
     unreached[0].rows[-1]["m1_sustained"] = ""  # one run never sustained the target
     assert c.larger_networks_larger_savings(unreached).verdict == c.NOT_RUN
