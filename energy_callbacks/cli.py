@@ -234,7 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "experiment",
-        choices=["size-sweep", "lazy", "mistakes", "combined", "frameworks", "caching", "report"],
+        choices=[
+            "size-sweep",
+            "lazy",
+            "mistakes",
+            "combined",
+            "frameworks",
+            "caching",
+            "concentration",
+            "report",
+        ],
     )
     rep.add_argument(
         "--data",

@@ -404,6 +404,53 @@ def test_a_validation_split_holds_out_training_samples(fashion):
         fashion.validation(60000)
 
 
+@needs_data
+@pytest.mark.data
+def test_unit_energy_adds_up_to_the_layer_energy_the_callback_reports(fashion):
+    """An independent witness: the per-unit sums of |dw| (weights snapshotted around each
+    optimizer step) add up to the hidden layer's M1 in the report, under a unit rule."""
+    from energy_callbacks.reproduce.concentration import UnitEnergy, concentration
+    from energy_callbacks.reproduce.paper import fit_paper
+    from energy_callbacks.reproduce.rules import get_rule
+
+    data = fashion.subset(2000, 500)
+    units = UnitEnergy()
+    run = fit_paper(
+        get_rule("top-units").build(50, 0),
+        data.x_train,
+        data.y_train,
+        data.x_test,
+        data.y_test,
+        n_hidden=50,
+        max_samples=300,
+        eval_every=100,
+        callbacks=[units],
+    )
+    layers = run.report.per_layer
+    hidden = sum(v.m1 for k, v in layers.items() if k.startswith("net.0."))
+    assert float(units.energy.sum()) == pytest.approx(hidden, rel=1e-6)
+    figures = concentration(units.energy.numpy())
+    assert figures["hidden_m1"] == pytest.approx(hidden, rel=1e-6)
+    assert 0 < figures["share_top_10"] <= figures["share_top_30"] <= 1
+
+
+def test_concentration_figures_rank_the_units():
+    from energy_callbacks.reproduce.concentration import concentration
+
+    energy = np.array([1.0] * 90 + [91.0] * 10)  # ten units hold 91% of 1000
+    figures = concentration(energy)
+    assert figures["share_top_10"] == pytest.approx(0.91)
+    assert figures["units_for_half"] == 6 and figures["share_top_1000"] == pytest.approx(1)
+    assert concentration(np.zeros(5))["units_for_half"] == ""
+    from energy_callbacks.reproduce.concentration import Concentration
+
+    rows = [dict(n_hidden=1000, rule="backprop", seed=s, **figures) for s in range(2)]
+    for r in rows:
+        r.update(dataset="fashion-mnist", target=0.85)
+    summary = Concentration(Config()).summarize(rows, {})
+    assert "| 1000 | backprop | 91 ± 0% (1%) |" in summary.text
+
+
 def test_a_sustained_crossing_is_the_first_of_two_points_at_the_target():
     c = Curve(samples=[1, 2, 3, 4, 5], accuracy=[0.2, 0.9, 0.5, 0.86, 0.88])
     assert c.first_reaching(0.85) == 1

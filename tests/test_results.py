@@ -138,3 +138,17 @@ def test_the_reference_code_rows_compare_at_the_first_crossing(scale, verdict):
         [Runs("size-sweep", "fashion-mnist|full", rows, {})]
     )
     assert claim.verdict == verdict and claim.ours.startswith("0.57 ± 0 epochs")
+
+
+@pytest.mark.parametrize(
+    "half, top100, verdict",
+    [(80, 0.6, c.REPRODUCED), (300, 0.4, c.PARTLY), (450, 0.12, c.MISSED)],
+)
+def test_the_concentration_claim_counts_the_units_holding_half(half, top100, verdict):
+    rows = [
+        dict(rule="backprop", n_hidden=n, seed=s, units_for_half=half, share_top_100=top100)
+        for n in (1000, 3000)
+        for s in range(2)
+    ]
+    claim = c.plasticity_concentrates([Runs("concentration", "fashion-mnist|full", rows, {})])
+    assert claim.verdict == verdict and f"N = 3000: half of M1 in {half} ± 0 units" in claim.ours

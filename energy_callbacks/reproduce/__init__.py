@@ -10,7 +10,8 @@ Experiments (each trains through :class:`energy_callbacks.lightning.PlasticityCa
   training-set size;
 - ``mistakes``: memorized mistakes vs lazy vs backprop, plain and class-incremental;
 - ``frameworks``: one small configuration through Lightning and Keras (TensorFlow);
-- ``caching``: synaptic caching against consolidating every update, at equal accuracy.
+- ``caching``: synaptic caching against consolidating every update, at equal accuracy;
+- ``concentration``: the share of backprop's M1 held by its most plastic hidden units.
 
 Each writes ``<out>/<experiment>.csv`` (one row per run; a rerun skips the runs
 already there), ``<experiment>_curves.csv`` (the test points), ``<experiment>.md``
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from .base import Experiment
 from .caching import EXPERIMENTS as _CACHING
+from .concentration import EXPERIMENTS as _CONCENTRATION
 from .config import Config, Data, load_data
 from .frameworks import EXPERIMENTS as _FRAMEWORKS
 from .gating import EXPERIMENTS as _GATING
@@ -31,7 +33,7 @@ from .runner import Sweep
 from .sweep import EXPERIMENTS as _SWEEP
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
-    e.name: e for e in (*_SWEEP, *_LAZY, *_GATING, *_FRAMEWORKS, *_CACHING)
+    e.name: e for e in (*_SWEEP, *_LAZY, *_GATING, *_FRAMEWORKS, *_CACHING, *_CONCENTRATION)
 }
 
 __all__ = ["EXPERIMENTS", "Config", "Data", "Experiment", "load_data", "reproduce"]

@@ -42,8 +42,11 @@ Each verdict is computed from the committed runs by these criteria:
 
 - **{REPRODUCED}**: our figure is within ±{TOLERANCE:.0%} of the paper's, inside the
   paper's range, or (for a power of N) within ±{EXPONENT_TOLERANCE} of it; a trend has
-  the paper's sign;
-- **{PARTLY}**: the effect has the paper's direction, but its size misses those bounds;
+  the paper's sign; "a few units" means half of the hidden layer's M1 sits in at most
+  100 units;
+- **{PARTLY}**: the effect has the paper's direction, but its size misses those bounds
+  (for the concentration of plasticity: half of it sits in more than 100 units, but the
+  top 100 hold at least twice the share they would if every unit changed alike);
 - **{MISSED}**: the effect is absent or reversed;
 - **{UNTESTABLE}**: it needs data or hardware that this offline, CPU-only setup does not
   have (our nearest figure is given);
@@ -270,6 +273,31 @@ def larger_networks_larger_savings(runs: Sequence[Runs]) -> Claim:
     return Claim(COMPETITIVE, claim, theirs, ours, runs_text, verdict, SIZE_SWEEP)
 
 
+def plasticity_concentrates(runs: Sequence[Runs]) -> Claim:
+    claim = "under backprop, plasticity concentrates in a few hidden units"
+    theirs = "roughly 60-100 units"
+    command = "energy-callbacks reproduce concentration --sizes 1000,3000 --seeds 3"
+    rows = _of(find(runs, "concentration").rows, "backprop")
+    if not rows:
+        return _not_run(COMPETITIVE, claim, theirs, command)
+    parts, half, top = [], [], []
+    for n in sorted({int(r["n_hidden"]) for r in rows}):
+        at = _of(rows, "backprop", n)
+        units = [_num(r["units_for_half"]) for r in at]
+        share = [_num(r["share_top_100"]) for r in at]
+        parts.append(f"N = {n}: half of M1 in {_ms(units)} units, top 100 hold {_percent(share)}")
+        half.append(mean_sd(units)[0])
+        top.append(mean_sd(share)[0] / min(1.0, 100 / n))
+    if all(h <= 100 for h in half):
+        verdict = REPRODUCED
+    elif all(t >= 2 for t in top):
+        verdict = PARTLY
+    else:
+        verdict = MISSED
+    ours = "; ".join(parts)
+    return Claim(COMPETITIVE, claim, theirs, ours, f"{_seeds(rows)} seeds", verdict, command)
+
+
 def reference_code(rule: str, label: str) -> Callable[[Sequence[Runs]], Claim]:
     """Our run of ``rule`` at N = 1000 against the authors' reference code's figures."""
 
@@ -442,6 +470,7 @@ CLAIMS: tuple[Callable[[Sequence[Runs]], Claim], ...] = (
     backprop_grows_like_sqrt_n,
     restricted_energy_is_flat,
     larger_networks_larger_savings,
+    plasticity_concentrates,
     mnist_needs_many_updates,
     reference_code("backprop", "backprop"),
     reference_code("combined", "combined rule (fixed path k = 100 + top 1%)"),

@@ -327,6 +327,7 @@ def fit_paper(
     confirm: int = 1,
     batch_size: int = 1,
     skip_backward: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> PaperRun:
     """Train the paper MLP through :class:`PlasticityCallback`; batch 1, with replacement.
 
@@ -339,6 +340,7 @@ def fit_paper(
     target after ``confirm`` consecutive test points at or above it. Batches of
     ``batch_size`` samples; ``skip_backward`` runs the sample gate's judging forward pass
     and the backward pass over the learning samples only (see ``PlasticityCallback``).
+    ``callbacks`` join the trainer's (after the energy callback and the tester).
     """
     module = PaperModule(
         x_train.shape[1], n_hidden, n_outputs, loss=loss, lr=lr, output_lr=output_lr, seed=seed
@@ -373,7 +375,7 @@ def fit_paper(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*train_dataloader.*")
-            lean_trainer([energy, tester]).fit(module, stream)
+            lean_trainer([energy, tester, *callbacks]).fit(module, stream)
         phase_ends.append(len(tester.curve.samples) - 1)
     return PaperRun(
         report=energy.report(),
