@@ -152,3 +152,24 @@ def test_the_concentration_claim_counts_the_units_holding_half(half, top100, ver
     ]
     claim = c.plasticity_concentrates([Runs("concentration", "fashion-mnist|full", rows, {})])
     assert claim.verdict == verdict and f"N = 3000: half of M1 in {half} ± 0 units" in claim.ours
+
+
+def test_the_reference_rows_judge_the_reference_preprocessing_when_it_ran():
+    ref = c.REFERENCE["backprop"]
+
+    def rows(scale):
+        return [
+            dict(rule="backprop", n_hidden=1000, seed=s, samples=34200, epochs=0.57,
+                 samples_to_target=34200, m1_to_target=scale * ref["m1"],
+                 m0_to_target=scale * ref["m0"])
+            for s in range(3)
+        ]  # fmt: skip
+
+    package = Runs("size-sweep", "fashion-mnist|full", rows(2.0), {})
+    reference = Runs("size-sweep", "fashion-mnist/prep-reference|full", rows(1.0), {})
+    check = c.reference_code("backprop", "backprop")
+    assert check([package]).verdict == c.MISSED
+    both = check([package, reference])
+    assert both.verdict == c.REPRODUCED and both.command.endswith("--preprocessing reference")
+    assert both.ours.startswith("reference preprocessing: 0.57 ± 0 epochs")
+    assert "package preprocessing: 0.57 ± 0 epochs, M1 6.18e5" in both.ours
