@@ -29,6 +29,14 @@ def test_the_committed_tables_are_what_the_data_gives(tmp_path):
         assert (GENERATED / path.with_suffix(".png").name).exists() or path.name == "claims.md"
 
 
+def test_the_results_page_shows_every_generated_table_and_plot():
+    page = (ROOT / "docs" / "results.md").read_text()
+    for table in GENERATED.glob("*.md"):
+        assert f'--8<-- "docs/results/generated/{table.name}"' in page, table.name
+        plot = table.with_suffix(".png")
+        assert plot.name == "claims.png" or f"(results/generated/{plot.name})" in page
+
+
 def test_report_needs_data_and_names_it(tmp_path, capsys):
     assert main(["reproduce", "report", "--out", str(tmp_path)]) == 2
     assert "--data DIR" in capsys.readouterr().err
