@@ -380,6 +380,18 @@ def test_table_and_scaling_helpers():
     assert text.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
 
 
+def test_mistakes_runs_the_rules_asked_for():
+    from energy_callbacks.reproduce.gating import Mistakes
+
+    specs = Mistakes(Config(rules=("backprop", "mistakes"), seeds=2)).specs()
+    assert {s.params["rule"] for s in specs} == {"backprop", "mistakes"}
+    assert len(specs) == 2 * 2 * 2  # two settings, two rules, two seeds
+    everything = {s.key for s in Mistakes(Config(seeds=2)).specs()}
+    assert {s.key for s in specs} <= everything  # the same keys: a sweep resumes either way
+    with pytest.raises(ValueError, match="--rules has"):
+        Mistakes(Config(rules=("combined",))).specs()
+
+
 def test_lazy_chooses_the_rate_that_sustains_the_target_first_on_validation():
     def row(lr, samples, accuracy, batch=32, rule="lazy"):
         figures = dict(samples_sustained=samples, accuracy=accuracy)

@@ -58,6 +58,9 @@ class _Gating(Experiment):
         return result
 
 
+MISTAKES_RULES = ("backprop", "lazy", "mistakes", "mistakes-replay")
+
+
 class Mistakes(_Gating):
     """Memorized mistake gating against lazy and backprop, plain and class-incremental."""
 
@@ -67,12 +70,18 @@ class Mistakes(_Gating):
     def specs(self) -> list[RunSpec]:
         max_samples, every = self.budget()
         n = self.size()
+        chosen = self.config.rules or MISTAKES_RULES
+        unknown = sorted(set(chosen) - set(MISTAKES_RULES))
+        if unknown:
+            raise ValueError(
+                f"mistakes runs the rules {', '.join(MISTAKES_RULES)}; --rules has {unknown}"
+            )
         specs = []
         for setting, rules in (
             ("plain", ("backprop", "lazy", "mistakes")),
-            ("incremental", ("backprop", "lazy", "mistakes", "mistakes-replay")),
+            ("incremental", MISTAKES_RULES),
         ):
-            for r in rules:
+            for r in [r for r in rules if r in chosen]:
                 for s in range(self.config.seeds):
                     key = self.key(
                         setting=setting, N=n, rule=r, seed=s, max=max_samples, every=every
