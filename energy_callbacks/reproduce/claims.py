@@ -142,6 +142,10 @@ def _percent(xs: Sequence[float]) -> str:
     return f"{m:.0f}%" if len(xs) == 1 else f"{m:.0f} ± {s:.0f}%"
 
 
+def _n_seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
 def _seeds(rows: Sequence[Row]) -> int:
     return len({r["seed"] for r in rows})
 
@@ -218,7 +222,7 @@ def backprop_grows_like_sqrt_n(runs: Sequence[Runs]) -> Claim:
         verdict = PARTLY
     else:
         verdict = MISSED
-    runs_text = f"{len(a1)} seeds x {len(sizes)} sizes"
+    runs_text = f"{_n_seeds(len(a1))} x {len(sizes)} sizes"
     return Claim(COMPETITIVE, claim, theirs, ours, runs_text, verdict, SIZE_SWEEP)
 
 
@@ -241,7 +245,7 @@ def restricted_energy_is_flat(runs: Sequence[Runs]) -> Claim:
         verdict = PARTLY
     else:
         verdict = MISSED
-    runs_text = f"{len(a1)} seeds x {len(sizes)} sizes"
+    runs_text = f"{_n_seeds(len(a1))} x {len(sizes)} sizes"
     return Claim(COMPETITIVE, claim, theirs, ours, runs_text, verdict, SIZE_SWEEP)
 
 
@@ -269,7 +273,7 @@ def larger_networks_larger_savings(runs: Sequence[Runs]) -> Claim:
         verdict = PARTLY
     else:
         verdict = MISSED
-    runs_text = f"{len(b1)} seeds x {len(sizes)} sizes"
+    runs_text = f"{_n_seeds(len(b1))} x {len(sizes)} sizes"
     return Claim(COMPETITIVE, claim, theirs, ours, runs_text, verdict, SIZE_SWEEP)
 
 
@@ -295,7 +299,7 @@ def plasticity_concentrates(runs: Sequence[Runs]) -> Claim:
     else:
         verdict = MISSED
     ours = "; ".join(parts)
-    return Claim(COMPETITIVE, claim, theirs, ours, f"{_seeds(rows)} seeds", verdict, command)
+    return Claim(COMPETITIVE, claim, theirs, ours, _n_seeds(_seeds(rows)), verdict, command)
 
 
 REFERENCE_PREPROCESSING = "fashion-mnist/prep-reference|full"
@@ -340,7 +344,7 @@ def reference_code(rule: str, label: str) -> Callable[[Sequence[Runs]], Claim]:
         verdict = REPRODUCED if all(within) else PARTLY if any(within) else MISSED
         if any(math.isnan(x) for x in m1):
             verdict = MISSED
-        runs_text = f"{len(reference or package)} seeds"
+        runs_text = _n_seeds(len(reference or package))
         return Claim(paper, claim, theirs, "; ".join(parts), runs_text, verdict, command)
 
     return check
@@ -366,7 +370,7 @@ def lazy_is_faster(runs: Sequence[Runs]) -> Claim:
         f"Fashion-MNIST to {target:.0%}, backprop's time over lazy learning's, each at its "
         f"own learning rate: {', '.join(parts)}; Extended MNIST is not available offline"
     )
-    return Claim(LAZY, claim, theirs, ours, f"{_seeds(rows)} seeds", UNTESTABLE, command)
+    return Claim(LAZY, claim, theirs, ours, _n_seeds(_seeds(rows)), UNTESTABLE, command)
 
 
 MISTAKES = "memorized mistake gating (Pache & van Rossum 2026)"
@@ -387,7 +391,7 @@ def mistakes_save_updates(runs: Sequence[Runs]) -> Claim:
     by_level = fewer_updates(pair, found.curves, "mistakes")
     if not by_level:
         ours = "no accuracy level within 5 points of the target sustained by every run"
-        return Claim(MISTAKES, claim, theirs, ours, f"{len(seeds)} seeds", MISSED, command)
+        return Claim(MISTAKES, claim, theirs, ours, _n_seeds(len(seeds)), MISSED, command)
     means = [mean_sd(v)[0] for v in by_level.values()]
     top = max(by_level)
     ours = (
@@ -402,7 +406,7 @@ def mistakes_save_updates(runs: Sequence[Runs]) -> Claim:
         verdict = PARTLY
     else:
         verdict = MISSED
-    return Claim(MISTAKES, claim, theirs, ours, f"{len(seeds)} seeds", verdict, command)
+    return Claim(MISTAKES, claim, theirs, ours, _n_seeds(len(seeds)), verdict, command)
 
 
 def flagged_replay_buffer(runs: Sequence[Runs]) -> Claim:
@@ -426,7 +430,7 @@ def flagged_replay_buffer(runs: Sequence[Runs]) -> Claim:
     )
     extra = mean_sd(forget_flagged)[0] - mean_sd(forget_full)[0]
     verdict = REPRODUCED if extra <= 2 else PARTLY if mean_sd(share)[0] < 1 else MISSED
-    return Claim(MISTAKES, claim, theirs, ours, f"{_seeds(flagged)} seeds", verdict, command)
+    return Claim(MISTAKES, claim, theirs, ours, _n_seeds(_seeds(flagged)), verdict, command)
 
 
 CACHING = "synaptic caching (Li & van Rossum 2020)"
@@ -483,7 +487,7 @@ def mnist_needs_many_updates(runs: Sequence[Runs]) -> Claim:
         fewest.setdefault((r["rule"], int(r["n_hidden"])), []).append(float(r["m0_sustained"]))
     (rule, n), m0 = min(fewest.items(), key=lambda kv: mean_sd(kv[1])[0])
     ours = f"Fashion-MNIST to 85%: fewest updates {_ms(m0)} ({rule}, N = {n}); no MNIST files"
-    return Claim(COMPETITIVE, claim, theirs, ours, f"{len(m0)} seeds", UNTESTABLE, command)
+    return Claim(COMPETITIVE, claim, theirs, ours, _n_seeds(len(m0)), UNTESTABLE, command)
 
 
 CLAIMS: tuple[Callable[[Sequence[Runs]], Claim], ...] = (
