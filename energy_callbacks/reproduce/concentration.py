@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .base import Experiment
 from .paper import SUSTAINED_POINTS, Curve
 from .report import Summary, cell, group, markdown, mean_sd, seeds_phrase, values
 from .rules import RULES, get_rule
 from .runner import COLUMNS, RunResult, RunSpec
+from .sweep import _EnergyToTarget
 
 TOP_UNITS = (10, 30, 60, 100, 300, 1000)
 CONCENTRATION_COLUMNS = (
@@ -85,42 +85,18 @@ def concentration(energy: np.ndarray) -> dict[str, Any]:
     return out
 
 
-class Concentration(Experiment):
+class Concentration(_EnergyToTarget):
     """The share of backprop's M1 held by the most plastic hidden units, per N."""
 
     name = "concentration"
     help = "the share of backprop's M1 held by its most plastic hidden units, per N"
     columns = CONCENTRATION_COLUMNS
 
+    full_rules = ("backprop",)
+    quick_rules = ("backprop",)
+
     def sizes(self) -> tuple[int, ...]:
         return self.config.sizes or ((60,) if self.config.quick else (1000, 3000))
-
-    def rules(self) -> tuple[str, ...]:
-        names = self.config.rules or ("backprop",)
-        for n in names:
-            get_rule(n)
-        return tuple(names)
-
-    def budget(self) -> tuple[int, int]:
-        n_train = len(self.data.x_train) if self._data is not None else 60000
-        return (
-            self.config.pick("max_samples", 5 * n_train, 3000),
-            self.config.pick("eval_every", 2000, 500),
-        )
-
-    def specs(self) -> list[RunSpec]:
-        max_samples, every = self.budget()
-        target = self.config.accuracy_target
-        return [
-            RunSpec(
-                self.key(N=n, rule=r, seed=s, target=target, max=max_samples, every=every),
-                f"N={n} {r} seed {s}",
-                dict(n_hidden=n, rule=r, seed=s),
-            )
-            for n in self.sizes()
-            for r in self.rules()
-            for s in range(self.config.seeds)
-        ]
 
     def execute(self, spec: RunSpec) -> RunResult:
         p = spec.params
