@@ -37,7 +37,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -51,10 +50,11 @@ from .core.synapses import SynapseRule
 from .core.targets import IGNORE_INDEX
 from .core.units import UnitRule
 from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_hooks, module_names
-from .torch.attached import INITIAL_KEY
 from .torch.layers import nothing_to_cover
+from .torch.ranks import merge_samples, world_size
 from .torch.selective import SelectiveBackward
 from .torch.spawned import WorkerResult
+from .torch.state import from_tensors, to_tensors
 
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
@@ -303,7 +303,7 @@ class PlasticityCallback(Callback):
         if self._handle is not None:
             state = self._handle.state_dict()  # w_0 included: a later fit carries on
             if stage == "fit" and trainer.is_global_zero and self._worker_result.in_worker():
-                self._worker_result.send(self._handle.specs, _to_torch(state))
+                self._worker_result.send(self._handle.specs, to_tensors(state))
             self._handle.detach()
             self._pending_state = state
             self._handle = None
@@ -369,8 +369,8 @@ class PlasticityCallback(Callback):
         self._epoch_start = (self.plasticity.samples_seen, self.plasticity.samples_learned)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _world_size() > 1:
-            self._sync_ranks(pl_module.device)
+        if world_size() > 1:  # sample counts and mistake memories of every rank
+            merge_samples(self.plasticity, self._epoch_start, pl_module.device)
         report = self.report()
         seen = report.samples_seen - self._epoch_start[0]
         learned = report.samples_learned - self._epoch_start[1]
@@ -390,39 +390,21 @@ class PlasticityCallback(Callback):
                 {f"plasticity/energy/{name}": e.energy for name, e in report.per_layer.items()}
             )
         # The values are equal on every rank by now; the mean over ranks keeps them.
-        sync = _world_size() > 1
+        sync = world_size() > 1
         for key, value in metrics.items():
             device = pl_module.device if sync else None  # the collective's device
             value = _float64(value, device)
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
 
-    def _sync_ranks(self, device: torch.device) -> None:
-        """Sum this epoch's sample counts over ranks; OR the mistake memories."""
-        p = self.plasticity
-        delta = torch.tensor(
-            [p.samples_seen - self._epoch_start[0], p.samples_learned - self._epoch_start[1]],
-            dtype=torch.int64,
-            device=device,
-        )
-        torch.distributed.all_reduce(delta)
-        p.samples_seen = self._epoch_start[0] + int(delta[0])
-        p.samples_learned = self._epoch_start[1] + int(delta[1])
-        memory = getattr(p.samples, "memory", None)
-        if memory is not None:  # the packed memories (12.5 MB for 1e8 ids), ORed together
-            states: list[Any] = [None] * _world_size()
-            torch.distributed.all_gather_object(states, memory.state_dict())
-            for state in states:
-                memory.merge(state)
-
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         self._receive_worker_result()
         if self._pending_state is not None:
-            state = _to_torch(self._pending_state)
+            state = to_tensors(self._pending_state)
         elif self._handle is not None:
-            state = _to_torch(self._handle.state_dict())
+            state = to_tensors(self._handle.state_dict())
         else:
-            state = _to_torch(self.plasticity.state_dict()) if self.plasticity.is_setup else {}
+            state = to_tensors(self.plasticity.state_dict()) if self.plasticity.is_setup else {}
         queue = self._selective.state_dict() if self._selective else self._pending_queue
         if queue is not None and queue["rows"]:
             state[QUEUE_KEY] = queue  # the learners of backward_batch that wait, as batches
@@ -437,7 +419,7 @@ class PlasticityCallback(Callback):
             self._selective.load_state_dict(queue or {"batches": [], "rows": []})
         else:
             self._pending_queue = queue
-        state = _from_torch(state_dict)
+        state = from_tensors(state_dict)
         if self._handle is not None:
             self._handle.load_state_dict(state)
         else:
@@ -478,7 +460,7 @@ class PlasticityCallback(Callback):
             self.plasticity.rebind(topology)
         else:
             self.plasticity.setup(topology)
-        self._pending_state = _from_torch(state)
+        self._pending_state = from_tensors(state)
         self.plasticity.load_state_dict(self._pending_state)
 
 
@@ -488,30 +470,3 @@ def _float64(value: Any, device: torch.device | None = None) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(torch.float64)
     return torch.tensor(float(value), dtype=torch.float64, device=device)
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _to_torch(value: Any) -> Any:
-    """NumPy arrays -> tensors, so checkpoints load with ``weights_only=True``."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value.copy())
-    if isinstance(value, dict):
-        return {k: _to_torch(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_torch(v) for v in value]
-    return value
-
-
-def _from_torch(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.cpu().numpy()
-    if isinstance(value, dict):  # w_0 stays in tensors (bfloat16 has no NumPy dtype)
-        return {k: v if k == INITIAL_KEY else _from_torch(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_torch(v) for v in value]
-    return value
