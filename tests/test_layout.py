@@ -79,3 +79,11 @@ def test_the_lightning_callback_is_a_layer_over_the_torch_folder():
     ours = {n for n in imported(PACKAGE / "lightning.py") if n.startswith("energy_callbacks")}
     assert any(n.startswith("energy_callbacks.torch") for n in ours)
     assert all(n.startswith(("energy_callbacks.core", "energy_callbacks.torch")) for n in ours)
+
+
+def test_the_trainer_callback_is_a_layer_over_the_torch_folder():
+    names = imported(PACKAGE / "transformers.py")
+    ours = {n for n in names if n.startswith("energy_callbacks")}
+    assert any(n.startswith("energy_callbacks.torch") for n in ours)
+    assert all(n.startswith(("energy_callbacks.core", "energy_callbacks.torch")) for n in ours)
+    assert roots(names) & FRAMEWORKS <= {"torch", "transformers"}
