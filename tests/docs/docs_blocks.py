@@ -45,6 +45,7 @@ EXCERPTS = {
     "integrations/lightning_cli/train.py": "tests/integrations/test_lightning_cli.py",
     "integrations/keras_fit/train.py": "tests/integrations/test_keras_fit.py",
     "integrations/torch_loop/train.py": "tests/integrations/test_torch_loop.py",
+    "integrations/hf_trainer/train.py": "tests/integrations/test_hf_trainer.py",
     "integrations/continual/train.py": "tests/integrations/test_continual.py",
     "tests/lightning/ddp_run.py": "tests/lightning/test_ddp.py",
     "tests/lightning/test_pipeline.py": "tests/lightning/test_pipeline.py",
