@@ -82,7 +82,11 @@ JUDGED_LOSSES = (
     "ForTokenClassification",
 )
 """Loss types with one class per sample or per token: the sample gate can judge them."""
-COUNTS = ("plasticity/updates", "plasticity/updates_min", "plasticity/updates_uncached")
+SHARDED = (
+    "PlasticityCallback does not support FSDP through the Trainer: sharded parameters "
+    "cannot be ranked whole on one process. Train without fsdp= (DDP under torchrun is "
+    "supported)."
+)
 
 
 class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
@@ -159,6 +163,9 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
         refuse_arguments(args, self.plasticity)
         if model is None or optimizer is None:
             raise RuntimeError("PlasticityCallback: the Trainer passed no model or optimizer")
+        inner = inner_optimizer(optimizer)
+        if any(_sharded(p) for g in inner.param_groups for p in g["params"]):
+            raise ValueError(SHARDED)  # FSDP set up by accelerate's config, not fsdp=
         self._args, self._state = args, state
         specs, _ = describe(model, layers=self.layers)
         if not specs:
@@ -178,7 +185,7 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
             self._pending = self._read_checkpoint(args, state, saved)
         self._handle = attach(
             model,
-            inner_optimizer(optimizer),
+            inner,
             self.plasticity,
             layers=self.layers,
             adjacency=self.adjacency,
@@ -421,12 +428,8 @@ def checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
 
 def refuse_arguments(args: TrainingArguments, plasticity: Plasticity) -> None:
     """Refuse the TrainingArguments the callback cannot be exact under, naming the fix."""
-    if args.fsdp or getattr(args, "fsdp_config", None) and args.fsdp_config.get("fsdp_version"):
-        raise ValueError(
-            "PlasticityCallback does not support FSDP through the Trainer: sharded "
-            "parameters cannot be ranked whole on one process. Train without fsdp= (DDP "
-            "under torchrun is supported)."
-        )
+    if args.fsdp:
+        raise ValueError(SHARDED)
     if args.deepspeed:
         raise ValueError(
             "PlasticityCallback does not support DeepSpeed: its optimizer steps "
@@ -499,6 +502,11 @@ def _forward_parameters(module: torch.nn.Module) -> set[str]:
         return set(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+def _sharded(p: torch.Tensor) -> bool:
+    """A parameter that FSDP has sharded: a DTensor (FSDP2) or a flat parameter (FSDP1)."""
+    return type(p).__name__ in ("DTensor", "FlatParameter") or hasattr(p, "_is_flat_param")
 
 
 def _is_evaluation(logs: Mapping[str, Any]) -> bool:
