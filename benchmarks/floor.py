@@ -7,8 +7,8 @@ torch loop (batch 32 by default) and, after each real step, times on the first
 layer's weight (784k entries, 99% of the parameters):
 
 - a read-only pass: ``sum |w - w_before|`` (the least any measurement reads);
-- the fused measuring pass the adapter runs (``track_stats``: also writes the
-  next snapshot);
+- the fused measuring pass the adapter runs (``diff_totals``) and the copy that
+  makes the next snapshot;
 - the approximate rule's least work: its strided sample and the one pass that
   applies the threshold (``blend_kept``), as the adapter runs them;
 - the exact rule's passes without its selection: the difference, the bracket
@@ -64,17 +64,21 @@ def main() -> None:
 
     def approximate() -> None:
         mask = ops.top_magnitude_mask(fused.Difference(w, before, delta), k, approximate=True)
-        fused.blend_kept(w, before, spare, mask)
+        fused.blend_kept(w, before, mask)
 
     def exact_passes() -> None:
         fused.diff_stats(w, before, delta)
         lo, hi = bracket(np.abs(bracket_sample(delta)), n, k)
-        fused._split_bracket(delta, lo, hi, above, between)
-        fused.blend_kept(w, before, spare, above)
+        fused._split_bracket(delta, None, None, lo, hi, above, between)
+        fused.blend_kept(w, before, above)
+
+    def measuring() -> None:
+        fused.diff_totals(w, before)
+        np.copyto(spare, w)  # the next snapshot (a spare here: the other parts need before)
 
     parts = {
         "read-only pass: sum |w - w_before|": lambda: _read_only(w, before),
-        "measuring pass (adapter, tracking)": lambda: fused.track_stats(w, before, spare),
+        "measuring pass + next snapshot (adapter, tracking)": measuring,
         "approximate: sample + one threshold pass (adapter)": approximate,
         "exact without its selection: difference, bracket pass, undo": exact_passes,
     }

@@ -68,13 +68,8 @@ def main() -> None:
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
-        timed(
-            "measure only: |dw| sum and count, next snapshot (fused)",
-            fused.track_stats,
-            w,
-            before,
-            spare,
-        )
+        timed("measure only: |dw| sum and count (fused)", fused.diff_totals, w, before)
+        timed("the next snapshot: a copy", np.copyto, spare, w)
         timed("difference dw and its stats (fused)", fused.diff_stats, w, before, delta)
         flat = delta.reshape(-1)
         wanted = {}
@@ -112,11 +107,10 @@ def main() -> None:
             True,
         )
         timed(
-            "apply that threshold, undo, write the next snapshot: one pass (fused)",
+            "apply that threshold and undo the rest: one pass (fused)",
             fused.blend_kept,
             w,
             before,
-            spare,
             threshold,
         )
 
