@@ -92,8 +92,10 @@ def test_size_claims_follow_their_criteria():
     assert saving.verdict == c.REPRODUCED and saving.runs == "2 seeds x 3 sizes"
 
     unreached = _sweep(0.5, 0.0)
-    unreached[0].rows[-1]["m1_sustained"] = ""  # one run never sustained the target
-    assert c.larger_networks_larger_savings(unreached).verdict == c.NOT_RUN
+    unreached[0].rows[-1]["m1_sustained"] = ""  # combined, N = 3000: never sustained
+    saving = c.larger_networks_larger_savings(unreached)
+    assert saving.verdict == c.REPRODUCED and saving.runs == "3 seeds x 2 sizes"
+    assert "left out: N = 3000: the combined rule sustains 85% in 2 of 3" in saving.ours
     assert c.backprop_grows_like_sqrt_n([]).verdict == c.NOT_RUN
 
 
@@ -181,3 +183,24 @@ def test_the_reference_rows_judge_the_reference_preprocessing_when_it_ran():
     assert both.verdict == c.REPRODUCED and both.command.endswith("--preprocessing reference")
     assert both.ours.startswith("reference preprocessing: 0.57 ± 0 epochs")
     assert "package preprocessing: 0.57 ± 0 epochs, M1 6.18e5" in both.ours
+
+
+@pytest.mark.parametrize(
+    "control, verdict",
+    [
+        ([60000, 70000, ""], c.REPRODUCED),  # more samples, or never sustained
+        ([60000, 30000, 60000], c.PARTLY),  # one seed faster, worse on average
+        ([30000, 30000, 30000], c.MISSED),
+    ],
+)
+def test_the_controls_claim_pairs_random_selection_with_competition(control, verdict):
+    def row(rule, seed, samples):
+        return dict(rule=rule, n_hidden=1000, seed=seed, samples_sustained=samples)
+
+    rows = [row("top-units-path", s, v) for s, v in enumerate([42000, 48000, 36000])]
+    rows += [row("random-units", s, v) for s, v in enumerate(control)]
+    claim = c.competition_beats_random([Runs("size-sweep", "fashion-mnist|full", rows, {})])
+    assert claim.verdict == verdict
+    assert "top units (path) 0.7 ± 0.1 epochs (3 of 3 seeds reach it)" in claim.ours
+    none = c.competition_beats_random([Runs("size-sweep", "fashion-mnist|full", rows[:3], {})])
+    assert none.verdict == c.NOT_RUN

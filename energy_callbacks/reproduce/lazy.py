@@ -215,14 +215,18 @@ class Lazy(Experiment):
         test = [r for r in rows if r["stage"] == "test"]
         text = f"# lazy ({_setup(rows, s)})\n\n"
         text += "## Learning rates, chosen on the validation split\n\n" + _lr_table(rows, s)
-        text += "\n## At the chosen rates, on the test set\n\n" + _test_table(test)
-        text += "\n" + _speedups(test, "batch_size")
+        if test:
+            text += "\n## At the chosen rates, on the test set\n\n" + _test_table(test)
+            text += "\n" + _speedups(test, "batch_size")
+        else:
+            text += "\nThe test stage has not run yet.\n"
         fb = s["fraction_batch"]
         shares = [r for r in rows if r["stage"] == "fraction"]
         shares += [r for r in test if r["batch_size"] == fb]
         if any(r["stage"] == "fraction" for r in shares):
             text += f"\n## Smaller training sets (batch {fb})\n\n" + _speedups(shares, "fraction")
-        return Summary(text, lambda fig: _plot(fig, test, curves))
+        shown = test or [r for r in rows if r["stage"] == "lr"]  # until the race has run
+        return Summary(text, lambda fig: _plot(fig, shown, curves))
 
 
 def _setup(rows: list[dict[str, Any]], s: dict[str, Any]) -> str:
@@ -329,7 +333,10 @@ def _speedups(rows: list[dict[str, Any]], by: str) -> str:
 
 
 def _plot(figure: Any, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> None:
+    """Accuracy against training time per batch size: the test stage's runs, or the
+    learning-rate stage's on the validation split while the race has not run."""
     batches = sorted({r["batch_size"] for r in rows}) or [1]
+    validation = any(r["stage"] == "lr" for r in rows)
     axes = figure.subplots(1, len(batches), squeeze=False)[0]
     for ax, b in zip(axes, batches, strict=True):
         for r in rows:
@@ -337,13 +344,14 @@ def _plot(figure: Any, rows: list[dict[str, Any]], curves: dict[str, Curve]) -> 
             if c is None or r["batch_size"] != b:
                 continue
             style = "-" if r["rule"] == "backprop" else "--"
-            ax.plot(c.seconds, c.accuracy, style, label=f"{r['rule']} s{r['seed']}")
+            label = f"{r['rule']} lr {r['lr']:g}" if validation else f"{r['rule']} s{r['seed']}"
+            ax.plot(c.seconds, c.accuracy, style, label=label)
         if rows:
             for level in (rows[0]["target"], rows[0]["high_target"]):
                 ax.axhline(level, color="grey", linestyle=":")
         ax.set_title(f"batch {b}")
         ax.set_xlabel("training time (s, tests excluded)")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("validation accuracy" if validation else "test accuracy")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
