@@ -183,3 +183,62 @@ def test_energy_reaches_the_logs_and_log_history_at_every_logging_step(tmp_path)
         assert record["plasticity/energy"] > 0
         assert record["plasticity/inefficiency"] >= 1.0 - 1e-9  # M1 >= M1_min
     assert logged[-1]["plasticity/energy"] == pytest.approx(witness.m1, rel=1e-12)
+
+
+class TokenLabels(Sequences):
+    """Token classification: a class per token (id mod 5), the last 3 tokens -100."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        labels = self.x[i] % 5
+        labels[-3:] = -100
+        item["labels"] = labels
+        return item
+
+
+class MaskedTokens(Sequences):
+    """Masked LM labels: every third token is predicted, the others are -100."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        labels = torch.full_like(self.x[i], -100)
+        labels[::3] = self.x[i][::3]
+        item["labels"] = labels
+        return item
+
+
+def _bert_with(head, **config):
+    torch.manual_seed(0)
+    base = tiny_bert().config.to_dict()
+    base.update(config)
+    return head(transformers.BertConfig(**base))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["token-classification", "masked-lm-mistakes", "checkpointing-bf16-adafactor"],
+)
+def test_real_trainer_configurations_match_the_witness(tmp_path, name):
+    options: dict = {}
+    if name == "token-classification":
+        model = _bert_with(transformers.BertForTokenClassification, num_labels=5)
+        rule, data = {"synapses": 0.1, "samples": "lazy"}, TokenLabels()
+        tokens = 8 * 4 * (TokenLabels().x.shape[1] - 3)
+    elif name == "masked-lm-mistakes":
+        model = _bert_with(transformers.BertForMaskedLM)
+        rule, data = {"samples": "mistakes"}, MaskedTokens(ids=True)
+        options = {"remove_unused_columns": False}
+        tokens = 8 * 4 * len(range(0, MaskedTokens().x.shape[1], 3))
+    else:
+        model = tiny_bert()
+        rule, data = {"synapses": 0.1, "units": 0.5}, Sequences()
+        options = {"gradient_checkpointing": True, "bf16": True, "optim": "adafactor"}
+        tokens = 8 * 4
+    callback, witness = PlasticityCallback(**rule), Witness()
+    trainer(model, tmp_path, [callback, witness], data=data, max_steps=4, **options).train()
+    report = callback.report()
+    assert report.m0 == witness.m0 > 0
+    assert report.m1 == pytest.approx(witness.m1, rel=1e-12)
+    assert report.samples_seen == tokens  # one decision per labelled token (or sample)
+    if name == "token-classification":  # a learnable task: some tokens are right already
+        assert 0 < report.samples_learned < report.samples_seen
