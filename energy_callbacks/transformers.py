@@ -444,6 +444,13 @@ def refuse_arguments(args: TrainingArguments, plasticity: Plasticity) -> None:
         )
     if plasticity.samples is None:
         return
+    if args.torch_compile:
+        raise ValueError(
+            "PlasticityCallback(samples=...): with torch_compile the model's loss is made "
+            "inside the compiled graph, so no gradient passes through the logits the gate "
+            "acts on. Set torch_compile=False or drop samples= (the other rules and the "
+            "energy work compiled)."
+        )
     if args.label_smoothing_factor:
         raise ValueError(
             "PlasticityCallback(samples=...): with label_smoothing_factor the Trainer takes the "

@@ -190,7 +190,9 @@ class OutputGate:
 
 
 def _zero_rows(keep: torch.Tensor, reached: list[bool]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def hook(grad: torch.Tensor) -> torch.Tensor:
+    def hook(grad: torch.Tensor | None) -> torch.Tensor | None:
+        if grad is None:  # a compiled graph made the loss inside: nothing flows here
+            return None
         reached[0] = True
         return grad * keep.to(grad.dtype)
 

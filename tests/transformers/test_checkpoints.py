@@ -147,6 +147,7 @@ def test_regression_trains_with_the_other_rules(tmp_path):
         (dict(restore_callback_states_from_checkpoint=True), "restore_callback_states"),
         (dict(remove_unused_columns=True), "remove_unused_columns=False"),
         (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
+        (dict(torch_compile=True), "torch_compile=False"),
     ],
 )
 def test_arguments_it_cannot_be_exact_under_are_refused_when_the_trainer_is_built(
