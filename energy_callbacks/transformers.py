@@ -46,6 +46,7 @@ import inspect
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -237,7 +238,15 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
             return
         folder = checkpoint_folder(args, state)
         if not os.path.isdir(folder):
-            return  # save_model() without a checkpoint: nothing of ours to keep
+            warnings.warn(
+                f"PlasticityCallback: the checkpoint of step {state.global_step} is not in "
+                f"{folder} (a hyperparameter search's run folder?), so its {ARRAYS_FILE} "
+                "(w_0, the mistake memory) was not written; resuming from that checkpoint "
+                "will refuse",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         from safetensors.torch import save_file
 
         _, arrays = flat.split(self._state_dict(), lambda v: isinstance(v, torch.Tensor))

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 import torch
-from conftest import Sequences, tiny_bert, tiny_gpt2, trainer, transformers
+from hf_models import Sequences, tiny_bert, tiny_gpt2, trainer, transformers
 
 from energy_callbacks import Caching
 from energy_callbacks.transformers import ARRAYS_FILE, PlasticityCallback

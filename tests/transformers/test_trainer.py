@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import Sequences, Witness, tiny_bert, tiny_gpt2, trainer, transformers
+from hf_models import Sequences, Witness, tiny_bert, tiny_gpt2, trainer, transformers
 from oracle_replay import oracle_step
 
 from energy_callbacks import FixedSubnetwork, Plasticity, Topology

@@ -1,5 +1,5 @@
 """The Trainer callback under DDP: ``torchrun --nproc_per_node 2`` on the CPU (gloo),
-tests/transformers/ddp_run.py. The weights, and so the energy, are the same on every
+tests/transformers/trainer_ddp_run.py. The weights, and so the energy, are the same on every
 rank; sample counts and the mistake memory are combined over ranks at each epoch end."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def ranks():
             "--standalone",  # a free port on this host
             "--nproc_per_node",
             "2",
-            str(HERE / "ddp_run.py"),
+            str(HERE / "trainer_ddp_run.py"),
             tmp,
         ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -57,7 +57,7 @@ def test_the_energy_is_the_witness_s_and_counted_once(ranks):
 
 def test_sample_counts_and_the_mistake_memory_cover_both_ranks(ranks):
     a = ranks[0]
-    from ddp_run import EPOCHS, SAMPLES
+    from trainer_ddp_run import EPOCHS, SAMPLES
 
     assert a["seen"] == EPOCHS * SAMPLES  # each rank saw half of every epoch
     assert 0 < a["learned"] < a["seen"]

@@ -1,4 +1,5 @@
-"""Shared pieces for the Hugging Face Trainer tests: tiny models built from configs
+"""Shared pieces for the Hugging Face Trainer tests (a module of its own name: the
+Lightning tests own `conftest`): tiny models built from configs
 (nothing is downloaded), small datasets, a Trainer factory and the witness."""
 
 from __future__ import annotations

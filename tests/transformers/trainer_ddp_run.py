@@ -1,5 +1,5 @@
-"""One Trainer run under DDP (CPU, gloo): launched by test_ddp.py with
-``torchrun --nproc_per_node 2 ddp_run.py OUT``. Each rank writes ``OUT/rank<r>.json``:
+"""One Trainer run under DDP (CPU, gloo): launched by test_trainer_ddp.py with
+``torchrun --nproc_per_node 2 trainer_ddp_run.py OUT``. Each rank writes ``OUT/rank<r>.json``:
 its report, its witness's sums and a digest of its weights."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import Sequences, Witness, tiny_bert, trainer  # noqa: E402
+from hf_models import Sequences, Witness, tiny_bert, trainer  # noqa: E402
 
 from energy_callbacks.transformers import PlasticityCallback  # noqa: E402
 
