@@ -142,8 +142,6 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
         self._pending: dict[str, Any] | None = None  # a state waiting for the next attach
         self._feed: torch.utils.hooks.RemovableHandle | None = None
         self._epoch_start = (0, 0)
-        self._args: TrainingArguments | None = None
-        self._state: TrainerState | None = None
         self._run = uuid.uuid4().hex  # ties a checkpoint's figures to its arrays file
 
     # -- the Trainer's events ----------------------------------------------------
@@ -167,7 +165,6 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
         inner = inner_optimizer(optimizer)
         if any(_sharded(p) for g in inner.param_groups for p in g["params"]):
             raise ValueError(SHARDED)  # FSDP set up by accelerate's config, not fsdp=
-        self._args, self._state = args, state
         specs, _ = describe(model, layers=self.layers)
         if not specs:
             field = "" if self.layers is None else f".layers={self.layers}"
@@ -179,8 +176,7 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
         gate = self.plasticity.samples is not None
         if gate and self.targets is None:
             refuse_model(model, self.plasticity)
-        if self.plasticity.is_setup and self._pending is None:
-            self._pending = self.plasticity.state_dict()  # a second train() carries on
+        self._release()  # a train() that failed before its end left its hooks
         saved = state.stateful_callbacks.get(type(self).__name__)
         if state.global_step > 0 and saved:  # resuming: the checkpoint's state wins
             self._pending = self._read_checkpoint(args, state, saved)
@@ -209,11 +205,6 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
     ) -> None:
         if self._handle is not None and world_size() > 1:
             merge_samples(self.plasticity, self._epoch_start, args.device)
-
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._args, self._state = args, state
 
     def on_log(
         self,
@@ -260,12 +251,17 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
             return
         if self.plasticity.caching is not None:
             self._handle.consolidate()  # the end of training consolidates the transient store
-        self._pending = self._handle.state_dict()
-        self._handle.detach()
-        self._handle = None
+        self._release()
+
+    def _release(self) -> None:
+        """Detach the hooks and keep the state (w_0 included): a later train() carries on."""
         if self._feed is not None:
             self._feed.remove()
             self._feed = None
+        if self._handle is not None:
+            self._pending = self._handle.state_dict()
+            self._handle.detach()
+            self._handle = None
 
     # -- the Trainer's stateful-callback protocol ------------------------------------
     def state(self) -> dict[str, Any]:

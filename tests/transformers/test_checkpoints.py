@@ -165,3 +165,15 @@ def test_the_causal_lm_gate_judges_the_next_token(tmp_path):
     trainer(tiny_gpt2(), tmp_path, [callback], data=data, max_steps=2).train()
     report = callback.report()
     assert report.samples_seen == 2 * 8 * (data.x.shape[1] - data.pad - 1)
+
+
+def test_a_train_that_failed_leaves_no_second_set_of_hooks(tmp_path):
+    callback = PlasticityCallback(synapses=0.1, samples="lazy")
+    model = tiny_bert()
+    run = trainer(model, tmp_path, [callback], data=Sequences(labels=False), max_steps=2)
+    with pytest.raises(ValueError, match="has no 'labels'"):
+        run.train()
+    run.train_dataset = Sequences()
+    run.train()  # attaches once again: one pre-hook on the forward, one set on the step
+    assert len(model._forward_pre_hooks) == 0  # detached at the end of training
+    assert callback.report().steps == 2
