@@ -485,3 +485,15 @@ def test_the_scaling_fit_needs_two_sizes_per_rule():
     assert "| fixed subnetwork, k = 10% (<= 100) | 100, 1000 | 1.00 | 2.00 | 0.00 |" in both
     assert "| backprop |" not in both
     assert "Left out (target not sustained): fixed at N = 10000." in both
+
+
+@pytest.mark.parametrize(
+    "batches, fraction_batch", [("32,128", 32), ("1,32,128", 32), ("1,16", 16), ("64", 64)]
+)
+def test_lazy_runs_its_smaller_training_sets_at_batch_32_when_the_sweep_has_it(
+    batches, fraction_batch
+):
+    from energy_callbacks.reproduce.lazy import Lazy
+
+    settings = Lazy(Config(extra={"batch_sizes": batches})).settings()
+    assert settings["fraction_batch"] == fraction_batch

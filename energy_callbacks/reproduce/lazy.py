@@ -116,7 +116,10 @@ class Lazy(Experiment):
             s["lrs"] = _numbers(extra["lrs"], "lrs")
         if "batch_sizes" in extra:
             s["batches"] = _numbers(extra["batch_sizes"], "batch-sizes", int)
-            s["fraction_batch"] = s["batches"][min(1, len(s["batches"]) - 1)]
+            # the fraction stage keeps batch 32 when the sweep has it (the full grid's)
+            b = s["batches"]
+            fb = FULL["fraction_batch"]
+            s["fraction_batch"] = fb if fb in b else b[min(1, len(b) - 1)]
         if "fractions" in extra:
             s["fractions"] = tuple(f for f in _numbers(extra["fractions"], "fractions") if f < 1)
             if any(f > 1 for f in s["fractions"]):
@@ -221,8 +224,7 @@ class Lazy(Experiment):
         else:
             text += "\nThe test stage has not run yet.\n"
         fb = s["fraction_batch"]
-        shares = [r for r in rows if r["stage"] == "fraction"]
-        shares += [r for r in test if r["batch_size"] == fb]
+        shares = [r for r in rows if r["stage"] in ("fraction", "test") and r["batch_size"] == fb]
         if any(r["stage"] == "fraction" for r in shares):
             text += f"\n## Smaller training sets (batch {fb})\n\n" + _speedups(shares, "fraction")
         shown = test or [r for r in rows if r["stage"] == "lr"]  # until the race has run
