@@ -43,7 +43,6 @@ How it fits the Trainer:
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import uuid
 import warnings
@@ -142,6 +141,7 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
         self._pending: dict[str, Any] | None = None  # a state waiting for the next attach
         self._feed: torch.utils.hooks.RemovableHandle | None = None
         self._epoch_start = (0, 0)
+        self._arrays: dict[str, torch.Tensor] | None = None  # state()'s arrays, for on_save
         self._run = uuid.uuid4().hex  # ties a checkpoint's figures to its arrays file
 
     # -- the Trainer's events ----------------------------------------------------
@@ -240,7 +240,10 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
             return
         from safetensors.torch import save_file
 
-        _, arrays = flat.split(self._state_dict(), lambda v: isinstance(v, torch.Tensor))
+        arrays = self._arrays  # taken apart by state(), which the Trainer has just called
+        if arrays is None:
+            _, arrays = flat.split(self._state_dict(), _is_tensor)
+        self._arrays = None
         tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
         save_file(tensors, os.path.join(folder, ARRAYS_FILE), metadata={"run": self._run})
 
@@ -269,7 +272,7 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
         in ``on_save``). The Trainer calls this when it saves a checkpoint."""
         if not self.plasticity.is_setup:
             return {"args": {}, "attributes": {}}
-        skeleton, _ = flat.split(self._state_dict(), lambda v: isinstance(v, torch.Tensor))
+        skeleton, self._arrays = flat.split(self._state_dict(), _is_tensor)  # for on_save
         return {"args": {}, "attributes": {"plasticity": skeleton, "run": self._run}}
 
     # -- public ----------------------------------------------------------------------
@@ -344,9 +347,7 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
                 )
             arrays = {k: f.get_tensor(k) for k in f.keys()}
         self._run = str(attributes.get("run"))
-        return dict(
-            from_tensors(flat.join(json.loads(json.dumps(attributes["plasticity"])), arrays))
-        )
+        return dict(from_tensors(flat.join(attributes["plasticity"], arrays)))
 
 
 class BatchFeed:
@@ -519,6 +520,10 @@ def _forward_parameters(module: torch.nn.Module) -> set[str]:
 def _sharded(p: torch.Tensor) -> bool:
     """A parameter that FSDP has sharded: a DTensor (FSDP2) or a flat parameter (FSDP1)."""
     return type(p).__name__ in ("DTensor", "FlatParameter") or hasattr(p, "_is_flat_param")
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
 
 
 def _is_evaluation(logs: Mapping[str, Any]) -> bool:
