@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -197,13 +197,34 @@ class EnergyReport:
         return "\n".join(lines)
 
 
+class Shares(Protocol):
+    """The processes of sharded training: each holds one share (a block of rows) of
+    every measured tensor and records the energy of its share."""
+
+    @property
+    def first(self) -> bool:
+        """True on the process that carries a resumed total (one process does)."""
+        ...
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        """``values`` summed over the processes, element by element (a collective)."""
+        ...
+
+
 class EnergyMeter:
     """Accumulates the energy of applied updates, per tensor, exactly.
 
     Call :meth:`record` with one array per tensor (``None`` for a tensor that did
     not change this step). A step holding a NaN or Inf is not added: it is
     counted in ``skipped_steps``, and the first one warns.
+
+    Under sharded training (``shares`` set) each process records its own share of
+    every tensor; the figures that sum over synapses are summed over the processes
+    when they are read (:meth:`totals`, :meth:`report`, :meth:`state_dict`, all
+    collectives then), never at a step. Steps are counted alike on every process.
     """
+
+    shares: Shares | None = None
 
     def __init__(
         self,
@@ -304,8 +325,8 @@ class EnergyMeter:
 
     def pending_totals(self) -> tuple[Array, Array] | None:
         """``(M1, M0)`` including unread device totals, as device scalars (no host read);
-        None when nothing is pending."""
-        if self._pending is None:
+        None when nothing is pending, or when the totals are summed over shares."""
+        if self._pending is None or self.shares is not None:
             return None
         m1, _, m0, _ = self._pending
         return m1.sum() + float(self._m1.sum()), m0.sum() + int(self._m0.sum())
@@ -411,24 +432,40 @@ class EnergyMeter:
     def totals(self) -> tuple[float, int]:
         """``(M1, M0)`` so far: cheap enough to log every step."""
         self.flush()
-        return float(self._m1.sum()), int(self._m0.sum())
+        m1, m0 = np.array([self._m1.sum()]), np.array([self._m0.sum()])
+        if self.shares is not None:
+            m1, m0 = self.shares.sum(m1), self.shares.sum(m0)
+        return float(m1[0]), int(m0[0])
+
+    def _figures(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per tensor: M1, M_alpha, M0, M1_min, M0_min (summed over the shares)."""
+        self.flush()
+        net = [self._net_of(i) for i in range(len(self.tensors))]
+        floats = np.stack(
+            [self._m1, self._m_alpha, np.array([m for m, _ in net], dtype=np.float64)]
+        ).reshape(3, len(self.tensors))
+        counts = np.stack([self._m0, np.array([c for _, c in net], dtype=np.int64)]).reshape(
+            2, len(self.tensors)
+        )
+        if self.shares is not None:
+            floats, counts = self.shares.sum(floats), self.shares.sum(counts)
+        return floats[0], floats[1], counts[0], floats[2], counts[1]
 
     def report(self, samples_seen: int = 0, samples_learned: int = 0) -> EnergyReport:
-        self.flush()
+        m1s, m_alphas, m0s, m1_mins, m0_mins = self._figures()
         per_layer = {}
         for i, t in enumerate(self.tensors):
-            m1_min, m0_min = self._net_of(i)
             per_layer[t.name] = LayerEnergy(
                 name=t.name,
                 synapses=t.size,
-                m1=float(self._m1[i]),
-                m0=int(self._m0[i]),
-                m_alpha=float(self._m_alpha[i]),
-                m1_min=m1_min,
-                m0_min=m0_min,
+                m1=float(m1s[i]),
+                m0=int(m0s[i]),
+                m_alpha=float(m_alphas[i]),
+                m1_min=float(m1_mins[i]),
+                m0_min=int(m0_mins[i]),
             )
-        m1 = float(self._m1.sum())
-        m0 = int(self._m0.sum())
+        m1 = float(m1s.sum())
+        m0 = int(m0s.sum())
         m1_min = math.fsum(layer.m1_min for layer in per_layer.values())
         return EnergyReport(
             m1=m1,
@@ -441,26 +478,27 @@ class EnergyMeter:
             samples_seen=samples_seen,
             samples_learned=samples_learned,
             alpha=self.alpha,
-            m_alpha=float(self._m_alpha.sum()),
+            m_alpha=float(m_alphas.sum()),
             skipped_steps=self.skipped_steps,
         )
 
     def state_dict(self) -> dict[str, Any]:
         """Plain numbers and NumPy arrays only. ``displacement`` holds the accumulated
         ``w_T - w_0`` (None for a tensor whose net totals a caller gave with
-        :meth:`set_net`); ``m1_min`` and ``m0_min`` the net totals of every tensor."""
-        self.flush()
-        net = [self._net_of(i) for i in range(len(self.tensors))]
+        :meth:`set_net`); ``m1_min`` and ``m0_min`` the net totals of every tensor.
+        Under sharded training the figures are the sums over the shares (the same on
+        every process), and there is no displacement."""
+        m1, m_alpha, m0, m1_min, m0_min = self._figures()
         return {
             "names": [t.name for t in self.tensors],
-            "m1": self._m1.copy(),
-            "m_alpha": self._m_alpha.copy(),
-            "m0": self._m0.copy(),
+            "m1": m1.copy(),
+            "m_alpha": m_alpha.copy(),
+            "m0": m0.copy(),
             "displacement": [
                 None if d is None else self.ops.to_numpy(d).copy() for d in self._displacement
             ],
-            "m1_min": np.array([m for m, _ in net], dtype=np.float64),
-            "m0_min": np.array([c for _, c in net], dtype=np.int64),
+            "m1_min": m1_min.copy(),
+            "m0_min": m0_min.copy(),
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
         }
@@ -468,7 +506,9 @@ class EnergyMeter:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Tensors are matched by name: the saved ones
         must all be measured here (same shapes); tensors measured here but not saved
-        (they joined training after that checkpoint) start at zero."""
+        (they joined training after that checkpoint) start at zero. Under sharded
+        training the first share carries the saved totals and the others start at
+        zero, so that their sum is the saved one."""
         saved = [str(n) for n in state["names"]]
         index = {t.name: i for i, t in enumerate(self.tensors)}
         unknown = [n for n in saved if n not in index]
@@ -502,6 +542,9 @@ class EnergyMeter:
             m1[i] = state["m1"][j]
             m_alpha[i] = state["m_alpha"][j]
             m0[i] = state["m0"][j]
+        if self.shares is not None and not self.shares.first:
+            m1[:], m_alpha[:], m0[:] = 0.0, 0.0, 0
+            net = [None] * len(self.tensors)
         self._pending, self._pending_steps = None, 0
         self._m1, self._m_alpha, self._m0 = m1, m_alpha, m0
         self._displacement, self._net = displacement, net

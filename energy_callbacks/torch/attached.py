@@ -55,11 +55,12 @@ from torch import nn
 from ..core import EnergyReport, Plasticity, TensorSpec, Topology, checks
 from ..core.ops import NumpyOps
 from ..core.targets import IGNORE_INDEX
-from . import initial
+from . import initial, shards
 from .faults import nonfinite_reason, nonfinite_weights, watch_scaler
 from .gate import CLOSURE_OPTIMIZERS, OutputGate, refuse_closure_optimizer, skip_empty_steps
 from .layers import describe, nothing_to_cover
 from .ops import ops_for
+from .shards import Shards, local, shards_of
 from .snapshot import ShapeChanged, Snapshot
 from .wiring import WiringProbe, resolve
 
@@ -101,6 +102,7 @@ class AttachedPlasticity:
         self._steps: dict[int, tuple[Snapshot, list[int]]] = {}
         self._removers: list[Callable[[], None]] = []
         self._stepped = 0  # optimizer steps that reached the hooks
+        self.shards: Shards | None = None  # the processes of sharded (FSDP2) training
         self._nonfinite_weights: set[str] = set()  # parameters warned about in sync()
         units = plasticity.units
         self._probe = WiringProbe(model) if units is not None and adjacency is None else None
@@ -158,8 +160,11 @@ class AttachedPlasticity:
                 "model before attaching (or before fit), or detach(), read report(), and attach "
                 "again."
             )
+        shards = shards_of(params)
+        if shards is not None:
+            self._refuse_under_shards()
         first = not self.params
-        ops = ops_for(params)
+        ops = ops_for([local(p) for p in params])
         if self._adjacency is not None:
             topology = Topology(specs, self._adjacency)
         else:
@@ -171,9 +176,10 @@ class AttachedPlasticity:
         self.ops = ops
         self._use_numpy = isinstance(ops, NumpyOps)
         self.specs, self.params = specs, params
+        self.shards = self.plasticity.meter.shares = shards
         for p in params:
             if id(p) not in self._initial:
-                self._initial[id(p)] = initial.keep(p)
+                self._initial[id(p)] = initial.keep(local(p))
         index = {id(p): i for i, p in enumerate(params)}
         self._steps = {}
         for opt in self.optimizers:
@@ -184,6 +190,21 @@ class AttachedPlasticity:
                 self._steps[id(opt)] = (Snapshot([params[i] for i in mine], self._use_numpy), mine)
         self._bound = self._signature()
         self._wired = self._probe is None
+
+    def _refuse_under_shards(self) -> None:
+        """Refuse, on sharded (FSDP2) parameters, the rules that need a whole tensor."""
+        p = self.plasticity
+        if p.restricts:
+            raise ValueError(
+                f"attach: the parameters are sharded (FSDP2), and the rules units={p.units!r}, "
+                f"synapses={p.synapses!r} rank whole tensors; measuring and the sample gates "
+                "work on shards: drop units= and synapses=, or train unsharded"
+            )
+        if p.caching is not None:
+            raise ValueError(
+                "attach: the parameters are sharded (FSDP2), and caching= keeps a store "
+                "shaped like whole tensors; drop caching=, or train unsharded"
+            )
 
     def _wire(self) -> None:
         """Read the wiring off this step's forward pass; refuse what unit rules cannot use."""
@@ -265,6 +286,8 @@ class AttachedPlasticity:
             d is None or (ops.isfinite_all(d) if s is None else math.isfinite(s[0]))
             for d, s in zip(deltas, stats, strict=True)
         )
+        if self.shards is not None:
+            finite = self.shards.all(finite)  # a step is undone on every process or none
         if not finite:
             snap.undo()
             self._count_skipped(snap)
@@ -308,11 +331,19 @@ class AttachedPlasticity:
         proposed = self._proposed(mine, diffs)
         masks = plasticity.masks(proposed) if plasticity.restricts else [None] * len(proposed)
         caching = plasticity.caching is not None
-        # caching reads the applied change against the old snapshot: no refresh yet
-        applied = snap.apply(diffs, [masks[i] for i in mine], refresh=not caching)
-        if applied is None:  # NaN/Inf: apply() put the weights back
+        # caching reads the applied change against the old snapshot: no refresh yet;
+        # sharded, the processes agree first that nobody undoes the step
+        sharded = self.shards is not None
+        applied = snap.apply(diffs, [masks[i] for i in mine], refresh=not (caching or sharded))
+        if self.shards is not None and not self.shards.all(applied is not None):
+            if applied is not None:
+                snap.undo()  # another process's shard held NaN/Inf
+            applied = None
+        if applied is None:  # NaN/Inf: the weights are back as before the step
             self._count_skipped(snap)
             return
+        if sharded and not caching:
+            snap.refresh(applied)
         # record() reads only the totals here (alpha = 1, no displacement).
         totals = self._proposed(mine, applied)
         plasticity.record(proposed, check_finite=False, displacement=False, totals=totals)
@@ -342,8 +373,10 @@ class AttachedPlasticity:
             totals = snap.device_totals(alpha)
             # a NaN/Inf in the step turns its M1 NaN/Inf
             ok = torch.isfinite(torch.stack([t[0] for t in totals if t is not None]).sum())
+        if self.shards is not None:
+            ok = self.shards.all(ok)  # a step is undone on every process or none
         snap.undo_unless(ok, stepped)
-        device = snap.params[0].device
+        device = snap.before[0].device
         zero = torch.zeros((), dtype=torch.float64, device=device)
         none = torch.zeros((), dtype=torch.int64, device=device)
         parts = [(zero, zero, none)] * len(self.params)
@@ -366,7 +399,9 @@ class AttachedPlasticity:
     def _count_skipped(self, snap: Snapshot) -> None:
         """Count a step that was undone for NaN/Inf; the first one of each cause warns."""
         names = {id(p): s.name for s, p in zip(self.specs, self.params, strict=True)}
-        bad = nonfinite_weights([names[id(p)] for p in snap.params], snap.params)
+        bad = nonfinite_weights(
+            [names[id(p)] for p in snap.params], [local(p) for p in snap.params]
+        )
         self._nonfinite_weights.update(bad)  # sync() need not warn about them again
         self.plasticity.meter.skip_nonfinite(reason=nonfinite_reason(bad))
 
@@ -402,7 +437,7 @@ class AttachedPlasticity:
         bad = []
         with torch.no_grad():
             for i, p in enumerate(self.params):
-                m1_min, m0_min = initial.totals(p, self._initial[id(p)])
+                m1_min, m0_min = initial.totals(local(p), self._initial[id(p)])
                 if not math.isfinite(m1_min):
                     bad.append(self.specs[i].name)
                     continue
@@ -447,11 +482,21 @@ class AttachedPlasticity:
     def state_dict(self) -> dict[str, Any]:
         """The plasticity state (energy totals, counters, mistake memory), plain data,
         and ``initial``: w_0 of each measured tensor (host tensors, in the state's
-        ``energy.names`` order), for M1_min after a resume."""
+        ``energy.names`` order), for M1_min after a resume.
+
+        Under FSDP2 this is a collective: the totals are summed over the processes,
+        and each w_0 is a ``DTensor`` sharded like its parameter, so that
+        ``torch.distributed.checkpoint`` saves every process's rows.
+        """
         self.sync()
         state = self.plasticity.state_dict()
         by_name = {s.name: p for s, p in zip(self.specs, self.params, strict=True)}
-        state[INITIAL_KEY] = [self._initial[id(by_name[n])] for n in state["energy"]["names"]]
+        kept = []
+        for name in state["energy"]["names"]:
+            p = by_name[name]
+            w0 = self._initial[id(p)]
+            kept.append(shards.like(p, w0) if self.shards is not None else w0)
+        state[INITIAL_KEY] = kept
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -486,18 +531,18 @@ class AttachedPlasticity:
         self.plasticity.load_state_dict(state)
         for s, p in zip(self.specs, self.params, strict=True):
             if s.name not in saved:  # tensors the state did not measure start here
-                self._initial[id(p)] = initial.keep(p)
+                self._initial[id(p)] = initial.keep(local(p))
         for j, name in enumerate(saved):
             p = by_name[name]
             if kept is not None:
-                w0 = torch.as_tensor(kept[j]).to("cpu", copy=True)
-                if tuple(w0.shape) != tuple(p.shape):
+                w0 = shards.own_rows(self.shards, p, kept[j])
+                if tuple(w0.shape) != tuple(local(p).shape):
                     raise ValueError(
                         f"plasticity: w_0 of {name!r} was saved with shape {tuple(w0.shape)}, "
                         f"the model's parameter has {tuple(p.shape)}"
                     )
             else:
-                w0 = initial.from_displacement(p, displacement[j])
+                w0 = initial.from_displacement(local(p), displacement[j])
             self._initial[id(p)] = w0
         self.sync()
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import difference, fused
 from .difference import DeviceDifference, block_difference, row_blocks
+from .shards import local
 
 
 class ShapeChanged(RuntimeError):
@@ -41,43 +42,49 @@ class Snapshot:
         self.params = params
         self.use_numpy = use_numpy
         n = len(params)
+        shards = [local(p) for p in params]  # what this process holds (all of p unsharded)
         if use_numpy:
-            self.before: list[Any] = [np.empty(tuple(p.shape), _np_dtype(p)) for p in params]
+            self.before: list[Any] = [np.empty(tuple(t.shape), _np_dtype(t)) for t in shards]
             # 16-bit differences round; float32 holds them exactly.
             self.delta: list[Any] = [
-                np.empty(tuple(p.shape), np.promote_types(_np_dtype(p), np.float32)) for p in params
+                np.empty(tuple(t.shape), np.promote_types(_np_dtype(t), np.float32)) for t in shards
             ]
             # Bit masks for the branch-free blend in drop(): 4x faster than copyto(where=).
-            self.bits = [np.empty(tuple(p.shape), _uint(p)) for p in params]
-            self.xor = [np.empty(tuple(p.shape), _uint(p)) for p in params]
+            self.bits = [np.empty(tuple(t.shape), _uint(t)) for t in shards]
+            self.xor = [np.empty(tuple(t.shape), _uint(t)) for t in shards]
         else:
             self.before = [
-                torch.empty_like(p, memory_format=torch.contiguous_format) for p in params
+                torch.empty_like(t, memory_format=torch.contiguous_format) for t in shards
             ]
             self.delta = [None] * n
         # One fused pass per tensor where numba can do it (float32/64 on the CPU).
         self.fused = [
-            use_numpy and fused.AVAILABLE and _np_dtype(p) in fused.FUSED_DTYPES for p in params
+            use_numpy and fused.AVAILABLE and _np_dtype(t) in fused.FUSED_DTYPES for t in shards
         ]
         self.current = [False] * n  # before[i] holds the weights as the last step left them
         self.stamps: list[tuple[int, int] | None] = [None] * n
+
+    def weights(self, i: int) -> torch.Tensor:
+        """Parameter ``i`` as this process holds it (its shard under FSDP2), detached."""
+        return local(self.params[i])
 
     def take(self) -> None:
         for i, (p, b) in enumerate(zip(self.params, self.before, strict=True)):
             if self.current[i] and self.stamps[i] == _stamp(p):
                 continue
-            if tuple(p.shape) != tuple(b.shape):  # new storage of another shape (p.data = ...)
-                raise ShapeChanged(i, tuple(b.shape), tuple(p.shape))
+            w = local(p)
+            if tuple(w.shape) != tuple(b.shape):  # new storage of another shape (p.data = ...)
+                raise ShapeChanged(i, tuple(b.shape), tuple(w.shape))
             if self.use_numpy:
-                torch.from_numpy(b).copy_(p.detach())  # torch copies with all threads
+                torch.from_numpy(b).copy_(w)  # torch copies with all threads
             else:
-                b.copy_(p.detach())
+                b.copy_(w)
 
     def differences(self) -> list[fused.Difference | None]:
         """``w_after - w_before`` per parameter (None where it had no grad), written out
         only if a rule reads it; for fused parameters only."""
         return [
-            None if p.grad is None else fused.Difference(view(p), b, d)
+            None if p.grad is None else fused.Difference(view(local(p)), b, d)
             for p, b, d in zip(self.params, self.before, self.delta, strict=True)
         ]
 
@@ -96,7 +103,7 @@ class Snapshot:
         for i, (d, m) in enumerate(zip(diffs, masks, strict=True)):
             if d is None:
                 continue
-            w = view(self.params[i])
+            w = view(self.weights(i))
             if m is None:
                 stats[i] = fused.diff_totals(w, self.before[i])
                 total = stats[i][0]
@@ -106,16 +113,22 @@ class Snapshot:
         if not finite:
             self.undo()
             return None
-        for i, s in enumerate(stats):
-            if s is not None and refresh:
-                torch.from_numpy(self.before[i]).copy_(self.params[i].detach())
+        if refresh:
+            self.refresh(stats)
         return stats
+
+    def refresh(self, stepped: list[Any]) -> None:
+        """NumPy views only: copy the weights of the parameters whose ``stepped`` entry
+        is not None into the snapshot (a step that :meth:`apply` did not refresh)."""
+        for i, s in enumerate(stepped):
+            if s is not None:
+                torch.from_numpy(self.before[i]).copy_(self.weights(i))
 
     def device_differences(self) -> list[DeviceDifference | None]:
         """Torch tensors only: ``w_after - w_before`` per parameter (None where it had
         no grad), for the rules to read chunk by chunk."""
         return [
-            None if p.grad is None else DeviceDifference(p, b)
+            None if p.grad is None else DeviceDifference(local(p), b)
             for p, b in zip(self.params, self.before, strict=True)
         ]
 
@@ -131,16 +144,16 @@ class Snapshot:
         over all parameters (NaN/Inf if it held any): the step's finiteness check.
         """
         out: list[DeviceTotals | None] = []
-        proposal = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        proposal = torch.zeros((), dtype=torch.float64, device=self.before[0].device)
         for p, b, m in zip(self.params, self.before, masks, strict=True):
             if p.grad is None:
                 out.append(None)
                 continue
             if m is None:
-                totals = _change_totals(p, b, alpha)
+                totals = _change_totals(local(p), b, alpha)
                 full = totals[0]  # NaN/Inf too if the change held any
             else:
-                totals, full = _blend_totals(p, b, m, alpha)
+                totals, full = _blend_totals(local(p), b, m, alpha)
             out.append(totals)
             proposal = proposal + full
         return out, proposal
@@ -155,13 +168,13 @@ class Snapshot:
             if p.grad is None:
                 out.append(None)
                 continue
-            d = self.delta[i]
+            d, w = self.delta[i], local(p)
             if self.fused[i]:
-                stats[i] = fused.diff_stats(view(p), self.before[i], d)
+                stats[i] = fused.diff_stats(view(w), self.before[i], d)
             elif d.dtype == self.before[i].dtype:
-                torch.sub(p.detach(), torch.from_numpy(self.before[i]), out=torch.from_numpy(d))
+                torch.sub(w, torch.from_numpy(self.before[i]), out=torch.from_numpy(d))
             else:  # 16-bit weights: subtract in float32, where the difference is exact
-                np.subtract(view(p), self.before[i], out=d, dtype=d.dtype)
+                np.subtract(view(w), self.before[i], out=d, dtype=d.dtype)
             out.append(d)
         return out, stats
 
@@ -172,7 +185,7 @@ class Snapshot:
         Returns the applied change's ``(sum |delta|, count)`` from the fused kernel,
         which also brings the snapshot up to the new weights.
         """
-        p, b, d = self.params[i], self.before[i], self.delta[i]
+        p, b, d = self.weights(i), self.before[i], self.delta[i]
         if self.fused[i]:
             return fused.blend_stats(view(p), b, d, keep)
         bits, x = self.bits[i], self.xor[i]
@@ -193,7 +206,7 @@ class Snapshot:
         count(d != 0))`` of ``d = w - before``, as device scalars read by nobody yet,
         taken chunk by chunk (no full-size temporary is made)."""
         return [
-            None if p.grad is None else _change_totals(p, b, alpha)
+            None if p.grad is None else _change_totals(local(p), b, alpha)
             for p, b in zip(self.params, self.before, strict=True)
         ]
 
@@ -203,16 +216,17 @@ class Snapshot:
         with torch.no_grad():
             for p, b, s in zip(self.params, self.before, stepped, strict=True):
                 if s:
-                    torch.where(ok, p, b, out=p)
+                    w = local(p)
+                    torch.where(ok, w, b, out=w)
 
     def undo(self) -> None:
         """Put every parameter back to its value before the step."""
         with torch.no_grad():
             for p, b in zip(self.params, self.before, strict=True):
                 if self.use_numpy:
-                    np.copyto(view(p), b)
+                    np.copyto(view(local(p)), b)
                 else:
-                    p.copy_(b)
+                    local(p).copy_(b)
         self.settle([True] * len(self.params))
 
     def settle(self, current: list[bool]) -> None:
@@ -271,8 +285,9 @@ def _blend_totals(
 
 
 def _stamp(p: torch.Tensor) -> tuple[int, int]:
-    """What torch changes when a tensor is written in place or given new storage."""
-    return p._version, p.data_ptr()
+    """What torch changes when a tensor is written in place or given new storage (a
+    sharded parameter counts its writes, its shard's storage tells a new one)."""
+    return p._version, local(p).data_ptr()
 
 
 def view(p: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,174 @@
+"""``attach`` on a model sharded with FSDP2 (``fully_shard``), run by
+tests/torch/test_sharded.py under ``torchrun --standalone --nproc_per_node 2`` (gloo).
+
+Every case trains one model sharded over the two processes, each on its half of
+the same global batches, and beside it, in each process, an unsharded copy on
+the whole batches. A witness gathers the sharded weights around every optimizer
+step (``full_tensor()``, a test's privilege) and sums the changes itself. Each
+process writes ``rank<r>.json`` into the folder given as the first argument.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+from energy_callbacks import Plasticity
+from energy_callbacks.torch import attach
+
+STEPS = 6
+BATCH = 8  # global; each process takes its half
+
+
+class Regressor(nn.Module):
+    """An embedding of 11 rows (uneven over 2), a 16 -> 33 layer (uneven), and a
+    33 -> 1 head (one row: the second process holds none of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 16)
+        self.hidden = nn.Linear(16, 33)
+        self.head = nn.Linear(33, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(self.embed(tokens).mean(1)))).sum(-1)
+
+
+def classifier() -> nn.Module:
+    return nn.Sequential(nn.Linear(20, 33), nn.ReLU(), nn.Linear(33, 3))
+
+
+def shard(model: nn.Module) -> nn.Module:
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+    return model
+
+
+def batches(kind: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(STEPS):
+        if kind == "regression":
+            out.append(
+                (torch.randint(0, 11, (BATCH, 5), generator=g), torch.randn(BATCH, generator=g))
+            )
+        else:
+            out.append(
+                (torch.randn(BATCH, 20, generator=g), torch.randint(0, 3, (BATCH,), generator=g))
+            )
+    return out
+
+
+def full(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def figures(report) -> dict:
+    return {
+        "m1": report.m1,
+        "m0": report.m0,
+        "m1_min": report.m1_min,
+        "m0_min": report.m0_min,
+        "steps": report.steps,
+        "skipped": report.skipped_steps,
+        "learned": report.samples_learned,
+        "per_layer": {n: [e.m1, e.m0] for n, e in report.per_layer.items()},
+    }
+
+
+def run(case: str, rank: int) -> dict:
+    kind = "regression" if case.startswith(("regression", "nan")) else "classification"
+    dtype = torch.bfloat16 if case.endswith("bf16") else torch.float32
+    models = []
+    for _ in range(2):  # the same initial weights, one to shard and one whole
+        torch.manual_seed(0)
+        models.append((Regressor() if kind == "regression" else classifier()).to(dtype))
+    whole, sharded = models[0], shard(models[1])
+    plasticity = (lambda: Plasticity(samples="lazy")) if case == "lazy" else Plasticity
+    opt_s = torch.optim.Adam(sharded.parameters(), lr=1e-2)
+    opt_w = torch.optim.Adam(whole.parameters(), lr=1e-2)
+    handle = attach(sharded, opt_s, plasticity())
+    reference = attach(whole, opt_w, plasticity())
+    w0 = full(sharded)
+    m1 = torch.zeros((), dtype=torch.float64)
+    m0 = 0
+    half = BATCH // 2
+    for step, (x, y) in enumerate(batches(kind, 1)):
+        mine = slice(rank * half, (rank + 1) * half)
+        for model, opt, h, xs, ys in (
+            (sharded, opt_s, handle, x[mine], y[mine]),
+            (whole, opt_w, reference, x, y),
+        ):
+            if case == "lazy":
+                h.gate_batch(ys)
+            out = model(xs)
+            loss = (
+                nn.functional.mse_loss(out.float(), ys)
+                if kind == "regression"
+                else nn.functional.cross_entropy(out.float(), ys)
+            )
+            loss.backward()
+            if model is sharded:
+                if case == "nan" and step == STEPS - 1 and rank == 0:
+                    sharded.hidden.weight.grad.to_local()[0, 0] = float("nan")
+                before = full(sharded)
+            opt.step()
+            opt.zero_grad()
+            if model is sharded:
+                after = full(sharded)
+                for n in after:  # the change in the weights' dtype (at least float32)
+                    wide = torch.promote_types(after[n].dtype, torch.float32)
+                    d = (after[n].to(wide) - before[n].to(wide)).double()
+                    m1 += d.abs().sum()
+                    m0 += int(torch.count_nonzero(d))
+                if case == "nan" and step == STEPS - 1:
+                    last_undone = all(torch.equal(after[n], before[n]) for n in after)
+    end = full(sharded)
+    net = {n: end[n].double() - w0[n].double() for n in end}
+    result = {
+        "world": dist.get_world_size(),
+        "sharded": figures(handle.report()),
+        "whole": figures(reference.report()),
+        "witness": {
+            "m1": float(m1),
+            "m0": m0,
+            "m1_min": float(sum(d.abs().sum() for d in net.values())),
+            "m0_min": int(sum(torch.count_nonzero(d) for d in net.values())),
+        },
+        "max_weight_gap": max(
+            float((end[n].double() - p.detach().double()).abs().max())
+            for n, p in whole.named_parameters()
+        ),
+        "local_rows": {n: list(p.to_local().shape) for n, p in sharded.named_parameters()},
+    }
+    if case == "nan":
+        result["last_undone"] = last_undone
+    handle.detach()
+    reference.detach()
+    return result
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    cases = sys.argv[2].split(",")
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {case: run(case, rank) for case in cases}
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
