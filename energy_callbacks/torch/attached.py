@@ -60,6 +60,7 @@ from .faults import nonfinite_reason, nonfinite_weights, watch_scaler
 from .gate import CLOSURE_OPTIMIZERS, OutputGate, refuse_closure_optimizer, skip_empty_steps
 from .layers import describe, nothing_to_cover
 from .ops import ops_for
+from .sharded_ops import Rows, ShardedOps
 from .shards import Shards, local, shards_of
 from .snapshot import ShapeChanged, Snapshot
 from .wiring import WiringProbe, resolve
@@ -164,7 +165,8 @@ class AttachedPlasticity:
         if shards is not None:
             self._refuse_under_shards()
         first = not self.params
-        ops = ops_for([local(p) for p in params])
+        inner = ops_for([local(p) for p in params])
+        ops = inner if shards is None else ShardedOps(inner, shards)
         if self._adjacency is not None:
             topology = Topology(specs, self._adjacency)
         else:
@@ -174,7 +176,7 @@ class AttachedPlasticity:
         else:
             self.plasticity.rebind(topology, ops=ops)
         self.ops = ops
-        self._use_numpy = isinstance(ops, NumpyOps)
+        self._use_numpy = isinstance(inner, NumpyOps)
         self.specs, self.params = specs, params
         self.shards = self.plasticity.meter.shares = shards
         for p in params:
@@ -192,13 +194,13 @@ class AttachedPlasticity:
         self._wired = self._probe is None
 
     def _refuse_under_shards(self) -> None:
-        """Refuse, on sharded (FSDP2) parameters, the rules that need a whole tensor."""
+        """Refuse, on sharded (FSDP2) parameters, what needs a whole tensor."""
         p = self.plasticity
-        if p.restricts:
+        if p.units is not None and self._adjacency is None:
             raise ValueError(
-                f"attach: the parameters are sharded (FSDP2), and the rules units={p.units!r}, "
-                f"synapses={p.synapses!r} rank whole tensors; measuring and the sample gates "
-                "work on shards: drop units= and synapses=, or train unsharded"
+                f"attach: the parameters are sharded (FSDP2), and units={p.units!r} needs the "
+                "layers' wiring, which cannot be read off a sharded forward pass; pass "
+                "adjacency=[(pre, post), ...] (module names), or train unsharded"
             )
         if p.caching is not None:
             raise ValueError(
@@ -276,6 +278,23 @@ class AttachedPlasticity:
             proposed[i] = v
         return proposed
 
+    def _rows(self, proposed: list[Any]) -> list[Any]:
+        """Sharded: each proposal as the rules see it, this process's rows of a tensor."""
+        ops = self.ops
+        if not isinstance(ops, ShardedOps):
+            return proposed
+        return [
+            None if v is None else Rows(v, s.shape, ops.span(s.shape)[0])
+            for v, s in zip(proposed, self.specs, strict=True)
+        ]
+
+    def _local(self, masks: Sequence[Any]) -> list[Any]:
+        """Sharded: each mask as this process's rows."""
+        ops = self.ops
+        if not isinstance(ops, ShardedOps):
+            return list(masks)
+        return [ops.local_mask(m, s.shape) for m, s in zip(masks, self.specs, strict=True)]
+
     def _step_numpy(self, snap: Snapshot, mine: list[int]) -> None:
         plasticity = self.plasticity
         deltas, stats = snap.deltas()
@@ -293,7 +312,7 @@ class AttachedPlasticity:
             self._count_skipped(snap)
             return
         if plasticity.restricts:
-            masks = plasticity.masks(proposed)
+            masks = self._local(plasticity.masks(self._rows(proposed)))
             for j, i in enumerate(mine):
                 if proposed[i] is not None and masks[i] is not None:
                     stats[j] = snap.drop(j, masks[i])
@@ -329,7 +348,11 @@ class AttachedPlasticity:
         plasticity = self.plasticity
         diffs = snap.differences()
         proposed = self._proposed(mine, diffs)
-        masks = plasticity.masks(proposed) if plasticity.restricts else [None] * len(proposed)
+        masks = (
+            self._local(plasticity.masks(self._rows(proposed)))
+            if plasticity.restricts
+            else [None] * len(proposed)
+        )
         caching = plasticity.caching is not None
         # caching reads the applied change against the old snapshot: no refresh yet;
         # sharded, the processes agree first that nobody undoes the step
@@ -366,7 +389,7 @@ class AttachedPlasticity:
         if plasticity.restricts:
             # the rules read each difference chunk by chunk; the blend writes no delta
             proposed = self._proposed(mine, snap.device_differences())
-            masks = plasticity.masks(proposed)
+            masks = self._local(plasticity.masks(self._rows(proposed)))
             totals, proposal = snap.blend_on_device([masks[i] for i in mine], alpha)
             ok = torch.isfinite(proposal)
         else:

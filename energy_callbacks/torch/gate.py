@@ -142,7 +142,8 @@ class OutputGate:
                 f"sample gate: outputs= returned {type(scores).__name__}, not a tensor of "
                 "class scores"
             )
-        if isinstance(self.plasticity.ops, NumpyOps):
+        ops = self.plasticity.ops
+        if isinstance(getattr(ops, "inner", ops), NumpyOps):  # sharded: the shards' ops
             result = self.plasticity.gate(
                 _host(scores),
                 _host(targets),

@@ -11,15 +11,26 @@ process writes ``rank<r>.json`` into the folder given as the first argument.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from energy_callbacks import Plasticity
+from energy_callbacks import (
+    Caching,
+    FixedSubnetwork,
+    Plasticity,
+    RandomSynapses,
+    RandomUnits,
+    Threshold,
+    TopFraction,
+    TopUnits,
+)
 from energy_callbacks.torch import attach
 
 STEPS = 6
@@ -159,15 +170,116 @@ def run(case: str, rank: int) -> dict:
     return result
 
 
+RULES = {
+    "top-fraction": lambda: dict(synapses=TopFraction(0.1)),
+    "approximate": lambda: dict(synapses=TopFraction(0.1, approximate=True)),
+    "per-unit": lambda: dict(synapses=TopFraction(0.2, per_unit=True)),
+    "equal-count": lambda: dict(synapses=TopFraction(0.1, equal_count=True)),
+    "smallest": lambda: dict(synapses=TopFraction(0.3, largest=False)),
+    "threshold": lambda: dict(synapses=Threshold(2e-3)),
+    "random-synapses": lambda: dict(synapses=RandomSynapses(0.3, seed=1)),
+    "fixed": lambda: dict(units=FixedSubnetwork(20)),
+    "top-units": lambda: dict(units=TopUnits(0.25)),
+    "path": lambda: dict(units=TopUnits(0.25, path=True)),
+    "random-units": lambda: dict(units=RandomUnits(0.25, seed=2, path=True)),
+    "combined": lambda: dict(
+        units=TopUnits(0.25, path=True), synapses=TopFraction(0.2, equal_count=True)
+    ),
+    "combined-bf16": lambda: dict(units=TopUnits(0.25, path=True), synapses=TopFraction(0.1)),
+    "top-fraction-bf16": lambda: dict(synapses=TopFraction(0.1)),
+    "tracking-bf16": lambda: dict(),
+}
+"""Rule cases: a 200-101-3 classifier (101 units split 51/50, a 20 200-entry kernel
+above the approximate rule's sample), SGD, each step checked against the NumPy core."""
+
+
+def rule_case(case: str, rank: int) -> dict:
+    dtype = torch.bfloat16 if case.endswith("bf16") else torch.float32
+    torch.manual_seed(0)
+    model = shard(nn.Sequential(nn.Linear(200, 101), nn.ReLU(), nn.Linear(101, 3)).to(dtype))
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    handle = attach(model, opt, Plasticity(**RULES[case]()), adjacency=[("0", "2")])
+    oracle = Plasticity(**RULES[case]())  # rules of its own: some cache their masks
+    oracle.setup(handle.plasticity.topology)
+    names = [s.name for s in handle.specs]
+    g = torch.Generator().manual_seed(2)
+    half = BATCH // 2
+    exact_steps = 0
+    for _ in range(STEPS):
+        x, y = torch.randn(BATCH, 200, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+        mine = slice(rank * half, (rank + 1) * half)
+        nn.functional.cross_entropy(model(x[mine].to(dtype)).float(), y[mine]).backward()
+        params = dict(model.named_parameters())
+        before = full(model)
+        grads = {n: params[n].grad.full_tensor() for n in names}
+        opt.step()
+        opt.zero_grad()
+        after = full(model)
+        # SGD's proposal, computed whole (bit for bit in float32; 16-bit rounding of the
+        # sharded step is not reproduced here)
+        proposal = {n: before[n].add(grads[n], alpha=-lr) for n in names}
+        wide = {n: torch.promote_types(before[n].dtype, torch.float32) for n in names}
+        dw = [(proposal[n].to(wide[n]) - before[n].to(wide[n])).numpy() for n in names]
+        masks = oracle.masks(dw)
+        applied = []
+        same = True
+        for n, m, d in zip(names, masks, dw):
+            keep = (
+                torch.ones_like(before[n], dtype=torch.bool)
+                if m is None
+                else torch.from_numpy(np.asarray(m, dtype=bool))
+            )
+            want = torch.where(keep, proposal[n], before[n])
+            same = same and torch.equal(after[n], want)
+            applied.append(np.where(keep.numpy(), d, 0))
+        oracle.record(applied)
+        exact_steps += int(same)
+    got, want = handle.report(), oracle.report()
+    out = {
+        "exact_steps": exact_steps,
+        "m1": got.m1,
+        "m0": got.m0,
+        "oracle_m1": want.m1,
+        "oracle_m0": want.m0,
+        "kept_fraction": got.m0 / (STEPS * sum(s.size for s in handle.specs)),
+    }
+    handle.detach()
+    return out
+
+
+def refusals(case: str, rank: int) -> dict:
+    """What sharded parameters refuse, with the messages."""
+    out = {}
+    for name, kwargs in {
+        "units-without-adjacency": dict(plasticity=Plasticity(units=TopUnits(0.25))),
+        "caching": dict(plasticity=Plasticity(caching=Caching(1e-3, float("inf"), 0.1))),
+    }.items():
+        torch.manual_seed(0)
+        model = shard(classifier())
+        try:
+            attach(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+            out[name] = None
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     cases = sys.argv[2].split(",")
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    results = {case: run(case, rank) for case in cases}
+    results = {
+        case: (rule_case if case in RULES else refusals if case == "refusals" else run)(case, rank)
+        for case in cases
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no teardown of worker threads (gloo, numba) at exit
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def test_measuring_float32_weights_on_torch_ops_leaves_them_alone(chunks):
     with torch.no_grad():
         p.add_(torch.randn(9, 5) * 1e-2)
     stepped = p.detach().clone()
-    (m1, _, m0), = snap.device_totals(1.0)
+    ((m1, _, m0),) = snap.device_totals(1.0)
     assert torch.equal(p.detach(), stepped)
     d = (stepped - snap.before[0]).double()
     assert int(m0) == int(torch.count_nonzero(d))

@@ -18,6 +18,21 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SCRUB = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 CASES = ["regression", "classification", "lazy", "nan", "regression-bf16"]
+RULES = [
+    "top-fraction",
+    "approximate",
+    "per-unit",
+    "equal-count",
+    "smallest",
+    "threshold",
+    "random-synapses",
+    "fixed",
+    "top-units",
+    "path",
+    "random-units",
+    "combined",
+]
+RULES_BF16 = ["tracking-bf16", "top-fraction-bf16", "combined-bf16"]
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on Linux")
 
@@ -37,7 +52,8 @@ def torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.Complet
 @pytest.fixture(scope="module")
 def ranks():
     with tempfile.TemporaryDirectory(prefix="fsdp_") as tmp:
-        done = torchrun(HERE / "sharded_run.py", tmp, ",".join(CASES))
+        cases = ",".join([*CASES, *RULES, *RULES_BF16, "refusals"])
+        done = torchrun(HERE / "sharded_run.py", tmp, cases)
         assert done.returncode == 0, done.stderr[-3000:]
         yield [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -85,3 +101,30 @@ def test_the_gate_decides_over_both_processes(ranks):
     """Each process judges its own samples; together they learn what one process does."""
     a, b = ranks[0]["lazy"], ranks[1]["lazy"]
     assert a["sharded"]["learned"] + b["sharded"]["learned"] == a["whole"]["learned"]
+
+
+@pytest.mark.parametrize("case", RULES)
+def test_every_rule_masks_shards_as_the_core_masks_whole_tensors(ranks, case):
+    """Every step's weights are bit-equal to a NumPy oracle step on the whole tensors
+    (SGD, float32), the energy too, and both processes report the same."""
+    a, b = ranks[0][case], ranks[1][case]
+    assert a == b
+    assert a["exact_steps"] == 6
+    assert (a["m1"], a["m0"]) == (a["oracle_m1"], a["oracle_m0"])
+    assert 0 < a["kept_fraction"] < 0.5  # the rule did mask
+
+
+@pytest.mark.parametrize("case", RULES_BF16)
+def test_bfloat16_shards_keep_the_oracle_s_counts(ranks, case):
+    """bfloat16 (the torch-ops path): the test cannot replay the sharded step's 16-bit
+    rounding bit for bit, so the counts must match and M1 within bfloat16's rounding."""
+    a, b = ranks[0][case], ranks[1][case]
+    assert a == b
+    assert a["m0"] == a["oracle_m0"]
+    assert a["m1"] == pytest.approx(a["oracle_m1"], rel=1e-3)
+
+
+def test_what_sharded_parameters_refuse(ranks):
+    said = ranks[0]["refusals"]
+    assert "adjacency=" in said["units-without-adjacency"]
+    assert "caching=" in said["caching"]
