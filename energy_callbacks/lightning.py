@@ -26,9 +26,14 @@ The mechanism is :mod:`energy_callbacks.torch`: optimizer step hooks mask the
 real update of any optimizer, and a forward hook gates samples through the
 output gradient. Under DDP the weights, and so the energy, are the same on
 every rank: it is logged once, not summed. Sample counts and the mistake
-memory are combined over ranks at every epoch end. FSDP and DeepSpeed shard
-parameters, so a rank cannot see a whole tensor to rank it; they are refused
-at ``setup``.
+memory are combined over ranks at every epoch end.
+
+Sharded training runs through ``ModelParallelStrategy`` with a ``configure_model``
+that calls ``fully_shard`` (FSDP2): each rank masks and measures its own rows
+(see :mod:`energy_callbacks.torch.sharded_ops`), the figures are summed over the
+ranks when they are logged, and a distributed checkpoint keeps each rank's rows
+of w_0 beside the weights. ``FSDPStrategy`` (FSDP1, flat parameters) and
+DeepSpeed are refused at ``setup``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed.checkpoint as distributed_checkpoint
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
@@ -50,16 +56,21 @@ from .core.synapses import SynapseRule
 from .core.targets import IGNORE_INDEX
 from .core.units import UnitRule
 from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_hooks, module_names
+from .torch.attached import INITIAL_KEY
 from .torch.layers import nothing_to_cover
 from .torch.ranks import merge_samples, world_size
 from .torch.selective import SelectiveBackward
+from .torch.shards import is_sharded, local
+from .torch.shards import like as sharded_like
 from .torch.spawned import WorkerResult
 from .torch.state import from_tensors, to_tensors
 
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
 QUEUE_KEY = "skip_backward_queue"  # the state of backward_batch's waiting learners
-SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy)
+INITIAL_IN_WEIGHTS = "initial_in_state_dict"  # w_0 went into a distributed checkpoint
+INITIAL_PREFIX = "energy_callbacks.initial."  # its keys there, beside the weights
 EPOCH_EXTRA = (
     "plasticity/energy_consolidation",
     "plasticity/energy_maintenance",
@@ -206,12 +217,16 @@ class PlasticityCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, SHARDED_STRATEGIES):  # subclasses too
+        if isinstance(trainer.strategy, REFUSED_STRATEGIES):  # subclasses too
             raise ValueError(
-                f"PlasticityCallback does not support {type(trainer.strategy).__name__}: sharded "
-                "parameters cannot be ranked whole on one rank. Use strategy='ddp' (or a single "
-                "device)."
+                f"PlasticityCallback does not support {type(trainer.strategy).__name__}: its "
+                "optimizer steps flat or partitioned parameters that cannot be measured row by "
+                "row. Shard with ModelParallelStrategy and fully_shard (FSDP2) in "
+                "configure_model, or use strategy='ddp' (or a single device)."
             )
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            self._check_model_parallel(trainer.strategy)
+            return  # the model takes its layers in configure_model, after this hook
         specs, _ = describe(pl_module, layers=self.layers)
         if not specs:
             field = "" if self.layers is None else f".layers={self.layers}"
@@ -246,6 +261,30 @@ class PlasticityCallback(Callback):
                 f"PlasticityCallback.units={units!r}: the model has {n_layers} layer(s), so "
                 "there is no hidden layer whose units could compete (outputs keep all their "
                 "units). Drop units=."
+            )
+
+    def _check_model_parallel(self, strategy: ModelParallelStrategy) -> None:
+        """Sharded training: FSDP2 alone (no tensor parallelism), and unit rules with their
+        wiring given."""
+        mesh = strategy.device_mesh
+        tensor_parallel = mesh["tensor_parallel"].size() if mesh.ndim > 1 else 1
+        if tensor_parallel > 1:
+            raise ValueError(
+                "PlasticityCallback: ModelParallelStrategy(tensor_parallel_size="
+                f"{tensor_parallel}) splits layers along other dims than their units; "
+                "plasticity is exact on FSDP2's row shards only. Use tensor_parallel_size=1."
+            )
+        if self.plasticity.units is not None and self.adjacency is None:
+            raise ValueError(
+                f"PlasticityCallback.units={self.plasticity.units!r} under ModelParallelStrategy: "
+                "the wiring cannot be read off a sharded forward pass; pass "
+                "adjacency=[(pre, post), ...] (module names)."
+            )
+        if self.skip_backward:
+            raise ValueError(
+                "PlasticityCallback.skip_backward=True trains a different number of samples "
+                "on each process, and sharded training needs the same backward pass "
+                "everywhere. Use skip_backward=False (the gradient gate) there."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -397,6 +436,49 @@ class PlasticityCallback(Callback):
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
 
     # -- state -------------------------------------------------------------------
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Sharded training: w_0 is sharded like the weights. A distributed checkpoint
+        saves each rank's rows of it beside the weights (in ``state_dict``, under
+        ``energy_callbacks.initial.<parameter>``); a full one gets it whole."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        kept = None if not state else state.get(INITIAL_KEY)
+        if not kept or not any(is_sharded(t) for t in kept):
+            return
+        weights = checkpoint.get("state_dict", {})
+        if any(is_sharded(t) for t in weights.values()):  # distributed: every rank saves
+            for name, t in zip(state["energy"]["names"], kept, strict=True):
+                weights[INITIAL_PREFIX + str(name)] = t
+            state[INITIAL_KEY] = None
+            state[INITIAL_IN_WEIGHTS] = True
+        else:  # a full checkpoint (rank 0 writes it): w_0 whole, gathered like the weights
+            state[INITIAL_KEY] = [t.full_tensor() for t in kept]
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Read each rank's rows of w_0 back from a distributed checkpoint."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not state or not state.pop(INITIAL_IN_WEIGHTS, False):
+            return
+        if self._handle is None or self._handle.shards is None:
+            raise ValueError(
+                "PlasticityCallback: this checkpoint was saved from sharded training; resume "
+                "it under ModelParallelStrategy with the same fully_shard layout"
+            )
+        handle = self._handle
+        by_name = {s.name: p for s, p in zip(handle.specs, handle.params, strict=True)}
+        names = [str(n) for n in state["energy"]["names"]]
+        template = {
+            INITIAL_PREFIX + n: sharded_like(
+                by_name[n], torch.empty_like(local(by_name[n]), device="cpu")
+            )
+            for n in names
+        }
+        distributed_checkpoint.load({"state_dict": template}, checkpoint_id=trainer.ckpt_path)
+        state[INITIAL_KEY] = [template[INITIAL_PREFIX + n] for n in names]
+
     def state_dict(self) -> dict[str, Any]:
         self._receive_worker_result()
         if self._pending_state is not None:

@@ -63,6 +63,7 @@ from .ops import ops_for
 from .sharded_ops import Rows, ShardedOps
 from .shards import Shards, local, shards_of
 from .snapshot import ShapeChanged, Snapshot
+from .state_init import makes_state_only
 from .wiring import WiringProbe, resolve
 
 __all__ = ["AttachedPlasticity", "attach", "edges", "forget_compiled_hooks", "module_names"]
@@ -103,6 +104,7 @@ class AttachedPlasticity:
         self._steps: dict[int, tuple[Snapshot, list[int]]] = {}
         self._removers: list[Callable[[], None]] = []
         self._stepped = 0  # optimizer steps that reached the hooks
+        self._state_only = False  # this step only makes the optimizer's state
         self.shards: Shards | None = None  # the processes of sharded (FSDP2) training
         self._nonfinite_weights: set[str] = set()  # parameters warned about in sync()
         units = plasticity.units
@@ -240,6 +242,9 @@ class AttachedPlasticity:
 
     # -- the step ----------------------------------------------------------
     def _before_step(self, opt: torch.optim.Optimizer) -> None:
+        self._state_only = makes_state_only(opt)
+        if self._state_only:
+            return  # a checkpoint reader making the optimizer's state: not a training step
         self._stepped += 1
         if self._signature() != self._bound:
             self._bind()
@@ -257,6 +262,9 @@ class AttachedPlasticity:
                 ) from None
 
     def _after_step(self, opt: torch.optim.Optimizer) -> None:
+        if self._state_only:
+            self._state_only = False
+            return
         entry = self._steps.get(id(opt))
         if entry is None:
             return

@@ -212,11 +212,7 @@ def test_ddp_track_matches_single_process(runs, digits):
 
 
 class MyFSDP(lightning_strategies.FSDPStrategy):
-    """A user's subclass of a sharded strategy: refused like the strategy itself."""
-
-
-class MyModelParallel(lightning_strategies.ModelParallelStrategy):
-    pass
+    """A user's subclass of a refused strategy (FSDP1): refused like the strategy itself."""
 
 
 class MyDeepSpeed(lightning_strategies.DeepSpeedStrategy):
@@ -229,20 +225,14 @@ class StubTrainer:
         self.strategy = strategy
 
 
-SHARDED = [
-    lightning_strategies.FSDPStrategy,
-    lightning_strategies.ModelParallelStrategy,
-    MyFSDP,
-    MyModelParallel,
-    MyDeepSpeed,
-]
+SHARDED = [lightning_strategies.FSDPStrategy, MyFSDP, MyDeepSpeed]
 
 
 @pytest.mark.parametrize("strategy", SHARDED, ids=lambda c: c.__name__)
-def test_sharded_strategies_and_their_subclasses_are_refused_at_setup(strategy):
+def test_fsdp1_deepspeed_and_their_subclasses_are_refused_at_setup(strategy):
     callback = PlasticityCallback(synapses=0.1)
     module = PaperModule(PaperMLP(64, 40, seed=0))
-    with pytest.raises(ValueError, match="ddp") as err:
+    with pytest.raises(ValueError, match="ModelParallelStrategy and fully_shard") as err:
         callback.setup(StubTrainer(strategy()), module, "fit")
     assert strategy.__name__ in str(err.value)
 
