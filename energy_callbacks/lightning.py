@@ -58,7 +58,7 @@ from .core.units import UnitRule
 from .torch import AttachedPlasticity, attach, describe, edges, forget_compiled_hooks, module_names
 from .torch.attached import INITIAL_KEY
 from .torch.layers import nothing_to_cover
-from .torch.ranks import merge_samples, world_size
+from .torch.ranks import world_size
 from .torch.selective import SelectiveBackward
 from .torch.shards import is_sharded, local
 from .torch.shards import like as sharded_like
@@ -408,8 +408,8 @@ class PlasticityCallback(Callback):
         self._epoch_start = (self.plasticity.samples_seen, self.plasticity.samples_learned)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if world_size() > 1:  # sample counts and mistake memories of every rank
-            merge_samples(self.plasticity, self._epoch_start, pl_module.device)
+        if self._handle is not None:  # sample counts and mistake memories of every rank
+            self._handle.merge_samples()
         report = self.report()
         seen = report.samples_seen - self._epoch_start[0]
         learned = report.samples_learned - self._epoch_start[1]

@@ -55,7 +55,7 @@ from torch import nn
 from ..core import EnergyReport, Plasticity, TensorSpec, Topology, checks
 from ..core.ops import NumpyOps
 from ..core.targets import IGNORE_INDEX
-from . import initial, shards
+from . import initial, ranks, shards
 from .faults import nonfinite_reason, nonfinite_weights, watch_scaler
 from .gate import CLOSURE_OPTIMIZERS, OutputGate, refuse_closure_optimizer, skip_empty_steps
 from .layers import describe, nothing_to_cover
@@ -105,6 +105,7 @@ class AttachedPlasticity:
         self._removers: list[Callable[[], None]] = []
         self._stepped = 0  # optimizer steps that reached the hooks
         self._state_only = False  # this step only makes the optimizer's state
+        self._merged = (0, 0)  # (samples seen, learned) when last combined over processes
         self.shards: Shards | None = None  # the processes of sharded (FSDP2) training
         self._nonfinite_weights: set[str] = set()  # parameters warned about in sync()
         units = plasticity.units
@@ -510,15 +511,29 @@ class AttachedPlasticity:
         self.sync()
         return self.plasticity.report()
 
+    def merge_samples(self) -> None:
+        """Data-parallel or sharded training: add up the samples every process saw and
+        learned since the last merge, and OR the mistake memories together, so that
+        every process holds the totals (a collective). The callbacks call it at each
+        epoch's end; under FSDP2, :meth:`state_dict` calls it too."""
+        if ranks.world_size() < 2:
+            return
+        device = self.shards.device if self.shards is not None else local(self.params[0]).device
+        ranks.merge_samples(self.plasticity, self._merged, device)
+        self._merged = (self.plasticity.samples_seen, self.plasticity.samples_learned)
+
     def state_dict(self) -> dict[str, Any]:
         """The plasticity state (energy totals, counters, mistake memory), plain data,
         and ``initial``: w_0 of each measured tensor (host tensors, in the state's
         ``energy.names`` order), for M1_min after a resume.
 
-        Under FSDP2 this is a collective: the totals are summed over the processes,
-        and each w_0 is a ``DTensor`` sharded like its parameter, so that
-        ``torch.distributed.checkpoint`` saves every process's rows.
+        Under FSDP2 this is a collective: the totals and the samples are summed over
+        the processes (:meth:`merge_samples`), and each w_0 is a ``DTensor`` sharded
+        like its parameter, so that ``torch.distributed.checkpoint`` saves every
+        process's rows and the rest once.
         """
+        if self.shards is not None:
+            self.merge_samples()
         self.sync()
         state = self.plasticity.state_dict()
         by_name = {s.name: p for s, p in zip(self.specs, self.params, strict=True)}
@@ -560,6 +575,7 @@ class AttachedPlasticity:
                 "change it did not accumulate; pass the whole state_dict() it came from"
             )
         self.plasticity.load_state_dict(state)
+        self._merged = (self.plasticity.samples_seen, self.plasticity.samples_learned)
         for s, p in zip(self.specs, self.params, strict=True):
             if s.name not in saved:  # tensors the state did not measure start here
                 self._initial[id(p)] = initial.keep(local(p))

@@ -248,6 +248,77 @@ def rule_case(case: str, rank: int) -> dict:
     return out
 
 
+def checkpointed(case: str, rank: int) -> dict:
+    """Memorized mistakes + the top fraction: 6 steps straight, against 3 steps, a
+    distributed checkpoint (torch.distributed.checkpoint) of model, optimizer and
+    plasticity, and 3 more steps in a new model, optimizer and handle."""
+    from torch.distributed.checkpoint import load, save
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    folder = Path(sys.argv[1]) / "checkpoint"
+    g = torch.Generator().manual_seed(3)
+    data = [
+        (torch.randn(BATCH, 20, generator=g), torch.randint(0, 3, (BATCH,), generator=g))
+        for _ in range(STEPS)
+    ]
+    half = BATCH // 2
+    mine = slice(rank * half, (rank + 1) * half)
+
+    def start():
+        torch.manual_seed(0)
+        model = shard(classifier())
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        rules = Plasticity(synapses=TopFraction(0.2), samples="mistakes")
+        return model, opt, attach(model, opt, rules)
+
+    def train(model, opt, handle, steps):
+        for step in steps:
+            x, y = data[step]
+            ids = torch.arange(BATCH)[mine] + BATCH * (step % 2)  # ids recur: memory counts
+            handle.gate_batch(y[mine], ids)
+            nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
+            opt.step()
+            opt.zero_grad()
+
+    def state(model, opt, handle):
+        return {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, opt),
+            "plasticity": handle.state_dict(),
+        }
+
+    straight = start()
+    train(*straight, range(STEPS))
+    first = start()
+    train(*first, range(STEPS // 2))
+    save(state(*first), checkpoint_id=folder)
+    second = start()
+    saved = state(*second)
+    load(saved, checkpoint_id=folder)
+    set_model_state_dict(second[0], saved["model"])
+    set_optimizer_state_dict(second[0], second[1], saved["optim"])
+    second[2].load_state_dict(saved["plasticity"])
+    train(*second, range(STEPS // 2, STEPS))
+    for handle in (straight[2], second[2]):
+        handle.merge_samples()  # each process's counts and memory, combined
+    a, b = straight[2].report(), second[2].report()
+    same = all(torch.equal(full(straight[0])[n], w) for n, w in full(second[0]).items())
+    memory = [h.plasticity.samples.memory.state_dict() for h in (straight[2], second[2])]
+    return {
+        "same_weights": same,
+        "straight": figures(a),
+        "resumed": figures(b),
+        "same_memory": all(
+            np.array_equal(np.asarray(memory[0][k]), np.asarray(memory[1][k])) for k in memory[0]
+        ),
+    }
+
+
 def refusals(case: str, rank: int) -> dict:
     """What sharded parameters refuse, with the messages."""
     out = {}
@@ -271,7 +342,15 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {
-        case: (rule_case if case in RULES else refusals if case == "refusals" else run)(case, rank)
+        case: (
+            rule_case
+            if case in RULES
+            else refusals
+            if case == "refusals"
+            else checkpointed
+            if case == "checkpoint"
+            else run
+        )(case, rank)
         for case in cases
     }
     (out / f"rank{rank}.json").write_text(json.dumps(results))
