@@ -48,6 +48,8 @@ EXCERPTS = {
     "integrations/hf_trainer/train.py": "tests/integrations/test_hf_trainer.py",
     "integrations/continual/train.py": "tests/integrations/test_continual.py",
     "tests/lightning/ddp_run.py": "tests/lightning/test_ddp.py",
+    "tests/lightning/model_parallel_run.py": "tests/lightning/test_model_parallel.py",
+    "integrations/fsdp/train.py": "tests/integrations/test_fsdp.py",
     "tests/lightning/test_pipeline.py": "tests/lightning/test_pipeline.py",
 }
 COMMAND_TESTS = {
@@ -198,6 +200,9 @@ def check_command(words: list[str]) -> None:
                 assert not unknown, f"pip install: no extra {sorted(unknown)} in pyproject.toml"
             else:
                 assert arg in ("-e", "."), f"pip install {arg}: only this package's extras"
+    elif program == "torchrun":  # torchrun [options] SCRIPT [script arguments]
+        scripts = [a for a in args if a.endswith(".py")]
+        assert scripts and (ROOT / scripts[0]).is_file(), f"torchrun: no script in {args}"
     elif program == "tensorboard":
         assert args[:1] == ["--logdir"]
     else:

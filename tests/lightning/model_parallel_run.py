@@ -35,6 +35,7 @@ STEPS = 8
 KILL_AT = 6
 
 
+# --8<-- [start:module]
 class Sharded(pl.LightningModule):
     """A 20-33-3 classifier (33 units split 17/16) sharded in configure_model."""
 
@@ -51,6 +52,8 @@ class Sharded(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    # --8<-- [end:module]
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -89,6 +92,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(16, 20, generator=g), torch.randint(0, 3, (16,), generator=g))
+    # --8<-- [start:trainer]
     callback = PlasticityCallback(
         units=TopUnits(0.25, path=True),
         synapses=TopFraction(0.2),
@@ -109,6 +113,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    # --8<-- [end:trainer]
     model = Sharded()
     resume = out.parent / "killed" / "ckpt" / "step=4.ckpt" if mode == "resumed" else None
     trainer.fit(model, DataLoader(data, batch_size=8, shuffle=False), ckpt_path=resume)
