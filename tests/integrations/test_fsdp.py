@@ -39,13 +39,13 @@ def steps(line: str) -> int:
 
 def test_the_sharded_loop_masks_measures_and_resumes(tmp_path):
     out = str(tmp_path / "run")
-    first = torchrun("--epochs", "2", "--out", out)
+    first = torchrun("--epochs", "1", "--out", out)
     epochs = [line for line in first.splitlines() if line.startswith("epoch ")]
-    assert [line.split(":")[0] for line in epochs] == ["epoch 0", "epoch 1"]
-    assert 0 < steps(epochs[0]) < steps(epochs[1])  # (a batch nobody learns from is skipped)
+    assert [line.split(":")[0] for line in epochs] == ["epoch 0"]
+    assert steps(epochs[0]) > 0
     # each process holds half the rows: 100 hidden units, 10 outputs
     assert "'0.weight': [50, 64]" in first and "'2.bias': [5]" in first
-    again = torchrun("--epochs", "3", "--out", out, "--resume")
+    again = torchrun("--epochs", "2", "--out", out, "--resume")
     last = [line for line in again.splitlines() if line.startswith("epoch ")]
-    assert [line.split(":")[0] for line in last] == ["epoch 2"]
-    assert steps(last[0]) > steps(epochs[1])  # the two saved epochs' steps, and more
+    assert [line.split(":")[0] for line in last] == ["epoch 1"]
+    assert steps(last[0]) > steps(epochs[0])  # the saved epoch's steps, and more
