@@ -10,10 +10,12 @@ is one contiguous range of a tensor's flat (row-major) indices, so:
   (a unit's norm, the per-unit or equal-count top fraction over a unit's row)
   run on the local rows: torch layers hold their units on dim 0;
 - a selection over a whole tensor (the top fraction, the top units of a layer)
-  is a radix selection on the bits of ``|dw|``: one histogram of 256 counts per
-  8 bits, summed over the processes, finds the k-th largest value; the ties at
-  it go to the lowest flat indices, the earlier processes first, as on one
-  process. No process sees another's values;
+  is a radix selection on the bits of ``|dw|``: one histogram of at most 2048
+  counts per round of up to 11 bits (3 rounds for float32, 2 for 16-bit
+  floats), summed over the processes, finds the k-th largest value; the last
+  round's histograms, kept per process, place the ties at it, which go to the
+  lowest flat indices, the earlier processes first, as on one process. No
+  process sees another's values;
 - the approximate top fraction gathers its strided sample (about 16384 entries
   over all processes), so every process cuts at the same threshold;
 - seeded masks (fixed subnetwork, random units and synapses) are drawn whole on
@@ -36,6 +38,10 @@ from .difference import DeviceDifference
 from .shards import Shards
 
 _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}  # key dtype per float width
+DIGIT_BITS = 11
+"""The widest digit of the distributed selection: a float32 key (31 bits) takes 3
+rounds, each one histogram of at most 2048 counts summed over the processes (the
+last one per process, which also places the ties)."""
 
 
 @dataclass
@@ -317,27 +323,34 @@ class ShardedOps:
         keys = a.contiguous().view(_BITS[width])  # >= 0 floats order as their bits
         if not largest:  # the smallest values get the largest keys
             keys = torch.iinfo(keys.dtype).max - keys
-        bits = 8 * width
         prefix = 0
         need = k  # how many to take among the keys that match the prefix so far
         matching = keys
-        for shift in range(bits - 8, -1, -8):
-            digits = ((matching >> shift) & 0xFF).to(torch.int64)
-            hist = torch.bincount(digits, minlength=256).cpu().numpy()
-            hist = self.shards.sum(hist)
-            above = np.cumsum(hist[::-1])  # counts of digits >= 255, 254, ...
-            d = 255 - int(np.searchsorted(above, need))  # the digit holding the k-th key
-            need -= int(above[255 - d] - hist[d])  # minus those with a larger digit
-            prefix = (prefix << 8) | d
-            matching = matching[((matching >> shift) & 0xFF) == d]
-        cut = torch.tensor(prefix, dtype=keys.dtype, device=a.device)  # < 2**(bits - 1)
+        rounds = _digits(8 * width - 1)  # the sign bit is 0
+        for r, (shift, bits) in enumerate(rounds):
+            bins = 1 << bits
+            digits = ((matching >> shift) & (bins - 1)).to(torch.int64)
+            local = torch.bincount(digits, minlength=bins).cpu().numpy()
+            last = r == len(rounds) - 1
+            if last:  # every process's histogram, to know who holds the ties at the cut
+                rows = np.zeros((self.shards.world, bins), dtype=np.int64)
+                rows[self.shards.rank] = local
+                rows = self.shards.sum(rows)
+                hist = rows.sum(0)
+            else:
+                hist = self.shards.sum(local)
+            above = np.cumsum(hist[::-1])  # counts of the digits >= bins - 1, bins - 2, ...
+            d = bins - 1 - int(np.searchsorted(above, need))  # the digit of the k-th key
+            need -= int(above[bins - 1 - d] - hist[d])  # minus those with a larger digit
+            prefix = (prefix << bits) | d
+            if not last:
+                matching = matching[((matching >> shift) & (bins - 1)) == d]
+        cut = torch.tensor(prefix, dtype=keys.dtype, device=a.device)
         mask = keys > cut
-        equal = keys == cut
-        counts = self.shards.sum(_one_hot(self.shards, int(equal.sum())))
-        before = int(counts[: self.shards.rank].sum())
-        take = min(int(equal.sum()), max(0, need - before))
+        before = int(rows[: self.shards.rank, d].sum())  # ties held by earlier processes
+        take = min(int(rows[self.shards.rank, d]), max(0, need - before))
         if take:
-            mask[torch.nonzero(equal).reshape(-1)[:take]] = True
+            mask[torch.nonzero(keys == cut).reshape(-1)[:take]] = True
         return mask
 
     def _approx(self, a: torch.Tensor, start: int, n: int, k: int) -> torch.Tensor:
@@ -398,7 +411,13 @@ def _host(inner: ArrayOps, x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _one_hot(shards: Shards, value: int) -> np.ndarray:
-    out = np.zeros(shards.world, dtype=np.int64)
-    out[shards.rank] = value
+def _digits(bits: int, most: int = DIGIT_BITS) -> list[tuple[int, int]]:
+    """``(shift, width)`` of the digits of a ``bits``-bit key, the most significant
+    first, in as few rounds of at most ``most`` bits as can be."""
+    rounds = -(-bits // most)
+    widths = [bits // rounds + (1 if i < bits % rounds else 0) for i in range(rounds)]
+    out, shift = [], bits
+    for w in widths:
+        shift -= w
+        out.append((shift, w))
     return out

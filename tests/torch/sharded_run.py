@@ -319,6 +319,29 @@ def checkpointed(case: str, rank: int) -> dict:
     }
 
 
+def selections(case: str, rank: int) -> dict:
+    """The distributed top-k against the NumPy core's on the whole vector: values with
+    heavy ties (5 levels), each process holding its rows of 1001, 3 and 1 entries."""
+    from energy_callbacks.core.ops import numpy_ops
+    from energy_callbacks.torch.sharded_ops import ShardedOps
+    from energy_callbacks.torch.shards import Shards, rows
+
+    ops = ShardedOps(numpy_ops, Shards(dist.group.WORLD))
+    g = torch.Generator().manual_seed(4)
+    agree, tried = 0, 0
+    for n in (1001, 3, 1):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            whole = torch.randint(0, 5, (n,), generator=g).to(dtype) / 4
+            start, stop = rows(n, rank, dist.get_world_size())
+            for k in sorted({1, n // 3, n // 2, n - 1, n}):
+                for largest in (True, False):
+                    got = ops._select(whole[start:stop].clone(), start, n, k, largest)
+                    want = numpy_ops.top_k_mask(whole.float().numpy()[None], k, largest)[0]
+                    tried += 1
+                    agree += int(np.array_equal(got.numpy(), want[start:stop]))
+    return {"agree": agree, "tried": tried}
+
+
 def refusals(case: str, rank: int) -> dict:
     """What sharded parameters refuse, with the messages."""
     out = {}
@@ -349,6 +372,8 @@ def main() -> None:
             if case == "refusals"
             else checkpointed
             if case == "checkpoint"
+            else selections
+            if case == "selections"
             else run
         )(case, rank)
         for case in cases

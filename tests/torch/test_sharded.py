@@ -52,7 +52,7 @@ def torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.Complet
 @pytest.fixture(scope="module")
 def ranks():
     with tempfile.TemporaryDirectory(prefix="fsdp_") as tmp:
-        cases = ",".join([*CASES, *RULES, *RULES_BF16, "refusals", "checkpoint"])
+        cases = ",".join([*CASES, *RULES, *RULES_BF16, "refusals", "checkpoint", "selections"])
         done = torchrun(HERE / "sharded_run.py", tmp, cases)
         assert done.returncode == 0, done.stderr[-3000:]
         yield [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2)]
@@ -139,3 +139,11 @@ def test_a_distributed_checkpoint_resumes_exactly(ranks):
         assert run["same_weights"] and run["same_memory"]
         assert run["resumed"] == run["straight"]
         assert run["straight"]["learned"] > 0
+
+
+def test_the_distributed_selection_breaks_ties_as_the_core_does(ranks):
+    """Exact k over the processes, ties to the lower flat index (the earlier process
+    first), largest and smallest, float32/64 and bfloat16, and a process holding none."""
+    for r in range(2):
+        got = ranks[r]["selections"]
+        assert got["agree"] == got["tried"] > 50
