@@ -10,12 +10,12 @@ is one contiguous range of a tensor's flat (row-major) indices, so:
   (a unit's norm, the per-unit or equal-count top fraction over a unit's row)
   run on the local rows: torch layers hold their units on dim 0;
 - a selection over a whole tensor (the top fraction, the top units of a layer)
-  is a radix selection on the bits of ``|dw|``: one histogram of at most 2048
-  counts per round of up to 11 bits (3 rounds for float32, 2 for 16-bit
-  floats), summed over the processes, finds the k-th largest value; the last
-  round's histograms, kept per process, place the ties at it, which go to the
-  lowest flat indices, the earlier processes first, as on one process. No
-  process sees another's values;
+  is a radix selection on the bits of ``|dw|``
+  (:mod:`~energy_callbacks.torch.sharded_select`): histograms summed over the
+  processes find the k-th largest value, and the ties at it go to the lowest
+  flat indices, the earlier processes first, as on one process. The
+  selections of a step run together, 3 collectives for float32. No process
+  sees another's values;
 - the approximate top fraction gathers its strided sample (about 16384 entries
   over all processes), so every process cuts at the same threshold;
 - seeded masks (fixed subnetwork, random units and synapses) are drawn whole on
@@ -35,27 +35,27 @@ import torch
 
 from ..core.ops import APPROX_SAMPLE, ArrayOps, approx_cut, approx_stride
 from .difference import DeviceDifference
+from .sharded_select import LazyMask, Selection, resolve
 from .shards import Shards
 
-_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}  # key dtype per float width
-DIGIT_BITS = 11
-"""The widest digit of the distributed selection: a float32 key (31 bits) takes 3
-rounds, each one histogram of at most 2048 counts summed over the processes (the
-last one per process, which also places the ties)."""
 
-
-@dataclass
 class Rows:
     """This process's rows of an array of shape ``shape``: the flat entries
-    ``[start, start + size)`` of the whole, as ``local`` (an array of the inner ops)."""
+    ``[start, start + size)`` of the whole, as ``local`` (an array of the inner ops;
+    a selection's mask is computed when ``local`` is first read)."""
 
-    local: Any
-    shape: tuple[int, ...]
-    start: int
+    def __init__(self, local: Any, shape: tuple[int, ...], start: int) -> None:
+        self.raw, self.shape, self.start = local, tuple(shape), start
+
+    @property
+    def local(self) -> Any:
+        if isinstance(self.raw, LazyMask):
+            self.raw = self.raw.value()
+        return self.raw
 
     @property
     def dtype(self) -> Any:
-        return self.local.dtype
+        return self.raw.dtype
 
     @property
     def size(self) -> int:
@@ -77,6 +77,12 @@ class ShardedOps:
     def __init__(self, inner: ArrayOps, shards: Shards) -> None:
         self.inner = inner
         self.shards = shards
+        self._pending: list[Selection] = []  # selections asked for and not yet run
+
+    def resolve(self) -> None:
+        """Run every pending selection, together (the first read of a mask does)."""
+        pending, self._pending = self._pending, []
+        resolve(pending)
 
     # -- where rows lie --------------------------------------------------------
     def span(self, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -206,6 +212,8 @@ class ShardedOps:
         if not isinstance(x, Rows):
             return self.inner.reshape(x, shape)
         local = self.local_shape(tuple(shape), x.start, _local_size(x))
+        if isinstance(x.raw, LazyMask):  # a selection still to run keeps waiting
+            return Rows(x.raw.reshaped(local), tuple(shape), x.start)
         return Rows(self.inner.reshape(x.local, local), tuple(shape), x.start)
 
     def moveaxis(self, x: Any, source: int, destination: int) -> Any:
@@ -278,7 +286,7 @@ class ShardedOps:
         rows, n = scores.shape
         if rows == 1:  # one row split over the processes
             flat = _dense(self.inner, scores.local).reshape(-1)
-            mask = self._select(flat, scores.start, n, int(np.asarray(k).reshape(-1)[0]), largest)
+            mask = self._select(flat, n, int(np.asarray(k).reshape(-1)[0]), largest)
             return Rows(self._like_inner(mask, scores.local), scores.shape, scores.start)
         if not self.aligned(scores):
             raise ValueError("plasticity on sharded parameters: rows split between processes")
@@ -294,7 +302,7 @@ class ShardedOps:
         if approximate:
             mask = self._approx(flat, x.start, n, k)
         else:
-            mask = self._select(flat, x.start, n, k, True)
+            mask = self._select(flat, n, k, True)
         return Rows(self._like_inner(mask, x.local), x.shape, x.start)
 
     def approx_top_mask(self, scores: Any, k: int) -> Any:
@@ -304,60 +312,32 @@ class ShardedOps:
         mask = self._approx(flat, scores.start, scores.size, k)
         return Rows(self._like_inner(mask, scores.local), scores.shape, scores.start)
 
-    def _like_inner(self, mask: torch.Tensor, like: Any) -> Any:
-        """A torch bool mask in the inner ops' kind of array, shaped like ``like``."""
+    def _like_inner(self, mask: torch.Tensor | Selection, like: Any) -> Any:
+        """A torch bool mask (or a selection's, when it runs) in the inner ops' kind of
+        array, shaped like ``like``."""
         shape = tuple(like.shape)
-        if isinstance(like, (torch.Tensor, DeviceDifference)):
-            return mask.reshape(shape)
-        return mask.numpy().reshape(shape)
+        numpy = not isinstance(like, (torch.Tensor, DeviceDifference))
+        if isinstance(mask, Selection):
+            return LazyMask(self, mask, shape, numpy)
+        return mask.numpy().reshape(shape) if numpy else mask.reshape(shape)
 
-    def _select(self, a: torch.Tensor, start: int, n: int, k: int, largest: bool) -> torch.Tensor:
-        """Mask of this process's part ``a`` (flat, values >= 0, entries ``start ...``) of
-        the ``k`` largest (or smallest) of ``n`` values split over the processes; ties
-        go to the lower flat index."""
+    def _select(self, a: torch.Tensor, n: int, k: int, largest: bool) -> Any:
+        """The mask of this process's part ``a`` (flat, values >= 0) of the ``k`` largest
+        (or smallest) of ``n`` values split over the processes, ties to the lower flat
+        index: a :class:`Selection` that runs with the step's others when first read."""
         if k >= n:
             return torch.ones(a.shape, dtype=torch.bool, device=a.device)
         if k <= 0:
             return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
-        width = a.element_size()
-        keys = a.contiguous().view(_BITS[width])  # >= 0 floats order as their bits
-        if not largest:  # the smallest values get the largest keys
-            keys = torch.iinfo(keys.dtype).max - keys
-        prefix = 0
-        need = k  # how many to take among the keys that match the prefix so far
-        matching = keys
-        rounds = _digits(8 * width - 1)  # the sign bit is 0
-        for r, (shift, bits) in enumerate(rounds):
-            bins = 1 << bits
-            digits = ((matching >> shift) & (bins - 1)).to(torch.int64)
-            local = torch.bincount(digits, minlength=bins).cpu().numpy()
-            last = r == len(rounds) - 1
-            if last:  # every process's histogram, to know who holds the ties at the cut
-                rows = np.zeros((self.shards.world, bins), dtype=np.int64)
-                rows[self.shards.rank] = local
-                rows = self.shards.sum(rows)
-                hist = rows.sum(0)
-            else:
-                hist = self.shards.sum(local)
-            above = np.cumsum(hist[::-1])  # counts of the digits >= bins - 1, bins - 2, ...
-            d = bins - 1 - int(np.searchsorted(above, need))  # the digit of the k-th key
-            need -= int(above[bins - 1 - d] - hist[d])  # minus those with a larger digit
-            prefix = (prefix << bits) | d
-            if not last:
-                matching = matching[((matching >> shift) & (bins - 1)) == d]
-        cut = torch.tensor(prefix, dtype=keys.dtype, device=a.device)
-        mask = keys > cut
-        before = int(rows[: self.shards.rank, d].sum())  # ties held by earlier processes
-        take = min(int(rows[self.shards.rank, d]), max(0, need - before))
-        if take:
-            mask[torch.nonzero(keys == cut).reshape(-1)[:take]] = True
-        return mask
+        selection = Selection(a, k, largest, self.shards)
+        self._pending.append(selection)
+        return selection
 
-    def _approx(self, a: torch.Tensor, start: int, n: int, k: int) -> torch.Tensor:
+    def _approx(self, a: torch.Tensor, start: int, n: int, k: int) -> Any:
         """The approximate top ``k`` of ``n`` values >= 0: the cut from the whole strided
         sample, gathered from every process."""
         if n <= APPROX_SAMPLE or k <= 0 or k >= n:
-            return self._select(a, start, n, k, True)
+            return self._select(a, n, k, True)
         step = approx_stride(n)
         first = (-start) % step
         parts: list[Any] = [None] * self.shards.world
@@ -392,7 +372,7 @@ class _Span:
 def _local_size(x: Any) -> int:
     if isinstance(x, _Span):
         return x.count
-    local = x.local
+    local = x.raw
     return int(math.prod(local.shape)) if local is not None else 0
 
 
@@ -409,15 +389,3 @@ def _host(inner: ArrayOps, x: Any) -> np.ndarray:
     if isinstance(x, (torch.Tensor, DeviceDifference)):
         return _dense(inner, x).detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _digits(bits: int, most: int = DIGIT_BITS) -> list[tuple[int, int]]:
-    """``(shift, width)`` of the digits of a ``bits``-bit key, the most significant
-    first, in as few rounds of at most ``most`` bits as can be."""
-    rounds = -(-bits // most)
-    widths = [bits // rounds + (1 if i < bits % rounds else 0) for i in range(rounds)]
-    out, shift = [], bits
-    for w in widths:
-        shift -= w
-        out.append((shift, w))
-    return out
