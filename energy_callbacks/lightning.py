@@ -69,8 +69,9 @@ TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("index", "idx", "sample_id")
 QUEUE_KEY = "skip_backward_queue"  # the state of backward_batch's waiting learners
 REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy)
-INITIAL_IN_WEIGHTS = "initial_in_state_dict"  # w_0 went into a distributed checkpoint
-INITIAL_PREFIX = "energy_callbacks.initial."  # its keys there, beside the weights
+SHARDED_IN_WEIGHTS = "sharded_in_state_dict"  # w_0 and the store went beside the weights
+INITIAL_PREFIX = "energy_callbacks.initial."  # their keys there
+STORE_PREFIX = "energy_callbacks.store."
 EPOCH_EXTRA = (
     "plasticity/energy_consolidation",
     "plasticity/energy_maintenance",
@@ -439,28 +440,34 @@ class PlasticityCallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Sharded training: w_0 is sharded like the weights. A distributed checkpoint
-        saves each rank's rows of it beside the weights (in ``state_dict``, under
-        ``energy_callbacks.initial.<parameter>``); a full one gets it whole."""
+        """Sharded training: w_0 and the caching store are sharded like the weights. A
+        distributed checkpoint saves each rank's rows of them beside the weights (in
+        ``state_dict``, under ``energy_callbacks.initial.<parameter>`` and
+        ``energy_callbacks.store.<parameter>``); a full one gets them whole."""
         state = checkpoint.get("callbacks", {}).get(self.state_key)
-        kept = None if not state else state.get(INITIAL_KEY)
-        if not kept or not any(is_sharded(t) for t in kept):
+        if not state:
+            return
+        parts = _sharded_parts(state)
+        if not parts:
             return
         weights = checkpoint.get("state_dict", {})
-        if any(is_sharded(t) for t in weights.values()):  # distributed: every rank saves
-            for name, t in zip(state["energy"]["names"], kept, strict=True):
-                weights[INITIAL_PREFIX + str(name)] = t
-            state[INITIAL_KEY] = None
-            state[INITIAL_IN_WEIGHTS] = True
-        else:  # a full checkpoint (rank 0 writes it): w_0 whole, gathered like the weights
-            state[INITIAL_KEY] = [t.full_tensor() for t in kept]
+        distributed = any(is_sharded(t) for t in weights.values())  # every rank saves
+        for prefix, names, tensors, put in parts:
+            if distributed:
+                for name, t in zip(names, tensors, strict=True):
+                    weights[prefix + str(name)] = t
+                put(None)
+            else:  # a full checkpoint (rank 0 writes it): whole, gathered like the weights
+                put([t.full_tensor() for t in tensors])
+        if distributed:
+            state[SHARDED_IN_WEIGHTS] = True
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Read each rank's rows of w_0 back from a distributed checkpoint."""
+        """Read each rank's rows of w_0 and the store back from a distributed checkpoint."""
         state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if not state or not state.pop(INITIAL_IN_WEIGHTS, False):
+        if not state or not state.pop(SHARDED_IN_WEIGHTS, False):
             return
         if self._handle is None or self._handle.shards is None:
             raise ValueError(
@@ -470,14 +477,24 @@ class PlasticityCallback(Callback):
         handle = self._handle
         by_name = {s.name: p for s, p in zip(handle.specs, handle.params, strict=True)}
         names = [str(n) for n in state["energy"]["names"]]
-        template = {
-            INITIAL_PREFIX + n: sharded_like(
-                by_name[n], torch.empty_like(local(by_name[n]), device="cpu")
+        wanted = {INITIAL_PREFIX: names}
+        if state.get("caching"):
+            wanted[STORE_PREFIX] = [str(n) for n in state["caching"]["names"]]
+        template = {  # host tensors placed like the parameters, which DCP fills
+            prefix + n: sharded_like(
+                by_name[n],
+                torch.empty(
+                    local(by_name[n]).shape,
+                    dtype=local(by_name[n]).dtype if prefix == INITIAL_PREFIX else torch.float32,
+                ),
             )
-            for n in names
+            for prefix, group in wanted.items()
+            for n in group
         }
         distributed_checkpoint.load({"state_dict": template}, checkpoint_id=trainer.ckpt_path)
         state[INITIAL_KEY] = [template[INITIAL_PREFIX + n] for n in names]
+        if STORE_PREFIX in wanted:
+            state["caching"]["store"] = [template[STORE_PREFIX + n] for n in wanted[STORE_PREFIX]]
 
     def state_dict(self) -> dict[str, Any]:
         self._receive_worker_result()
@@ -552,3 +569,19 @@ def _float64(value: Any, device: torch.device | None = None) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(torch.float64)
     return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def _sharded_parts(state: dict[str, Any]) -> list[tuple[str, list[Any], list[Any], Any]]:
+    """The sharded tensors of a callback state: ``(key prefix, names, tensors, put)``,
+    ``put`` writing a replacement list back into the state."""
+    parts = []
+    kept = state.get(INITIAL_KEY)
+    if kept and any(is_sharded(t) for t in kept):
+        names = list(state["energy"]["names"])
+        parts.append((INITIAL_PREFIX, names, kept, lambda v: state.__setitem__(INITIAL_KEY, v)))
+    caching = state.get("caching")
+    store = caching.get("store") if caching else None
+    if store and any(is_sharded(t) for t in store):
+        names = list(caching["names"])
+        parts.append((STORE_PREFIX, names, store, lambda v: caching.__setitem__("store", v)))
+    return parts

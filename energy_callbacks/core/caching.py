@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from . import checks
-from .energy import EnergyReport, _ratio
+from .energy import EnergyReport, Shares, _ratio
 from .ops import Array, ArrayOps, numpy_ops
 from .topology import TensorSpec, Topology
 
@@ -81,7 +81,14 @@ class Caching:
     With caching, ``plasticity/energy`` is consolidation + maintenance and
     ``plasticity/updates`` counts consolidation writes. The store is part of
     ``Plasticity.state_dict()``.
+
+    Under sharded training (``shares`` set) each process keeps the store of its
+    own share of every tensor (the synapse scope only: the layer scopes need a
+    whole tensor) and its figures, which are summed over the processes when they
+    are read, as the meter's are.
     """
+
+    shares: Shares | None = None
 
     def __init__(
         self, theta: float, tau: float, maintenance_cost: float, scope: str = "synapse"
@@ -240,51 +247,67 @@ class Caching:
         self._consolidations = np.asarray(state["consolidations"], np.int64).copy()
         self._held = [float(h) for h in held]
 
+    def _figures(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per tensor: consolidation, maintenance, consolidation writes (summed over
+        the shares)."""
+        floats = np.stack([self._consolidation, self._maintenance]).reshape(2, -1)
+        counts = self._consolidations
+        if self.shares is not None:
+            floats, counts = self.shares.sum(floats), self.shares.sum(counts)
+        return floats[0], floats[1], counts
+
     def totals(self) -> tuple[float, int]:
         """``(consolidation + maintenance, consolidation writes)`` so far."""
-        energy = float(self._consolidation.sum()) + float(self._maintenance.sum())
-        return energy, int(self._consolidations.sum())
+        consolidation, maintenance, consolidations = self._figures()
+        energy = float(consolidation.sum()) + float(maintenance.sum())
+        return energy, int(consolidations.sum())
 
     def annotate(self, report: EnergyReport) -> EnergyReport:
         """``report`` with the caching figures, per tensor and in total."""
-        held = self.held()
+        held = np.asarray(self.held(), dtype=np.float64)
+        if self.shares is not None:
+            held = self.shares.sum(held)
+        consolidation, maintenance, consolidations = self._figures()
         layers = {}
         for i, (name, layer) in enumerate(report.per_layer.items()):
             layers[name] = dataclasses.replace(
                 layer,
-                consolidation=float(self._consolidation[i]),
-                maintenance=float(self._maintenance[i]),
-                consolidations=int(self._consolidations[i]),
-                transient=held[i],
+                consolidation=float(consolidation[i]),
+                maintenance=float(maintenance[i]),
+                consolidations=int(consolidations[i]),
+                transient=float(held[i]),
             )
-        consolidation = math.fsum(self._consolidation)
-        maintenance = math.fsum(self._maintenance)
         annotated = dataclasses.replace(
             report,
             per_layer=MappingProxyType(layers),
-            consolidation=consolidation,
-            maintenance=maintenance,
-            consolidations=int(self._consolidations.sum()),
+            consolidation=math.fsum(consolidation),
+            maintenance=math.fsum(maintenance),
+            consolidations=int(consolidations.sum()),
             transient=math.fsum(held),
         )
         return dataclasses.replace(annotated, inefficiency=_ratio(annotated.energy, report.m1_min))
 
     def state_dict(self) -> dict[str, Any]:
-        """The store and the totals: plain NumPy arrays (an unwritten store is zeros)."""
+        """The store and the totals: plain NumPy arrays (an unwritten store is zeros).
+        Under sharded training the store is this process's share and the totals are
+        summed over the shares."""
+        consolidation, maintenance, consolidations = self._figures()
         return {
             "names": [t.name for t in self._tensors],
             "store": [
                 np.zeros(t.shape, np.float32) if s is None else self.ops.to_numpy(s).copy()
                 for t, s in zip(self._tensors, self._store, strict=True)
             ],
-            "consolidation": self._consolidation.copy(),
-            "maintenance": self._maintenance.copy(),
-            "consolidations": self._consolidations.copy(),
+            "consolidation": consolidation.copy(),
+            "maintenance": maintenance.copy(),
+            "consolidations": consolidations.copy(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`, matching tensors by name: every saved one must be
-        here (same shape); tensors here but not saved start with an empty store."""
+        here (same shape); tensors here but not saved start with an empty store. Under
+        sharded training each store is this process's share (the adapter hands it
+        over), and the first share carries the saved totals."""
         saved = [str(n) for n in state["names"]]
         index = {t.name: i for i, t in enumerate(self._tensors)}
         unknown = [n for n in saved if n not in index]
@@ -302,7 +325,7 @@ class Caching:
             i = index[name]
             t = self._tensors[i]
             s = np.asarray(state["store"][j])
-            if s.shape != t.shape:
+            if s.shape != t.shape and self.shares is None:
                 raise ValueError(
                     f"Caching.load_state_dict: {t.name!r} was saved with shape {s.shape}, "
                     f"the network has {t.shape}"
@@ -311,6 +334,8 @@ class Caching:
             consolidation[i] = state["consolidation"][j]
             maintenance[i] = state["maintenance"][j]
             consolidations[i] = state["consolidations"][j]
+        if self.shares is not None and not self.shares.first:
+            consolidation[:], maintenance[:], consolidations[:] = 0.0, 0.0, 0
         self._store = store
         self._consolidation, self._maintenance = consolidation, maintenance
         self._consolidations = consolidations

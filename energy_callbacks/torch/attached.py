@@ -182,6 +182,8 @@ class AttachedPlasticity:
         self._use_numpy = isinstance(inner, NumpyOps)
         self.specs, self.params = specs, params
         self.shards = self.plasticity.meter.shares = shards
+        if self.plasticity.caching is not None:
+            self.plasticity.caching.shares = shards
         for p in params:
             if id(p) not in self._initial:
                 self._initial[id(p)] = initial.keep(local(p))
@@ -205,10 +207,12 @@ class AttachedPlasticity:
                 "layers' wiring, which cannot be read off a sharded forward pass; pass "
                 "adjacency=[(pre, post), ...] (module names), or train unsharded"
             )
-        if p.caching is not None:
+        if p.caching is not None and p.caching.scope != "synapse":
             raise ValueError(
-                "attach: the parameters are sharded (FSDP2), and caching= keeps a store "
-                "shaped like whole tensors; drop caching=, or train unsharded"
+                f"attach: the parameters are sharded (FSDP2), and caching=Caching(scope="
+                f"{p.caching.scope!r}) consolidates on a whole tensor's store; use "
+                "scope='synapse' (each process steps its share of the store), or train "
+                "unsharded"
             )
 
     def _wire(self) -> None:
@@ -339,14 +343,14 @@ class AttachedPlasticity:
     def _cache(self, snap: Snapshot, mine: list[int], applied: list[Any]) -> None:
         """Synaptic caching: the applied changes enter the store; its decay goes into the
         parameters (the next pre-hook then copies them afresh)."""
-        decay = self.plasticity.cache(applied)
+        decay = self._local(self.plasticity.cache(self._rows(applied)))
         with torch.no_grad():
             for j, i in enumerate(mine):
                 d = decay[i]
                 if d is None:
                     continue
-                p = self.params[i]
-                p.add_(torch.from_numpy(d) if self._use_numpy else d)
+                w = local(self.params[i])
+                w.add_(torch.from_numpy(d) if self._use_numpy else d)
                 snap.current[j] = False
 
     def _step_fused(self, snap: Snapshot, mine: list[int]) -> None:
@@ -543,6 +547,14 @@ class AttachedPlasticity:
             w0 = self._initial[id(p)]
             kept.append(shards.like(p, w0) if self.shards is not None else w0)
         state[INITIAL_KEY] = kept
+        caching = state.get("caching")
+        if self.shards is not None and caching:  # each process's share of the store
+            caching["store"] = [
+                shards.like(
+                    by_name[n], shards.own_rows(self.shards, by_name[n], torch.as_tensor(a))
+                )
+                for n, a in zip(caching["names"], caching["store"], strict=True)
+            ]
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -574,6 +586,13 @@ class AttachedPlasticity:
                 f"plasticity: the state has no {INITIAL_KEY!r} (w_0) for tensors whose net "
                 "change it did not accumulate; pass the whole state_dict() it came from"
             )
+        caching = state.get("caching")
+        if self.shards is not None and caching:  # this process's share of each store
+            state = {**state, "caching": dict(caching)}
+            state["caching"]["store"] = [
+                shards.own_rows(self.shards, by_name[str(n)], s).numpy()
+                for n, s in zip(caching["names"], caching["store"], strict=True)
+            ]
         self.plasticity.load_state_dict(state)
         self._merged = (self.plasticity.samples_seen, self.plasticity.samples_learned)
         for s, p in zip(self.specs, self.params, strict=True):

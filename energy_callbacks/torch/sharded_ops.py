@@ -117,6 +117,9 @@ class ShardedOps:
         if isinstance(x, Rows):
             return x.local
         size = _local_size(like)
+        whole = math.prod(tuple(like.shape))
+        if math.prod(tuple(x.shape)) == size != whole:  # this process's rows already
+            return x
         flat = self.inner.reshape(x, (math.prod(tuple(x.shape)),))[like.start : like.start + size]
         return self.inner.reshape(flat, self.local_shape(like.shape, like.start, size))
 
@@ -210,6 +213,11 @@ class ShardedOps:
     # -- shapes ----------------------------------------------------------------
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
         if not isinstance(x, Rows):
+            size = math.prod(tuple(x.shape))
+            start, mine = self.span(tuple(shape))
+            if size != math.prod(tuple(shape)) and size == mine:  # this process's rows
+                local = self.inner.reshape(x, self.local_shape(tuple(shape), start, mine))
+                return Rows(local, tuple(shape), start)
             return self.inner.reshape(x, shape)
         local = self.local_shape(tuple(shape), x.start, _local_size(x))
         if isinstance(x.raw, LazyMask):  # a selection still to run keeps waiting
@@ -352,7 +360,13 @@ class ShardedOps:
         return self.inner.from_numpy(x)
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return self.inner.to_numpy(self.whole(x))
+        """A host copy of what this process holds of ``x`` (its rows, for rows)."""
+        return self.inner.to_numpy(x.local if isinstance(x, Rows) else x)
+
+    def blocks(self, x: Any, size: int) -> Any:
+        """This process's entries of ``x``, ``size`` at a time (the caching store steps
+        element by element, so its share alone)."""
+        return self.inner.blocks(x.local if isinstance(x, Rows) else x, size)
 
     def __getattr__(self, name: str) -> Any:
         # argmax, class_probability, zeros_f64, add_f64, apply_update, blocks, assign:

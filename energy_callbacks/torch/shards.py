@@ -79,8 +79,9 @@ class Shards:
         return self.rank == 0
 
     def sum(self, values: np.ndarray) -> np.ndarray:
-        """``values`` (float64 or int64) summed over the processes, element by element."""
-        t = torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
+        """``values`` (float64 or int64) summed over the processes, element by element,
+        into a new array (``values`` is left as it is)."""
+        t = torch.tensor(np.asarray(values), device=self.device)  # a copy: reduced in place
         torch.distributed.all_reduce(t, group=self.group)
         return t.cpu().numpy()
 

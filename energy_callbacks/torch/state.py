@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .attached import INITIAL_KEY
+from .shards import is_sharded
 
 
 def to_tensors(value: Any) -> Any:
@@ -28,7 +29,10 @@ def to_tensors(value: Any) -> Any:
 
 
 def from_tensors(value: Any) -> Any:
-    """Tensors -> NumPy arrays, through dicts and lists; w_0 stays in tensors."""
+    """Tensors -> NumPy arrays, through dicts and lists; w_0 and sharded tensors
+    (``DTensor``: each process's rows, which the handle takes) stay tensors."""
+    if is_sharded(value):
+        return value
     if isinstance(value, torch.Tensor):
         return value.cpu().numpy()
     if isinstance(value, dict):

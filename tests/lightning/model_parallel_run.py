@@ -15,6 +15,7 @@ Not collected by pytest: tests/lightning/test_model_parallel.py runs it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-from energy_callbacks import TopFraction, TopUnits
+from energy_callbacks import Caching, TopFraction, TopUnits
 from energy_callbacks.lightning import PlasticityCallback
 
 STEPS = 8
@@ -97,6 +98,7 @@ def main() -> None:
         units=TopUnits(0.25, path=True),
         synapses=TopFraction(0.2),
         samples="lazy",
+        caching=Caching(theta=0.03, tau=math.inf, maintenance_cost=0.1),
         adjacency=[("net.0", "net.2")],
     )
     witness = Witness(kill=mode == "killed")
@@ -125,6 +127,8 @@ def main() -> None:
         "m0": report.m0,
         "m1_min": report.m1_min,
         "m0_min": report.m0_min,
+        "energy": report.energy,
+        "consolidations": report.consolidations,
         "steps": report.steps,
         "learned": report.samples_learned,
         "seen": report.samples_seen,

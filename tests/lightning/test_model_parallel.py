@@ -58,6 +58,7 @@ def runs():
 
 def test_ranks_agree_and_the_energy_is_the_witness_s(runs):
     a, b = runs["whole"]
+    assert a["energy"] != a["m1"]  # caching: consolidation + maintenance, some still held
     assert a["world"] == 2
     assert {k: v for k, v in a.items() if k != "local_rows"} == {
         k: v for k, v in b.items() if k != "local_rows"
@@ -73,7 +74,8 @@ def test_a_killed_run_resumes_from_its_distributed_checkpoint_exactly(runs):
     whole = runs["whole"][0]
     for resumed in runs["resumed"]:
         assert resumed["weights"] == whole["weights"]
-        for key in ("m1", "m0", "m1_min", "m0_min", "steps", "learned", "seen"):
+        keys = ("m1", "m0", "m1_min", "m0_min", "steps", "learned", "seen", "energy")
+        for key in (*keys, "consolidations"):
             assert resumed[key] == whole[key], key
 
 
@@ -81,6 +83,7 @@ def test_the_checkpoint_keeps_each_rank_s_rows_of_w0_beside_the_weights(runs):
     keys = runs["checkpoint_keys"]
     for name in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"):
         assert f"state_dict.energy_callbacks.initial.{name}" in keys
+        assert f"state_dict.energy_callbacks.store.{name}" in keys  # synaptic caching
         assert f"state_dict.{name}" in keys
 
 

@@ -188,6 +188,7 @@ RULES = {
     "combined-bf16": lambda: dict(units=TopUnits(0.25, path=True), synapses=TopFraction(0.1)),
     "top-fraction-bf16": lambda: dict(synapses=TopFraction(0.1)),
     "tracking-bf16": lambda: dict(),
+    "caching": lambda: dict(caching=Caching(2e-3, 50, 0.1)),
 }
 """Rule cases: a 200-101-3 classifier (101 units split 51/50, a 20 200-entry kernel
 above the approximate rule's sample), SGD, each step checked against the NumPy core."""
@@ -222,6 +223,15 @@ def rule_case(case: str, rank: int) -> dict:
         wide = {n: torch.promote_types(before[n].dtype, torch.float32) for n in names}
         dw = [(proposal[n].to(wide[n]) - before[n].to(wide[n])).numpy() for n in names]
         masks = oracle.masks(dw)
+        if oracle.caching is not None:  # the decay of the store goes into the weights
+            oracle.record(dw)
+            decay = oracle.cache(dw)
+            proposal = {
+                n: proposal[n] if d is None else proposal[n] + torch.from_numpy(np.asarray(d))
+                for n, d in zip(names, decay)
+            }
+            exact_steps += int(all(torch.equal(after[n], proposal[n]) for n in names))
+            continue
         applied = []
         same = True
         for n, m, d in zip(names, masks, dw):
@@ -236,6 +246,19 @@ def rule_case(case: str, rank: int) -> dict:
         oracle.record(applied)
         exact_steps += int(same)
     got, want = handle.report(), oracle.report()
+    if oracle.caching is not None:  # energy = consolidation + maintenance
+        again = handle.report()  # reading sums over the processes, and changes nothing
+        handle.detach()
+        return {
+            "read_twice_alike": again == got,
+            "exact_steps": exact_steps,
+            "energy": got.energy,
+            "oracle_energy": want.energy,
+            "updates": got.updates,
+            "oracle_updates": want.updates,
+            "transient": got.transient,
+            "oracle_transient": want.transient,
+        }
     out = {
         "exact_steps": exact_steps,
         "m1": got.m1,
@@ -273,14 +296,19 @@ def checkpointed(case: str, rank: int) -> dict:
         torch.manual_seed(0)
         model = shard(classifier())
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        rules = Plasticity(synapses=TopFraction(0.2), samples="mistakes")
+        rules = (
+            Plasticity(synapses=TopFraction(0.2), caching=Caching(0.03, 50, 0.1))
+            if case == "checkpoint-caching"
+            else Plasticity(synapses=TopFraction(0.2), samples="mistakes")
+        )
         return model, opt, attach(model, opt, rules)
 
     def train(model, opt, handle, steps):
         for step in steps:
             x, y = data[step]
             ids = torch.arange(BATCH)[mine] + BATCH * (step % 2)  # ids recur: memory counts
-            handle.gate_batch(y[mine], ids)
+            if handle.gate is not None:
+                handle.gate_batch(y[mine], ids)
             nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
             opt.step()
             opt.zero_grad()
@@ -308,15 +336,16 @@ def checkpointed(case: str, rank: int) -> dict:
         handle.merge_samples()  # each process's counts and memory, combined
     a, b = straight[2].report(), second[2].report()
     same = all(torch.equal(full(straight[0])[n], w) for n, w in full(second[0]).items())
+    out = {"same_weights": same, "straight": figures(a), "resumed": figures(b)}
+    if case == "checkpoint-caching":
+        out["energy"] = [a.energy, b.energy]
+        out["transient"] = [a.transient, b.transient]
+        return out
     memory = [h.plasticity.samples.memory.state_dict() for h in (straight[2], second[2])]
-    return {
-        "same_weights": same,
-        "straight": figures(a),
-        "resumed": figures(b),
-        "same_memory": all(
-            np.array_equal(np.asarray(memory[0][k]), np.asarray(memory[1][k])) for k in memory[0]
-        ),
-    }
+    out["same_memory"] = all(
+        np.array_equal(np.asarray(memory[0][k]), np.asarray(memory[1][k])) for k in memory[0]
+    )
+    return out
 
 
 def selections(case: str, rank: int) -> dict:
@@ -351,7 +380,9 @@ def refusals(case: str, rank: int) -> dict:
     out = {}
     for name, kwargs in {
         "units-without-adjacency": dict(plasticity=Plasticity(units=TopUnits(0.25))),
-        "caching": dict(plasticity=Plasticity(caching=Caching(1e-3, float("inf"), 0.1))),
+        "caching": dict(
+            plasticity=Plasticity(caching=Caching(1e-3, float("inf"), 0.1, scope="layer_sum"))
+        ),
     }.items():
         torch.manual_seed(0)
         model = shard(classifier())
@@ -375,7 +406,7 @@ def main() -> None:
             else refusals
             if case == "refusals"
             else checkpointed
-            if case == "checkpoint"
+            if case.startswith("checkpoint")
             else selections
             if case == "selections"
             else run

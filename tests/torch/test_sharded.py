@@ -52,7 +52,18 @@ def torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.Complet
 @pytest.fixture(scope="module")
 def ranks():
     with tempfile.TemporaryDirectory(prefix="fsdp_") as tmp:
-        cases = ",".join([*CASES, *RULES, *RULES_BF16, "refusals", "checkpoint", "selections"])
+        cases = ",".join(
+            [
+                *CASES,
+                *RULES,
+                *RULES_BF16,
+                "refusals",
+                "checkpoint",
+                "selections",
+                "caching",
+                "checkpoint-caching",
+            ]
+        )
         done = torchrun(HERE / "sharded_run.py", tmp, cases)
         assert done.returncode == 0, done.stderr[-3000:]
         yield [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2)]
@@ -127,7 +138,7 @@ def test_bfloat16_shards_keep_the_oracle_s_counts(ranks, case):
 def test_what_sharded_parameters_refuse(ranks):
     said = ranks[0]["refusals"]
     assert "adjacency=" in said["units-without-adjacency"]
-    assert "caching=" in said["caching"]
+    assert "scope='synapse'" in said["caching"]
 
 
 def test_a_distributed_checkpoint_resumes_exactly(ranks):
@@ -147,3 +158,22 @@ def test_the_distributed_selection_breaks_ties_as_the_core_does(ranks):
     for r in range(2):
         got = ranks[r]["selections"]
         assert got["agree"] == got["tried"] > 50
+
+
+def test_caching_steps_each_process_s_share_of_the_store(ranks):
+    """The synapse scope on shards: every step's weights (with the store's decay) equal
+    the NumPy core's on whole tensors, and so do the caching figures."""
+    for r in range(2):
+        got = ranks[r]["caching"]
+        assert got["exact_steps"] == 6 and got["read_twice_alike"]
+        assert (got["energy"], got["updates"]) == (got["oracle_energy"], got["oracle_updates"])
+        assert got["transient"] == pytest.approx(got["oracle_transient"], rel=1e-12)
+        assert got["transient"] > 0
+
+
+def test_the_store_resumes_from_a_distributed_checkpoint(ranks):
+    for r in range(2):
+        run = ranks[r]["checkpoint-caching"]
+        assert run["same_weights"] and run["resumed"] == run["straight"]
+        assert run["energy"][0] == run["energy"][1] > 0
+        assert run["transient"][0] == run["transient"][1] > 0
