@@ -5,7 +5,9 @@ launcher starts the second process). MODE:
 
 - ``whole``: 8 epochs of one step, a distributed checkpoint every 4;
 - ``killed``: the same run, SIGKILLed by itself at step 6 (after the step-4 checkpoint);
-- ``resumed``: 8 steps from ``OUTDIR/../killed/ckpt/step=4.ckpt``.
+- ``resumed``: 8 steps from ``OUTDIR/../killed/ckpt/step=4.ckpt``;
+- ``full``: as ``whole``, with full checkpoints (``save_distributed_checkpoint=False``);
+- ``full-resumed``: 8 steps from ``OUTDIR/../full/ckpt/step=4.ckpt``.
 
 Each rank writes ``OUTDIR/rank<R>.json``: the callback's report, a witness's sum of
 the changes of the gathered weights around every step, and the final weights.
@@ -108,7 +110,11 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(
+            data_parallel_size=2,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=not mode.startswith("full"),
+        ),
         max_epochs=STEPS,
         callbacks=[callback, witness, checkpoints],
         logger=False,
@@ -117,7 +123,10 @@ def main() -> None:
     )
     # --8<-- [end:trainer]
     model = Sharded()
-    resume = out.parent / "killed" / "ckpt" / "step=4.ckpt" if mode == "resumed" else None
+    resume = {  # a distributed checkpoint, or a full one (one file, written by rank 0)
+        "resumed": out.parent / "killed" / "ckpt" / "step=4.ckpt",
+        "full-resumed": out.parent / "full" / "ckpt" / "step=4.ckpt",
+    }.get(mode)
     trainer.fit(model, DataLoader(data, batch_size=8, shuffle=False), ckpt_path=resume)
     report = callback.report()
     weights = full(model)

@@ -41,7 +41,7 @@ def launch(out: Path, mode: str) -> subprocess.CompletedProcess:
 def runs():
     with tempfile.TemporaryDirectory(prefix="model_parallel_") as tmp:
         out = {}
-        for mode in ("whole", "killed", "resumed"):
+        for mode in ("whole", "killed", "resumed", "full", "full-resumed"):
             done = launch(Path(tmp) / mode, mode)
             if mode == "killed":
                 assert done.returncode == -9, done.stderr[-3000:]  # SIGKILL
@@ -120,3 +120,13 @@ def test_unit_rules_need_their_wiring_given_under_model_parallel():
 
     with pytest.raises(ValueError, match="adjacency="):
         PlasticityCallback(units=TopUnits(0.5)).setup(StubTrainer(DataParallel()), None, "fit")
+
+
+def test_a_full_checkpoint_holds_w0_and_the_store_whole_and_resumes_exactly(runs):
+    """save_distributed_checkpoint=False: one file from rank 0, w_0 and the caching store
+    gathered whole like the weights; each rank takes its rows back on resume."""
+    whole = runs["whole"][0]
+    for resumed in runs["full-resumed"]:
+        assert resumed["weights"] == whole["weights"]
+        for key in ("m1", "m0", "m1_min", "m0_min", "energy", "consolidations", "seen"):
+            assert resumed[key] == whole[key], key
