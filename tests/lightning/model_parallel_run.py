@@ -3,11 +3,12 @@
 Run as ``python tests/lightning/model_parallel_run.py OUTDIR MODE`` (Lightning's
 launcher starts the second process). MODE:
 
-- ``whole``: 8 epochs of one step, a distributed checkpoint every 4;
-- ``killed``: the same run, SIGKILLed by itself at step 6 (after the step-4 checkpoint);
+- ``whole``: 8 epochs of one step, a full checkpoint (``save_distributed_checkpoint=False``)
+  every 4;
+- ``killed``: the same run with distributed checkpoints, SIGKILLed by itself at step 6
+  (after the step-4 checkpoint);
 - ``resumed``: 8 steps from ``OUTDIR/../killed/ckpt/step=4.ckpt``;
-- ``full``: as ``whole``, with full checkpoints (``save_distributed_checkpoint=False``);
-- ``full-resumed``: 8 steps from ``OUTDIR/../full/ckpt/step=4.ckpt``.
+- ``full-resumed``: 8 steps from ``OUTDIR/../whole/ckpt/step=4.ckpt``.
 
 Each rank writes ``OUTDIR/rank<R>.json``: the callback's report, a witness's sum of
 the changes of the gathered weights around every step, and the final weights.
@@ -95,6 +96,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(16, 20, generator=g), torch.randint(0, 3, (16,), generator=g))
+    distributed = mode in ("killed", "resumed")  # else one full file, from rank 0
     # --8<-- [start:trainer]
     callback = PlasticityCallback(
         units=TopUnits(0.25, path=True),
@@ -113,7 +115,7 @@ def main() -> None:
         strategy=ModelParallelStrategy(
             data_parallel_size=2,
             tensor_parallel_size=1,
-            save_distributed_checkpoint=not mode.startswith("full"),
+            save_distributed_checkpoint=distributed,
         ),
         max_epochs=STEPS,
         callbacks=[callback, witness, checkpoints],
@@ -125,7 +127,7 @@ def main() -> None:
     model = Sharded()
     resume = {  # a distributed checkpoint, or a full one (one file, written by rank 0)
         "resumed": out.parent / "killed" / "ckpt" / "step=4.ckpt",
-        "full-resumed": out.parent / "full" / "ckpt" / "step=4.ckpt",
+        "full-resumed": out.parent / "whole" / "ckpt" / "step=4.ckpt",
     }.get(mode)
     trainer.fit(model, DataLoader(data, batch_size=8, shuffle=False), ckpt_path=resume)
     report = callback.report()
