@@ -63,7 +63,6 @@ from .core.targets import IGNORE_INDEX
 from .core.units import UnitRule
 from .torch import AttachedPlasticity, attach, describe, edges, module_names
 from .torch.layers import nothing_to_cover
-from .torch.ranks import merge_samples, world_size
 from .torch.state import from_tensors, to_tensors
 
 ARRAYS_FILE = "plasticity.safetensors"
@@ -140,7 +139,6 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
         self._handle: AttachedPlasticity | None = None
         self._pending: dict[str, Any] | None = None  # a state waiting for the next attach
         self._feed: torch.utils.hooks.RemovableHandle | None = None
-        self._epoch_start = (0, 0)
         self._arrays: dict[str, torch.Tensor] | None = None  # state()'s arrays, for on_save
         self._run = uuid.uuid4().hex  # ties a checkpoint's figures to its arrays file
 
@@ -195,16 +193,11 @@ class PlasticityCallback(TrainerCallback, ExportableState):  # type: ignore[misc
         feed = BatchFeed(self._handle, self.targets or default_targets(model, self.ignore_index))
         self._feed = model.register_forward_pre_hook(feed, with_kwargs=True)
 
-    def on_epoch_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._epoch_start = (self.plasticity.samples_seen, self.plasticity.samples_learned)
-
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._handle is not None and world_size() > 1:
-            merge_samples(self.plasticity, self._epoch_start, args.device)
+        if self._handle is not None:  # each process's samples, counted together
+            self._handle.merge_samples()
 
     def on_log(
         self,

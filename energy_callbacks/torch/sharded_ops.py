@@ -272,20 +272,18 @@ class ShardedOps:
 
     # -- reductions over rows ------------------------------------------------------
     def row_l1(self, x: Any, axis: int) -> Any:
-        if not isinstance(x, Rows):
-            return self.inner.row_l1(x, axis)
-        self.moveaxis(x, axis, 0)
-        return Rows(
-            self.inner.row_l1(x.local, 0), (x.shape[0],), x.start // max(1, math.prod(x.shape[1:]))
-        )
+        return self._per_row(self.inner.row_l1, x, axis)
 
     def row_max(self, x: Any, axis: int) -> Any:
+        return self._per_row(self.inner.row_max, x, axis)
+
+    def _per_row(self, op: Any, x: Any, axis: int) -> Any:
+        """A figure per unit (row) of ``x``: the units of this process's rows."""
         if not isinstance(x, Rows):
-            return self.inner.row_max(x, axis)
-        self.moveaxis(x, axis, 0)
-        return Rows(
-            self.inner.row_max(x.local, 0), (x.shape[0],), x.start // max(1, math.prod(x.shape[1:]))
-        )
+            return op(x, axis)
+        self.moveaxis(x, axis, 0)  # refuses units off dim 0
+        unit = x.start // max(1, math.prod(x.shape[1:]))
+        return Rows(op(x.local, 0), (x.shape[0],), unit)
 
     # -- selections ----------------------------------------------------------------
     def top_k_mask(self, scores: Any, k: Any, largest: bool = True) -> Any:
