@@ -33,8 +33,8 @@ import torch
 from numba import njit
 from torch import nn
 
+from energy_callbacks.core import fused
 from energy_callbacks.core.ops import bracket, bracket_sample
-from energy_callbacks.torch import fused
 
 
 @njit(cache=True, nogil=True, fastmath=True)

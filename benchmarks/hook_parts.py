@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from energy_callbacks.core import fused
 from energy_callbacks.core.ops import NumpyOps
-from energy_callbacks.torch import fused
 
 
 def main() -> None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core import energy
-from . import fused
+from ..core import energy, fused
 from .snapshot import view
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)

@@ -17,8 +17,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..core import fused
 from ..core.ops import APPROX_SAMPLE, Array, ArrayOps, NumpyOps, approx_stride
-from . import difference, fused
+from . import difference
 from .difference import DeviceDifference, dense
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import difference, fused
+from ..core import fused
+from . import difference
 from .difference import DeviceDifference, block_difference, row_blocks
 from .shards import local
 

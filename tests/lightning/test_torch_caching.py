@@ -14,9 +14,10 @@ from conftest import IndexedData, PaperModule, trainer
 from torch import nn
 
 from energy_callbacks import Caching, Cost, Plasticity, TopFraction, TopUnits
+from energy_callbacks.core import fused
 from energy_callbacks.lightning import PlasticityCallback
 from energy_callbacks.reference import PaperMLP
-from energy_callbacks.torch import attach, describe, fused
+from energy_callbacks.torch import attach, describe
 from energy_callbacks.torch.ops import TorchOps
 
 RULES = {

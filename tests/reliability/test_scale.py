@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from energy_callbacks import Plasticity, TensorSpec, TopFraction
-from energy_callbacks.core import keep_count, numpy_ops
+from energy_callbacks.core import fused, keep_count, numpy_ops
 from energy_callbacks.core.ops import APPROX_SAMPLE, approx_stride
-from energy_callbacks.torch import attach, fused
+from energy_callbacks.torch import attach
 
 STEPS = 1_000_000
 

@@ -306,7 +306,7 @@ def test_float16_parameters_record_exact_differences():
 @pytest.mark.parametrize("rules", [dict(), dict(units=TopUnits(0.5, path=True), synapses=0.3)])
 def test_fused_kernels_match_the_numpy_path(monkeypatch, rules):
     """numba's one-pass kernels give the NumPy path's weights and energy."""
-    from energy_callbacks.torch import fused
+    from energy_callbacks.core import fused
 
     assert fused.AVAILABLE  # numba is in the torch extra
     results = []
@@ -369,7 +369,7 @@ def test_fused_masked_steps_on_large_layers_match_the_numpy_path(monkeypatch, na
     """Above 16384 entries the fused path selects from ``w - w_before`` without writing
     the difference out (the approximate rule applies its threshold in the same pass
     as the undo); weights, energy and NaN handling equal the NumPy path's."""
-    from energy_callbacks.torch import fused
+    from energy_callbacks.core import fused
 
     results = []
     for available in (True, False):

@@ -94,7 +94,7 @@ def test_nothing_is_written_to_the_weights(chunk):
 def test_blocks_of_an_unwritten_difference_are_its_values_in_order():
     """Caching reads the applied change a block at a time (torch ops and the fused
     NumPy views): the blocks, joined, are the written difference."""
-    from energy_callbacks.torch import fused
+    from energy_callbacks.core import fused
 
     after, before = pair((9, 5), torch.bfloat16, ties=True, seed=8)
     blocks = list(TorchOps().blocks(DeviceDifference(after, before), 7))

@@ -13,9 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from energy_callbacks.core import numpy_ops
+from energy_callbacks.core import fused, numpy_ops
 from energy_callbacks.core.ops import NumpyOps, approx_stride, bracket, bracket_sample
-from energy_callbacks.torch import fused
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
 
@@ -147,9 +146,9 @@ def test_the_bracket_holds_the_cut_of_a_matrix_with_columns_of_different_scales(
 
 
 def test_row_norms_and_threshold_of_an_unwritten_difference_write_nothing():
-    """The unit rules' row norms and ``Threshold`` read ``after - before`` entry by
-    entry: the oracle's numbers, with the difference left unwritten; the blend pass
-    applies the threshold as the oracle's mask would."""
+    """The unit rules' row norms (units on the first or the last axis) and ``Threshold``
+    read ``after - before`` entry by entry: the oracle's numbers, with the difference
+    left unwritten; the blend pass applies the threshold as the oracle's mask would."""
     rng = np.random.default_rng(11)
     oracle = NumpyOps()
     for dtype in (np.float32, np.float64):
@@ -159,9 +158,10 @@ def test_row_norms_and_threshold_of_an_unwritten_difference_write_nothing():
         for theta in (0.0, 0.003, 0.01, 1.0):
             x = fused.Difference(after, before, np.empty_like(before))
             ops = fused.FusedNumpyOps()
-            rows = ops.row_l1(x, 0)
-            np.testing.assert_array_equal(rows, ops.row_l1(d, 0))  # as on the written one
-            np.testing.assert_allclose(rows, oracle.row_l1(d, 0), rtol=1e-14)
+            for axis in (0, 2):  # units first (torch's weights) or last (Keras's kernels)
+                rows = ops.row_l1(x, axis)
+                np.testing.assert_array_equal(rows, ops.row_l1(d, axis))  # as if written
+                np.testing.assert_allclose(rows, oracle.row_l1(d, axis), rtol=1e-14)
             mask = ops.greater_equal(ops.abs(x), theta)
             assert isinstance(mask, fused.ThresholdMask) and not x.written
             want = oracle.greater_equal(np.abs(d), theta)
@@ -195,3 +195,16 @@ def test_a_masked_difference_is_selected_from_as_the_oracle_ranks_it(ties):
         want = numpy_ops.top_magnitude_mask(np.where(units, d, 0).reshape(-1), k)
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"k={k}")
         assert not x.written
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_is_false_exactly_when_an_entry_is_nan_or_inf(dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 7)).astype(dtype)
+    assert fused.all_finite(x) and fused.all_finite(x.T)  # a strided view too
+    big = np.full(1000, np.finfo(dtype).max, dtype=dtype)  # a sum would overflow
+    assert fused.all_finite(big)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[123 % 300, 5] = bad
+        assert not fused.all_finite(y) and not fused.all_finite(y.T)

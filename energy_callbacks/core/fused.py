@@ -1,4 +1,5 @@
-"""Fused CPU kernels (numba) for the torch adapter's hot path, with exact results.
+"""Fused CPU kernels (numba) on NumPy views, with exact results: the hot path of the torch
+adapter on the CPU, and of the Keras adapter on the torch backend.
 
 One pass per tensor instead of the 3-4 NumPy passes that the same work takes:
 in a training loop each pass over a multi-megabyte tensor is a cache refill.
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.ops import (
+from .ops import (
     APPROX_SAMPLE,
     NumpyOps,
     approx_cut,
@@ -74,6 +75,15 @@ if AVAILABLE:
             acc += abs(np.float64(d))
             count += d != 0
         return acc, count
+
+    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def _zero_unless_nonfinite(x: Any) -> float:
+        # x * 0 is 0 for finite x and NaN for NaN/Inf: the sum is 0 exactly when all
+        # entries are finite (it never overflows, whatever their size)
+        acc = x.dtype.type(0)
+        for i in range(x.size):
+            acc += x[i] * x.dtype.type(0)
+        return acc
 
     @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def _net_totals(after: Any, before: Any) -> tuple[float, int]:
@@ -190,6 +200,16 @@ if AVAILABLE:
                 acc += abs(np.float64(d))
             out[i] = acc
 
+    @njit(cache=True, nogil=True, fastmath={"contract"})
+    def _col_l1(x: Any, b: Any, out: Any) -> None:
+        # columns of x (b None) or of x - b ((rows, m) views): row after row, the order
+        # of NumPy's float64 sum over the leading axes, so the scores are the same
+        out[:] = 0.0
+        for i in range(x.shape[0]):
+            for j in range(x.shape[1]):
+                d = x[i, j] if b is None else x[i, j] - b[i, j]
+                out[j] += abs(np.float64(d))
+
     @njit(cache=True, nogil=True)
     def _keep_2d(x: Any, mask: Any, out: Any) -> None:
         # ``mask`` may be a broadcast view (zero strides): a unit mask over a kernel
@@ -254,6 +274,12 @@ def diff_totals(after: np.ndarray, before: np.ndarray) -> tuple[float, int]:
     return float(acc), int(count)
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """True when no entry of the float32/64 array ``x`` is NaN or Inf (one read-only
+    pass, no boolean copy)."""
+    return bool(_zero_unless_nonfinite(x.reshape(-1)) == 0)
+
+
 def net_totals(after: np.ndarray, before: np.ndarray) -> tuple[float, int]:
     """:func:`diff_totals` with the difference taken in float64 (``w_T - w_0``, exact
     for float32 weights); ``before`` may be wider than ``after``."""
@@ -303,17 +329,16 @@ class FusedNumpyOps(NumpyOps):
     """
 
     def row_l1(self, x: Any, axis: int) -> Any:
-        if self.deferred(x) and x.kept is None and axis == 0 and x.ndim >= 2:
-            out = np.empty(x.shape[0], dtype=np.float64)  # after - before, entry by entry
-            rows = (x.shape[0], -1)
-            _row_l1(x.after.reshape(rows), x.before.reshape(rows), out)
-            return out
+        # units on the first axis (torch's weights) or the last (Keras's kernels)
+        first, last = axis == 0, axis == x.ndim - 1
+        if self.deferred(x) and x.kept is None and x.ndim >= 2 and (first or last):
+            # after - before, entry by entry: no difference is written
+            return _unit_l1(x.after, x.before, x.shape, first)
         x = np.asarray(x)
-        if x.dtype not in FUSED_DTYPES or axis != 0 or x.ndim < 2 or not x.flags.c_contiguous:
+        fits = x.dtype in FUSED_DTYPES and x.ndim >= 2 and x.flags.c_contiguous
+        if not fits or not (first or last):
             return super().row_l1(x, axis)
-        out = np.empty(x.shape[0], dtype=np.float64)
-        _row_l1(x.reshape(x.shape[0], -1), None, out)
-        return out
+        return _unit_l1(x, None, x.shape, first)
 
     def abs(self, x: Any) -> Any:
         if isinstance(x, Difference) and not x.written:
@@ -420,6 +445,19 @@ class FusedNumpyOps(NumpyOps):
         cut = np.partition(values, n_between - need)[n_between - need]
         _mark_largest(idx, values, cut, need, above)
         return above
+
+
+def _unit_l1(
+    x: np.ndarray, b: np.ndarray | None, shape: tuple[int, ...], first: bool
+) -> np.ndarray:
+    """The float64 L1 norm of ``x`` (or ``x - b``) in ``shape`` over every axis but the
+    first (``first``) or the last."""
+    n = shape[0] if first else shape[-1]
+    grid = (n, -1) if first else (-1, n)
+    out = np.empty(n, dtype=np.float64)
+    kernel = _row_l1 if first else _col_l1
+    kernel(x.reshape(grid), None if b is None else b.reshape(grid), out)
+    return out
 
 
 class _Unwritten:
