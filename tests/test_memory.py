@@ -1,6 +1,6 @@
 """The extra memory of measuring stays at its floor on every path but JAX's, the torch
-adapter's exact top fraction adds no more than a mask, and compiled Keras's holds no
-``|dw|``.
+adapter's exact top fraction adds no more than a mask (so does Keras's on torch, which
+runs the same kernels), and compiled Keras's holds no ``|dw|``.
 
 Per byte of parameters, tracking holds one snapshot of the weights and one copy of
 w_0: 2.0x; the exact top fraction adds a boolean mask per tensor (0.25x of float32
@@ -42,6 +42,8 @@ EXACT_CEILING.update(dict.fromkeys(memory.GPU_PATHS, 1.5))
 # and holds no |dw| (TensorFlow 2.2x measured; JAX runs the same selection code, and
 # holds more around its state select, 4.1x in benchmarks/memory.py, not measured here)
 EXACT_CEILING["keras-tensorflow"] = 2.5
+# Keras on torch (CPU, float32): the torch adapter's fused step on the variables
+EXACT_CEILING["keras-torch"] = 2.5
 
 
 TORCH_PATHS = tuple(p for p in memory.PATHS if p.startswith("torch")) + memory.GPU_PATHS

@@ -39,6 +39,20 @@ def test_batched_adam_matches_a_replay_with_numpy_masks(results):
         assert results["adam"][name]["iterations"] == 10, name
 
 
+def test_rules_on_long_tensors_match_a_replay_with_numpy_masks(results):
+    """Selections past the short-tensor paths; on torch, the fused CPU step took them."""
+    for name, r in results["wide"].items():
+        keras_, oracle = r["keras"], r["oracle"]
+        assert keras_["m0"] == oracle["m0"], name
+        assert keras_["steps"] == oracle["steps"], name
+        assert (keras_["seen"], keras_["learned"]) == (oracle["seen"], oracle["learned"]), name
+        # float32 sums of 51 200 entries a step (TensorFlow's Threshold: 9.5e-7 off)
+        assert keras_["m1"] == pytest.approx(oracle["m1"], rel=5e-6), name
+        assert r["max_weight_diff"] == 0.0, name  # the same masks: the same weights
+        assert r["host_step"] == (results["backend"] == "torch"), name
+    assert results["wide"]["exact"]["keras"]["m0"] < results["wide"]["tracking"]["keras"]["m0"]
+
+
 def test_resume_from_checkpoint_and_backup_is_exact(results):
     r = results["resume"]
     straight = r["straight"]

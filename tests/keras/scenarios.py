@@ -23,6 +23,7 @@ from energy_callbacks.core import (
     Caching,
     FixedSubnetwork,
     Plasticity,
+    Threshold,
     TopFraction,
     Topology,
     TopUnits,
@@ -144,16 +145,16 @@ ADAM_RULES = {
 }
 
 
-def small_model(seed: int = 0) -> keras.Model:
+def small_model(seed: int = 0, features: int = 12, width: int = 16) -> keras.Model:
     keras.utils.set_random_seed(seed)
-    inp = keras.Input((12,), name="features")
-    hidden = keras.layers.Dense(16, activation="tanh")(inp)
+    inp = keras.Input((features,), name="features")
+    hidden = keras.layers.Dense(width, activation="tanh")(inp)
     return keras.Model(inp, keras.layers.Dense(4)(hidden))
 
 
-def small_data(n: int = 96):
+def small_data(n: int = 96, features: int = 12):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, 12)).astype("float32")
+    x = rng.standard_normal((n, features)).astype("float32")
     y = (np.abs(x[:, :4]).argmax(1)).astype("int32")
     return x, y
 
@@ -205,9 +206,10 @@ def compile_small(model, optimizer=None, **kwargs):
     )
 
 
-def adam_replay(rule: dict, x, y, batch: int):
-    """Plain Adam step by step; the NumPy core masks each proposal."""
-    model = small_model()
+def adam_replay(rule: dict, x, y, batch: int, **shape):
+    """Plain Adam step by step; the NumPy core masks each proposal (``shape``: of
+    :func:`small_model`)."""
+    model = small_model(**shape)
     compile_small(model)
     topology = Topology.chain(describe(model.trainable_variables))
     plasticity = Plasticity(**copy.deepcopy(rule)).setup(topology)
@@ -242,9 +244,11 @@ def scenario_adam() -> None:
         for label, kwargs in settings:
             model = small_model()
             compile_small(model, **kwargs)
-            got = fit_with_ids(model, rule, x, y, batch_size=8, epochs=1).report()
+            cb = fit_with_ids(model, rule, x, y, batch_size=8, epochs=1)
+            got = cb.report()
             out[f"{name}/{label}"] = {
                 "keras": report_dict(got),
+                "host_step": cb.optimizer._host is not None,
                 "oracle": report_dict(expected),
                 "iterations": int(np.asarray(model.optimizer.iterations)),
                 "max_weight_diff": max(
@@ -253,6 +257,40 @@ def scenario_adam() -> None:
                 ),
             }
     RESULTS["adam"] = out
+
+
+WIDE_RULES = {
+    "tracking": {},
+    "exact": dict(synapses=TopFraction(0.1)),
+    "approximate": dict(synapses=TopFraction(0.1, approximate=True)),
+    "threshold": dict(synapses=Threshold(1e-3)),
+    "path+top": dict(units=TopUnits(0.25, path=True), synapses=0.2),
+    "mistakes+top": dict(synapses=0.3, samples="mistakes"),
+}
+"""Rules on tensors long enough for the selections' long paths (51 200 entries)."""
+
+
+def scenario_wide() -> None:
+    """Adam on a 400-128-4 MLP against a NumPy replay, and which step the torch
+    backend took (its fused CPU step where the rule allows)."""
+    shape = dict(features=400, width=128)
+    x, y = small_data(64, features=400)
+    out = {}
+    for name, rule in WIDE_RULES.items():
+        ref_model, expected = adam_replay(rule, x, y, 16, **shape)
+        model = small_model(**shape)
+        compile_small(model)
+        cb = fit_with_ids(model, rule, x, y, batch_size=16, epochs=1)
+        out[name] = {
+            "keras": report_dict(cb.report()),
+            "oracle": report_dict(expected),
+            "host_step": cb.optimizer._host is not None,
+            "max_weight_diff": max(
+                float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(model.get_weights(), ref_model.get_weights())
+            ),
+        }
+    RESULTS["wide"] = out
 
 
 # -- 3. resume from checkpoints ------------------------------------------------
@@ -666,6 +704,7 @@ def main() -> None:
         for name, fn in [
             ("paper", scenario_paper),
             ("adam", scenario_adam),
+            ("wide", scenario_wide),
             ("resume", lambda: scenario_resume(tmp)),
             ("misc", lambda: scenario_misc(tmp)),
             ("selection", scenario_selection),
