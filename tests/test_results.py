@@ -99,6 +99,34 @@ def test_size_claims_follow_their_criteria():
     assert c.backprop_grows_like_sqrt_n([]).verdict == c.NOT_RUN
 
 
+@pytest.mark.parametrize(
+    ("saving_m1", "saving_m0", "verdict"),
+    [(3.0, 3e6, c.REPRODUCED), (3.0, 1e5, c.PARTLY), (0.9, 1e5, c.MISSED)],
+)
+def test_the_largest_size_compares_its_saving_with_the_sweeps_largest(
+    saving_m1, saving_m0, verdict
+):
+    runs = _sweep(0.5, 0.0)  # at N = 3000: backprop/combined is sqrt(3000) ~ 55, in M1 and M0
+    key = "size-sweep|fashion-mnist/output-lr-scaled|full|N=10000|rule={}|seed=0"
+    base = dict(rule="backprop", n_hidden=10000, seed=0, m1_sustained=100.0, m0_sustained=1e8)
+    big = [dict(base, key=key.format("backprop"))]
+    assert c.saving_at_the_largest_size(runs).verdict == c.NOT_RUN
+    runs.append(Runs("size-sweep", "fashion-mnist/output-lr-scaled|full", big, {}))
+    claim = c.saving_at_the_largest_size(runs)
+    assert claim.verdict == c.NOT_RUN and claim.ours == "ran: backprop"
+    combined = dict(
+        base,
+        key=key.format("combined"),
+        rule="combined",
+        m1_sustained=100.0 / (55 * saving_m1),
+        m0_sustained=1e8 / (55 * saving_m0 / 1e6),
+    )
+    big.append(combined)
+    claim = c.saving_at_the_largest_size(runs)
+    assert claim.verdict == verdict and claim.runs == "1 seed"
+    assert claim.ours.startswith("N = 10 000: ") and "; N = 3000: " in claim.ours
+
+
 def _mistakes(gated_share: float) -> list[Runs]:
     """Backprop and memorized mistakes curves: the gated rule spends ``gated_share`` of
     backprop's updates at every accuracy, after a lucky single point it must not count."""

@@ -288,6 +288,46 @@ def larger_networks_larger_savings(runs: Sequence[Runs]) -> Claim:
     return Claim(COMPETITIVE, claim, theirs, ours, runs_text, verdict, SIZE_SWEEP)
 
 
+LARGEST = 10_000
+LARGEST_SWEEP = (
+    f"energy-callbacks reproduce size-sweep --sizes {LARGEST} --rules backprop,combined "
+    "--seeds 1 --output-lr scaled"
+)
+
+
+def saving_at_the_largest_size(runs: Sequence[Runs]) -> Claim:
+    """The saving at N = 10 000 (output step scaled, one seed is enough there) against
+    the largest size of the main sweep."""
+    size = f"{LARGEST:_}".replace("_", " ")  # 10 000
+    claim = (
+        f"larger networks, larger savings, at N = {size} (output step scaled): "
+        "the saving against the main sweep's largest size"
+    )
+    theirs = "grows with N"
+    big = find(runs, "size-sweep", "fashion-mnist/output-lr-scaled|full").rows
+    base, rule = _of(big, "backprop", LARGEST), _of(big, "combined", LARGEST)
+    if not base or not rule:
+        ran = ", ".join(sorted({r["rule"] for r in big if int(r["n_hidden"]) == LARGEST}))
+        return _not_run(COMPETITIVE, claim, theirs, LARGEST_SWEEP, f"ran: {ran}" if ran else "")
+    rows = find(runs, "size-sweep").rows
+    smaller = [n for n in _sizes(rows, "combined") if n in _sizes(rows, "backprop")]
+    ratios = {col: _paired_ratio(base, rule, f"{col}_sustained") for col in ("m1", "m0")}
+    ours = f"N = {size}: {_ms(ratios['m1'], 3, 'x')} (M1), {_ms(ratios['m0'], 3, 'x')} (M0)"
+    if any(math.isnan(x) for xs in ratios.values() for x in xs) or not smaller:
+        return Claim(
+            COMPETITIVE, claim, theirs, ours, _n_seeds(_seeds(rule)), MISSED, LARGEST_SWEEP
+        )
+    n = smaller[-1]
+    before = {
+        col: _paired_ratio(_of(rows, "backprop", n), _of(rows, "combined", n), f"{col}_sustained")
+        for col in ("m1", "m0")
+    }
+    ours += f"; N = {n}: {_ms(before['m1'], 3, 'x')} (M1), {_ms(before['m0'], 3, 'x')} (M0)"
+    grew = [mean_sd(ratios[c])[0] > mean_sd(before[c])[0] for c in ("m1", "m0")]
+    verdict = REPRODUCED if all(grew) else PARTLY if any(grew) else MISSED
+    return Claim(COMPETITIVE, claim, theirs, ours, _n_seeds(_seeds(rule)), verdict, LARGEST_SWEEP)
+
+
 def plasticity_concentrates(runs: Sequence[Runs]) -> Claim:
     claim = "under backprop, plasticity concentrates in a few hidden units"
     theirs = "roughly 60-100 units"
@@ -556,6 +596,7 @@ CLAIMS: tuple[Callable[[Sequence[Runs]], Claim], ...] = (
     backprop_grows_like_sqrt_n,
     restricted_energy_is_flat,
     larger_networks_larger_savings,
+    saving_at_the_largest_size,
     plasticity_concentrates,
     competition_beats_random,
     mnist_needs_many_updates,
