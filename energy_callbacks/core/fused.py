@@ -77,7 +77,7 @@ if AVAILABLE:
         return acc, count
 
     @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def _zero_unless_nonfinite(x: Any) -> float:
+    def _zero_unless_nonfinite(x: Any) -> Any:
         # x * 0 is 0 for finite x and NaN for NaN/Inf: the sum is 0 exactly when all
         # entries are finite (it never overflows, whatever their size)
         acc = x.dtype.type(0)
