@@ -270,11 +270,9 @@ class Plasticity:
         self.samples_learned += n
 
     # -- updates -----------------------------------------------------------
-    def masks(self, proposed: Sequence[Array | None], ops: ArrayOps | None = None) -> Masks:
-        """The combined mask per tensor for this step's proposals (None = keep all),
-        computed with ``ops`` (default: the ops of :meth:`setup`)."""
-        ops = self.ops if ops is None else ops
-        topology = self.topology
+    def masks(self, proposed: Sequence[Array | None]) -> Masks:
+        """The combined mask per tensor for this step's proposals (None = keep all)."""
+        ops, topology = self.ops, self.topology
         if len(proposed) != len(topology.tensors):
             raise ValueError(
                 f"Plasticity: got {len(proposed)} proposed arrays for "
@@ -291,15 +289,15 @@ class Plasticity:
                 prev = combined[i]
                 combined[i] = m if prev is None else ops.logical_and(prev, m)
                 if r + 1 < len(rules):  # the next rule ranks what this one left
-                    out = None if ops.deferred(dw) else self._ranked(i, dw, ops)
+                    out = None if ops.deferred(dw) else self._ranked(i, dw)
                     current[i] = ops.keep(dw, combined[i], out=out)
         return combined
 
-    def _ranked(self, i: int, like: Array, ops: ArrayOps) -> Array:
+    def _ranked(self, i: int, like: Array) -> Array:
         """A reusable buffer for tensor ``i``'s proposals as the next rule ranks them."""
         buf = self._ranked_buffers.get(i)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-            buf = self._ranked_buffers[i] = ops.zeros_like(like)
+            buf = self._ranked_buffers[i] = self.ops.zeros_like(like)
         return buf
 
     def step(

@@ -120,7 +120,7 @@ class HostStep:
                 fused.Difference(a, b, np.empty(a.shape, a.dtype))  # written only if read
                 for a, b in zip(views, bases, strict=True)
             ]
-            masks = plasticity.masks(proposed, ops=self.ops)
+            masks = plasticity.masks(proposed)  # with self.ops (the optimizer set them)
         else:
             masks = [None] * len(views)
         m1, m0, whole = [], [], []

@@ -179,7 +179,9 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
             self._no_hidden_layer(topology, model)
         # the meter keeps host (NumPy) totals; the rules trace keras.ops into the step
         self.plasticity.setup(topology, ops=numpy_ops)
-        self.plasticity.ops = keras_ops
+        # torch on the CPU: the fused step's NumPy ops; else keras.ops, traced in-graph
+        self._host = host_step_for(covered, self.plasticity)
+        self.plasticity.ops = keras_ops if self._host is None else self._host.ops
         n = len(covered)
         with keras.name_scope(self.name, caller=self):
             self._totals = {
@@ -210,7 +212,6 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         # XLA fuses the masks' passes on TensorFlow; measuring alone runs faster without
         # (its reductions of two inputs took 1.5 ms against 0.6 ms in TF's own kernels)
         self._masked_step_fn = compiled_step(self._masked_step, self._writes_weights)
-        self._host = host_step_for(covered, self.plasticity)
         super().build(var_list)
 
     def _no_hidden_layer(self, topology: Topology, model: Any) -> None:
