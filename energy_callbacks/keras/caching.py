@@ -230,7 +230,9 @@ def _kept_slice(kept: Any, start: Any, size: int) -> Any:
     if not isinstance(kept, tuple):
         return cut(ops.reshape(kept, (-1,)), start, size)
     change, mask = kept
-    after, before = change.flat()
+    if change.keep is not None:
+        mask = change.keep if mask is None else ops.logical_and(change.keep, mask)
+    after, before, _ = change.flat()
     d = cut(after, start, size) - cut(before, start, size)
     if mask is None:
         return d

@@ -28,26 +28,45 @@ from ..core.ops import APPROX_SAMPLE, approx_stride
 
 class Difference:
     """A step's ``after - before``, unwritten (the adapter's proposals on TensorFlow and
-    JAX, :meth:`KerasOps.deferred`).
+    JAX, :meth:`KerasOps.deferred`), and zero outside ``keep`` when a rule masked it
+    (:meth:`KerasOps.keep`: what the next rule ranks).
 
     Each pass reads it from the two arrays the step holds anyway: XLA fuses the
-    subtraction into the pass, and the exact top fraction's counting loop recomputes
-    it at every round, so no tensor of ``|dw|`` (or its bits) lives through the loop.
+    subtraction (and the mask) into the pass, and the exact top fraction's counting
+    loop recomputes it at every round, so no tensor of ``|dw|`` (or its bits) lives
+    through the loop.
     """
 
-    def __init__(self, after: Array, before: Array, shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        after: Array,
+        before: Array,
+        shape: tuple[int, ...] | None = None,
+        keep: Array | None = None,
+    ):
         self.after, self.before = after, before
         self.shape = tuple(int(d) for d in (after.shape if shape is None else shape))
+        self.keep = keep  # flat boolean, or None: all of it
 
     def dense(self) -> Array:
-        """``after - before`` in its shape, as an expression of the step."""
-        return ops.reshape(self.after - self.before, self.shape)
+        """``after - before`` (where kept) in its shape, as an expression of the step."""
+        d = self.after - self.before
+        if self.keep is not None:
+            d = ops.where(ops.reshape(self.keep, d.shape), d, ops.zeros_like(d))
+        return ops.reshape(d, self.shape)
 
-    def flat(self) -> tuple[Array, Array]:
-        return ops.reshape(self.after, (-1,)), ops.reshape(self.before, (-1,))
+    def flat(self) -> tuple[Array, Array, Array | None]:
+        """``after``, ``before`` and ``keep`` (or None), flat."""
+        return ops.reshape(self.after, (-1,)), ops.reshape(self.before, (-1,)), self.keep
 
     def reshaped(self, shape: tuple[int, ...]) -> Difference:
-        return Difference(self.after, self.before, shape)
+        return Difference(self.after, self.before, shape, self.keep)
+
+    def masked(self, mask: Array) -> Difference:
+        """This difference, zero where ``mask`` (in its shape) is False."""
+        flat = ops.reshape(mask, (-1,))
+        keep = flat if self.keep is None else ops.logical_and(self.keep, flat)
+        return Difference(self.after, self.before, self.shape, keep)
 
 
 def _dense(x: Any) -> Array:
@@ -116,7 +135,8 @@ class KerasOps:
     def top_magnitude_mask(self, x: Array, k: int, approximate: bool = False) -> Array:
         n = int(np.prod(x.shape))
         if isinstance(x, Difference) and not approximate and 0 < k < n > _search_above():
-            return _xla(_search_top)(*x.flat(), k)
+            a, b, keep = x.flat()
+            return _xla(_search_top)(a, b, k, keep)
         s = ops.abs(_dense(x))
         if approximate:
             return self.approx_top_mask(s, k)
@@ -160,7 +180,8 @@ class KerasOps:
         return isinstance(x, Difference)
 
     def keep(self, x: Array, mask: Array, out: Array | None = None) -> Array:
-        x = _dense(x)
+        if isinstance(x, Difference):  # still unwritten: each pass applies the mask
+            return x.masked(mask)
         return ops.where(mask, x, ops.zeros_like(x))
 
     def greater_equal(self, x: Array, threshold: float) -> Array:
@@ -382,9 +403,9 @@ def all_finite(grads: list[Any]) -> Array:
     return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in present]))
 
 
-def _search_top(a: Array, b: Array | None, k: int) -> Array:
-    """Exact top-``k`` of a long 1-D array of scores ``>= 0`` (``a``), or of ``|a - b|``,
-    without a sort.
+def _search_top(a: Array, b: Array | None, k: int, keep: Array | None = None) -> Array:
+    """Exact top-``k`` of a long 1-D array of scores ``>= 0`` (``a``), or of ``|a - b|``
+    (zero where ``keep`` is False), without a sort.
 
     Non-negative float32 values order like their bit patterns read as int32,
     so the k-th largest value is found by bisection over the bits: each
@@ -395,7 +416,9 @@ def _search_top(a: Array, b: Array | None, k: int) -> Array:
     """
     n = int(a.shape[0])
     stride = approx_stride(n)  # a prime stride visits every column
-    sample = _bits(a[::stride], None if b is None else b[::stride])
+    sample = _bits(
+        a[::stride], None if b is None else b[::stride], None if keep is None else keep[::stride]
+    )
     m = int(sample.shape[0])
     q = k / n
     margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
@@ -409,12 +432,12 @@ def _search_top(a: Array, b: Array | None, k: int) -> Array:
         # library sum reads a written input). ``a`` read through a select on the
         # round's ``t`` (never negative): otherwise XLA hoists |a - b| out of the loop
         # and writes it whole.
-        def count_slice(a: Array, b: Array | None) -> tuple[Array]:
+        def count_slice(a: Array, b: Array | None, keep: Array | None) -> tuple[Array]:
             if b is None:
                 return (_count_at_least(_bits(a, None), t),)
-            return (_count_at_least(_bits(ops.where(ops.less(t, 0), b, a), b), t),)
+            return (_count_at_least(_bits(ops.where(ops.less(t, 0), b, a), b, keep), t),)
 
-        return _sum_over_slices(count_slice, (a, b), (ops.zeros((), "int32"),))[0]
+        return _sum_over_slices(count_slice, (a, b, keep), (ops.zeros((), "int32"),))[0]
 
     c_lo, c_hi = count(lo), count(hi)
     lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)
@@ -424,14 +447,17 @@ def _search_top(a: Array, b: Array | None, k: int) -> Array:
     # ties at t past the k-th entry are rare; only then pay for the cumulative count
     return ops.cond(
         ops.equal(c_t, k),
-        lambda: ops.greater_equal(_bits(a, b), t),
-        lambda: _keep_above(ops.expand_dims(_bits(a, b), 0), ops.reshape(t, (1, 1)), k)[0],
+        lambda: ops.greater_equal(_bits(a, b, keep), t),
+        lambda: _keep_above(ops.expand_dims(_bits(a, b, keep), 0), ops.reshape(t, (1, 1)), k)[0],
     )
 
 
-def _bits(a: Array, b: Array | None) -> Array:
-    """The int32 bit patterns of the float32 scores ``a``, or of ``|a - b|``."""
+def _bits(a: Array, b: Array | None, keep: Array | None = None) -> Array:
+    """The int32 bit patterns of the float32 scores ``a``, or of ``|a - b|`` (zero
+    where ``keep`` is False)."""
     scores = a if b is None else ops.abs(a - b)
+    if keep is not None:
+        scores = ops.where(keep, scores, ops.zeros_like(scores))
     return ops.view(ops.cast(scores, "float32"), "int32")
 
 

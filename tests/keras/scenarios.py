@@ -503,15 +503,25 @@ def scenario_selection() -> None:
         before = (after - signed).astype("float32")
         # one k per case (one compile): the ties, bracket and count passes are the same
         # code; each count pass sums slices of 1000 entries here (a loop, and the tail)
-        fn = compiled(lambda a, b: keras_ops.top_magnitude_mask(keras_ops_difference(a, b), 10_000))
+        # and masked by an earlier rule (kept unwritten: zero outside the mask)
+        keep = rng.random(n) < 0.3
+        fn = compiled(
+            lambda a, b, m: (
+                keras_ops.top_magnitude_mask(keras_ops_difference(a, b), 10_000),
+                keras_ops.top_magnitude_mask(keras_ops.keep(keras_ops_difference(a, b), m), 10_000),
+            )
+        )
         chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 1000
         try:
-            got = fn(ops.convert_to_tensor(after), ops.convert_to_tensor(before))
+            got = fn(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
         finally:
             keras_ops_module.MEASURE_CHUNK = chunk
-        got = ops.convert_to_numpy(got)
-        want = numpy_ops.top_magnitude_mask(after - before, 10_000)
-        out[f"{name}/difference k=10000"] = bool((got == want).all())
+        for key, mask, want in (
+            ("difference", got[0], after - before),
+            ("masked difference", got[1], np.where(keep, after - before, 0)),
+        ):
+            want = numpy_ops.top_magnitude_mask(want, 10_000)
+            out[f"{name}/{key} k=10000"] = bool((ops.convert_to_numpy(mask) == want).all())
     # a measure-only step's totals, summed slice by slice (1000 entries a slice here)
     chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 1000
     try:
