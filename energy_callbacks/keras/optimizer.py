@@ -10,7 +10,9 @@ compiled step on every backend, and they are saved with the optimizer
 
 Skipped steps change nothing at all, optimizer state included:
 
-- a step whose proposal holds NaN/Inf (counted in ``report().skipped_steps``);
+- a step whose gradients hold NaN/Inf (counted in ``report().skipped_steps``;
+  a proposal that turns NaN/Inf from finite gradients is undone in the weights
+  and counted the same way, while the inner optimizer's state keeps its update);
   a step the inner ``LossScaleOptimizer`` skips (``mixed_float16``: inf/NaN
   gradients at this loss scale) changes nothing by itself and is counted there
   too, while the loss scaler keeps its new, lower scale;
@@ -279,23 +281,31 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         scaler_skips = None  # a LossScaleOptimizer skips steps with inf/NaN gradients itself
         if isinstance(self.inner_optimizer, keras.optimizers.LossScaleOptimizer):
             scaler_skips = ops.logical_not(self.inner_optimizer.check_finite(grads))
-        # Where the backend can branch (torch; TensorFlow without a strategy), a step
-        # nobody learns from or with NaN/Inf gradients does not run the inner update
-        # at all: then the optimizer's state (moments, count) needs no copy to be put
-        # back, which saves Adam two copies of the weights. JAX selects the old state
-        # back instead: a jax.lax.cond around the update halved its memory but cost
-        # 0.5-0.9 ms a step on the paper MLP (XLA fuses less across the branch).
+        # A step nobody learns from or with NaN/Inf gradients leaves the optimizer's
+        # state (moments, count) as it was, decided from the gradients before the
+        # update. Where the backend can branch (torch; TensorFlow without a strategy)
+        # the update does not run then. JAX selects the old state back in the same
+        # elementwise pass that computes the new one, which XLA fuses: no copy of the
+        # state is held (a jax.lax.cond cost 0.5-0.9 ms a step on the paper MLP).
+        # Either way no copy of the state is kept to undo a step that goes wrong after
+        # the update: its proposal is then undone, not the moments.
         jax = keras.backend.backend() == "jax"
         branch = scaler_skips is None and can_branch()
-        state_before = None if branch else [_snapshot(v) for v in state]
+        select = scaler_skips is None and jax
+        state_before = None if branch or select else [_snapshot(v) for v in state]
         grads_finite = ops.convert_to_tensor(True)
-        if branch:  # NaN/Inf gradients: the update does not run, and the step is skipped
+        if branch or select:
             grads_finite = (
                 _all_finite(grads) if self._host is None else self._host.all_finite(grads)
             )
-            run_if(
-                ops.logical_and(live, grads_finite),
-                lambda: self.inner_optimizer.apply(grads, variables),
+        proceed = ops.logical_and(live, grads_finite)
+        if branch:  # NaN/Inf gradients: the update does not run, and the step is skipped
+            run_if(proceed, lambda: self.inner_optimizer.apply(grads, variables))
+        elif select:
+            old_state = [v.value for v in state]
+            self.inner_optimizer.apply(grads, variables)
+            assign_all(
+                [(v, ops.where(proceed, v.value, o)) for v, o in zip(state, old_state, strict=True)]
             )
         elif scaler_skips is not None and jax:
             # its stateful apply assigns inside a jax cond: run its stateless form instead
