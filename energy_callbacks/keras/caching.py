@@ -230,13 +230,11 @@ def _kept_slice(kept: Any, start: Any, size: int) -> Any:
     if not isinstance(kept, tuple):
         return cut(ops.reshape(kept, (-1,)), start, size)
     change, mask = kept
-    if change.keep is not None:
-        mask = change.keep if mask is None else ops.logical_and(change.keep, mask)
-    after, before, _ = change.flat()
+    after, before, keep = (change if mask is None else change.masked(mask)).flat()
     d = cut(after, start, size) - cut(before, start, size)
-    if mask is None:
+    if keep is None:
         return d
-    return ops.where(cut(ops.reshape(mask, (-1,)), start, size), d, ops.zeros_like(d))
+    return ops.where(cut(keep, start, size), d, ops.zeros_like(d))
 
 
 def _store_dtype(variable: Any) -> str:

@@ -304,9 +304,7 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         elif select:
             old_state = [v.value for v in state]
             self.inner_optimizer.apply(grads, variables)
-            assign_all(
-                [(v, ops.where(proceed, v.value, o)) for v, o in zip(state, old_state, strict=True)]
-            )
+            restore_unless(proceed, list(zip(state, old_state, strict=True)))
         elif scaler_skips is not None and jax:
             # its stateful apply assigns inside a jax cond: run its stateless form instead
             new_values, new_state = self.inner_optimizer.stateless_apply(
