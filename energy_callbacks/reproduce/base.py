@@ -146,6 +146,7 @@ def paper_run(
         eval_every=eval_every,
         target=target,
         confirm=confirm,
+        checkpoint=spec.checkpoint,
     )
     row = experiment.row(p, run, rule.name, rule.label, loss, max_samples)
     return RunResult(row, run.curve)

@@ -105,6 +105,7 @@ class CachingSweep(Experiment):
             max_samples=max_samples,
             eval_every=eval_every,
             target=self.config.accuracy_target,
+            checkpoint=spec.checkpoint,
         )
         rep = run.report
         rule = "caching" if cached else EVERY_UPDATE

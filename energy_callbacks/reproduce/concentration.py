@@ -52,6 +52,12 @@ class UnitEnergy(Callback):
         if self.energy is None:
             self.energy = torch.zeros(self._layer(pl_module).out_features, dtype=torch.float64)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"energy": self.energy}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.energy = state_dict["energy"]
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
@@ -111,6 +117,7 @@ class Concentration(_EnergyToTarget):
             target=self.config.accuracy_target,
             confirm=SUSTAINED_POINTS,
             callbacks=[units],
+            checkpoint=spec.checkpoint,
         )
         row = self.row(p, run, rule.name, rule.label, "mse", max_samples)
         assert units.energy is not None

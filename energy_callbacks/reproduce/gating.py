@@ -26,7 +26,7 @@ import numpy as np
 
 from ..lightning import PlasticityCallback
 from .base import Experiment, paper_run
-from .paper import Curve
+from .paper import Curve, Pool
 from .report import Summary, cell, fmt, group, markdown, mean_sd, ratio, seeds_phrase, values
 from .rules import RULES, get_rule
 from .runner import RunResult, RunSpec
@@ -101,17 +101,17 @@ class Mistakes(_Gating):
         half = data.n_classes // 2
         old = np.flatnonzero(data.y_train < half)
         new = np.flatnonzero(data.y_train >= half)
-        flagged: list[int] = []
         flagged_only = p["rule"] == "mistakes-replay"
 
-        def second_phase(energy: PlasticityCallback) -> np.ndarray:
+        def second_phase(energy: PlasticityCallback) -> Pool:
             memory = getattr(energy.plasticity.samples, "memory", None)
-            if memory is not None:
-                ids = memory.flagged()
-                flagged.append(int(np.isin(ids, old).sum()))
-                if flagged_only:
-                    return np.union1d(new, np.intersect1d(ids, old))
-            return np.arange(len(data.y_train))
+            if memory is None:
+                return np.arange(len(data.y_train))
+            ids = memory.flagged()
+            note = {"flagged_old": int(np.isin(ids, old).sum())}
+            if flagged_only:
+                return np.union1d(new, np.intersect1d(ids, old)), note
+            return np.arange(len(data.y_train)), note
 
         rule = get_rule("mistakes" if flagged_only else p["rule"])
         run = self.fit(
@@ -124,6 +124,7 @@ class Mistakes(_Gating):
             target=None,
             phases=[old, second_phase],
             subsets={"old": data.y_test < half},
+            checkpoint=spec.checkpoint,
         )
         old_acc = run.tester.subset_accuracy["old"]
         after_first = old_acc[run.phase_ends[0]]
@@ -134,7 +135,7 @@ class Mistakes(_Gating):
             "accuracy_old_after_first": after_first,
             "accuracy_old": old_acc[-1],
             "forgetting": after_first - old_acc[-1],
-            "replay_buffer": flagged[0] if flagged else len(old),
+            "replay_buffer": run.notes[1].get("flagged_old", len(old)),
         }
         return RunResult(row, run.curve)
 

@@ -195,6 +195,7 @@ class Lazy(Experiment):
             confirm=SUSTAINED_POINTS,
             batch_size=p["batch"],
             skip_backward=rule.name == "lazy",
+            checkpoint=spec.checkpoint,
         )
         row = self.row(p, run, rule.name, rule.label, "cross_entropy", max_samples, data=data)
         c = run.curve

@@ -17,9 +17,11 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
 
 import lightning.pytorch as pl
 import numpy as np
@@ -30,6 +32,8 @@ from torch import nn
 from ..core import EnergyReport, Plasticity
 from ..lightning import PlasticityCallback
 from ..reference import PaperMLP
+from . import resume
+from .resume import Checkpointer, read_checkpoint
 
 LOSSES = ("mse", "cross_entropy")
 SUSTAINED_POINTS = 2
@@ -102,6 +106,7 @@ class SampleStream:
     ``numpy.random.default_rng(seed)``, as in :func:`energy_callbacks.reference.train`;
     ``index`` is the sample's row in the full training set (its id). The generator
     persists across epochs, so a second pass continues the sequence.
+    :meth:`state_dict` and :meth:`load_state_dict` resume it after any batch.
     """
 
     def __init__(
@@ -123,15 +128,35 @@ class SampleStream:
         self.n_batches = n_batches
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
+        self.start = 0
+        self._drawn = 0
+        self._states: deque[tuple[int, Mapping[str, Any]]] = deque(maxlen=4)
 
     def __len__(self) -> int:
-        return self.n_batches
+        return self.n_batches - self.start
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         n = len(self.pool)
-        for _ in range(self.n_batches):
+        for i in range(self.start, self.n_batches):
+            # the loop may fetch a batch ahead of training: keep the states it drew from
+            self._states.append((i, self.rng.bit_generator.state))
             ids = torch.from_numpy(self.pool[self.rng.integers(0, n, self.batch_size)])
+            self._drawn = i + 1
             yield {"x": self.x[ids], "y": self.y[ids], "index": ids}
+
+    def state_dict(self, trained: int) -> dict[str, Any]:
+        """The stream as it was after ``trained`` batches (the next one not drawn yet)."""
+        if trained == self._drawn:
+            return {"start": trained, "rng": self.rng.bit_generator.state}
+        states = dict(self._states)
+        if trained not in states:
+            raise ValueError(f"SampleStream: batch {trained} is not among the recent draws")
+        return {"start": trained, "rng": states[trained]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Carry on from a :meth:`state_dict`: the next batch is the one it would draw."""
+        self.start = self._drawn = int(state["start"])
+        self.rng.bit_generator.state = state["rng"]
 
 
 @dataclass
@@ -190,13 +215,38 @@ class TestEvery(Callback):
         self.seen = 0
         self.reached = False
         self._next = every
+        self._resumed_next: int | None = None
         self._train_seconds = 0.0
         self._clock = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._next = self.seen + self.every
+        if self._resumed_next is None:
+            self._next = self.seen + self.every
+        else:  # a phase resumed from a checkpoint keeps its test points
+            self._next, self._resumed_next = self._resumed_next, None
         self.reached = False
         self._clock = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The test points so far and the next one's place (a mid-phase checkpoint)."""
+        return {
+            "curve": asdict(self.curve),
+            "subset_accuracy": {k: list(v) for k, v in self.subset_accuracy.items()},
+            "seen": self.seen,
+            "next": self._next,
+            "train_seconds": self._train_seconds + time.perf_counter() - self._clock,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curve = Curve(**state_dict["curve"])
+        self.subset_accuracy = {k: list(v) for k, v in state_dict["subset_accuracy"].items()}
+        self.seen = int(state_dict["seen"])
+        self._resumed_next = int(state_dict["next"])
+        self._train_seconds = float(state_dict["train_seconds"])
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` just spent (e.g. writing a checkpoint) out of the training time."""
+        self._clock += seconds
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
@@ -271,6 +321,8 @@ class PaperRun:
     energy: PlasticityCallback
     phase_ends: list[int] = field(default_factory=list)
     """Index into ``curve`` of the last test point of each phase."""
+    notes: list[dict[str, Any]] = field(default_factory=list)
+    """Per phase, what its callable returned beside the pool ({} for a fixed pool)."""
 
     def row(self, n_train: int, target: float | None) -> dict[str, Any]:
         """The CSV figures of this run (see :data:`~energy_callbacks.reproduce.runner.COLUMNS`).
@@ -305,6 +357,10 @@ class PaperRun:
         }
 
 
+Pool: TypeAlias = np.ndarray | tuple[np.ndarray, dict[str, Any]]
+"""What a phase callable returns: the pool, or the pool and notes kept in ``PaperRun.notes``."""
+
+
 def fit_paper(
     plasticity: Plasticity,
     x_train: np.ndarray,
@@ -321,13 +377,15 @@ def fit_paper(
     eval_every: int = 2000,
     target: float | None = None,
     seed: int = 0,
-    phases: Sequence[np.ndarray | Callable[[PlasticityCallback], np.ndarray]] | None = None,
+    phases: Sequence[np.ndarray | Callable[[PlasticityCallback], Pool]] | None = None,
     subsets: dict[str, np.ndarray] | None = None,
     phase_targets: Sequence[float | None] | None = None,
     confirm: int = 1,
     batch_size: int = 1,
     skip_backward: bool = False,
     callbacks: Sequence[Callback] = (),
+    checkpoint: Path | None = None,
+    checkpoint_every: float | None = None,
 ) -> PaperRun:
     """Train the paper MLP through :class:`PlasticityCallback`; batch 1, with replacement.
 
@@ -335,12 +393,19 @@ def fit_paper(
     trained one after the other with the same callback, each for at most
     ``max_samples`` samples and until its ``phase_targets`` entry (default ``target``).
     A phase may be a callable that gets the energy callback (its mistake memory)
-    and returns the pool. ``subsets`` are test-set masks whose accuracy is kept.
+    and returns the pool, or the pool and a dict of notes (kept in ``PaperRun.notes``).
+    ``subsets`` are test-set masks whose accuracy is kept.
     ``output_lr`` is the output layer's step size (default ``lr``). A run stops at its
     target after ``confirm`` consecutive test points at or above it. Batches of
     ``batch_size`` samples; ``skip_backward`` runs the sample gate's judging forward pass
     and the backward pass over the learning samples only (see ``PlasticityCallback``).
-    ``callbacks`` join the trainer's (after the energy callback and the tester).
+    ``callbacks`` join the trainer's (after the energy callback and the tester); their
+    ``state_dict`` goes into checkpoints.
+
+    ``checkpoint``: a file to resume from when it exists, written every
+    ``checkpoint_every`` seconds of the run (default ``resume.CHECKPOINT_SECONDS``; see
+    :mod:`~energy_callbacks.reproduce.resume`); the caller deletes it once the run's
+    results are kept.
     """
     module = PaperModule(
         x_train.shape[1], n_hidden, n_outputs, loss=loss, lr=lr, output_lr=output_lr, seed=seed
@@ -356,26 +421,80 @@ def fit_paper(
         subsets=subsets,
         confirm=confirm,
     )
-    pools = list(phases) if phases is not None else [np.arange(len(x_train))]
-    goals = list(phase_targets) if phase_targets is not None else [target] * len(pools)
+    phases = list(phases) if phases is not None else [np.arange(len(x_train))]
+    goals = list(phase_targets) if phase_targets is not None else [target] * len(phases)
     rng = np.random.default_rng(seed)
-    start = time.perf_counter()
-    phase_ends = []
-    for k, phase in enumerate(pools):
-        pool = phase(energy) if callable(phase) else phase
+    pools: list[np.ndarray] = []
+    notes: list[dict[str, Any]] = []
+    phase_ends: list[int] = []
+    saved = read_checkpoint(checkpoint)
+    seconds_before = 0.0
+    if saved is not None:
+        module.load_state_dict(saved["module"])
+        energy.load_state_dict(saved["energy"])
+        tester.load_state_dict(saved["tester"])
+        for callback, state in zip(callbacks, saved["callbacks"], strict=True):
+            callback.load_state_dict(state)
+        rng.bit_generator.state = saved["phase_rng"]
+        pools = [p.numpy() for p in saved["pools"]]
+        notes, phase_ends, seconds_before = saved["notes"], saved["phase_ends"], saved["seconds"]
+    start = time.perf_counter() - seconds_before
+    for k in range(len(pools) - 1 if saved is not None else 0, len(phases)):
+        resumed = saved is not None and k == len(pools) - 1
+        if not resumed:
+            phase = phases[k]
+            chosen = phase(energy) if callable(phase) else phase
+            pool, note = chosen if isinstance(chosen, tuple) else (chosen, {})
+            pools.append(np.asarray(pool, dtype=np.int64))
+            notes.append(note)
         tester.target = goals[k]
         stream = SampleStream(
             xt,
             yt,
             max(1, max_samples // batch_size),
             batch_size=batch_size,
-            seed=seed if k == 0 else int(rng.integers(2**31)),
-            pool=pool,
+            seed=seed if k == 0 or resumed else int(rng.integers(2**31)),
+            pool=pools[k],
         )
+        if resumed:
+            assert saved is not None
+            stream.load_state_dict(saved["stream"])
+
+        def capture(
+            trainer: pl.Trainer, trained: int, stream: SampleStream = stream
+        ) -> dict[str, Any]:
+            return {
+                "module": module.state_dict(),
+                "optimizers": [o.state_dict() for o in trainer.optimizers],
+                "energy": energy.state_dict(),
+                "tester": tester.state_dict(),
+                "callbacks": [c.state_dict() for c in callbacks],
+                "phase_rng": rng.bit_generator.state,
+                "pools": [torch.from_numpy(p) for p in pools],
+                "notes": notes,
+                "phase_ends": phase_ends,
+                "stream": stream.state_dict(trained),
+                "seconds": time.perf_counter() - start,
+            }
+
+        keeper = []
+        if checkpoint is not None:
+            keeper.append(
+                Checkpointer(
+                    checkpoint,
+                    capture,
+                    every=resume.CHECKPOINT_SECONDS
+                    if checkpoint_every is None
+                    else checkpoint_every,
+                    first_batch=stream.start,
+                    restore_optimizers=saved["optimizers"] if resumed and saved else None,
+                    on_saved=tester.exclude,
+                )
+            )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*train_dataloader.*")
-            lean_trainer([energy, tester, *callbacks]).fit(module, stream)
+            lean_trainer([energy, tester, *callbacks, *keeper]).fit(module, stream)
         phase_ends.append(len(tester.curve.samples) - 1)
     return PaperRun(
         report=energy.report(),
@@ -388,4 +507,5 @@ def fit_paper(
         tester=tester,
         energy=energy,
         phase_ends=phase_ends,
+        notes=notes,
     )

@@ -2,20 +2,22 @@
 
 Every run has a ``key`` that names its experiment, data set and settings. A
 finished run is appended to ``<out>/<experiment>.csv`` (and its test curve to
-``<experiment>_curves.csv``) the moment it ends, so an interrupted sweep loses
-at most the run in progress; a rerun with the same arguments skips every key
-already in the CSV.
+``<experiment>_curves.csv``) the moment it ends; a rerun with the same arguments
+skips every key already in the CSV. The run in progress keeps a mid-run
+checkpoint in ``<out>/<experiment>.partial/`` (see :mod:`.resume`), so an
+interrupted sweep loses at most the last few minutes of it.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +65,13 @@ CURVE_COLUMNS = ("key", "samples", "accuracy", "seconds", "m1", "m0")
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of a sweep: its unique ``key``, a ``title`` for the progress bar, its params."""
+    """One run of a sweep: its unique ``key``, a ``title`` for the progress bar, its params,
+    and the file its training resumes from (set by :meth:`Sweep.run`)."""
 
     key: str
     title: str
     params: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
 
 
 @dataclass
@@ -147,6 +151,11 @@ class Sweep:
         self.columns = tuple(columns)
         self.csv = self.out / f"{experiment}.csv"
         self.curves_csv = self.out / f"{experiment}_curves.csv"
+        self.partial = self.out / f"{experiment}.partial"
+
+    def checkpoint(self, key: str) -> Path:
+        """The mid-run checkpoint of the run ``key`` (there while it is unfinished)."""
+        return self.partial / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
 
     def rows(self) -> list[dict[str, Any]]:
         return read_table(self.csv, self.columns)
@@ -199,7 +208,8 @@ class Sweep:
             task = progress.add_task(self.experiment, total=len(specs), completed=finished)
             for spec in todo:
                 progress.update(task, description=f"{self.experiment}: {spec.title}")
-                result = execute(spec)
+                checkpoint = self.checkpoint(spec.key)
+                result = execute(replace(spec, checkpoint=checkpoint))
                 row = {"key": spec.key, "experiment": self.experiment, **result.row}
                 if result.curve is not None:
                     c = result.curve
@@ -221,6 +231,7 @@ class Sweep:
                         ),
                     )
                 append_rows(self.csv, self.columns, [row])  # the row last: it marks the run done
+                checkpoint.unlink(missing_ok=True)
                 progress.advance(task)
                 if show_progress and not console.is_terminal:  # a log file: one line per run
                     console.print(
