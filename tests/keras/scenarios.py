@@ -481,39 +481,46 @@ def scenario_selection() -> None:
         "tensorflow": lambda f: __import__("tensorflow").function(f, jit_compile=True),
         "jax": lambda f: __import__("jax").jit(f),
     }.get(BACKEND, lambda f: f)
+    # compiled once each and called on every distribution (same shapes: no retrace)
+    exact = {
+        k: compiled(lambda s, k=k: keras_ops.top_k_mask(ops.reshape(s, (1, n)), k))
+        for k in (1, 10_000, 50_001, n - 1)
+    }
+    approximate_top = compiled(lambda s: keras_ops.approx_top_mask(s, 10_000))
+    magnitude = {
+        a: compiled(lambda s, a=a: keras_ops.top_magnitude_mask(s, 10_000, a))
+        for a in (False, True)
+    }
+    # a step's proposal, unwritten: the selection reads after - before at each round,
+    # plain and masked by an earlier rule (kept unwritten: zero outside the mask)
+    difference = compiled(
+        lambda a, b, m: (
+            keras_ops.top_magnitude_mask(keras_ops_difference(a, b), 10_000),
+            keras_ops.top_magnitude_mask(keras_ops.keep(keras_ops_difference(a, b), m), 10_000),
+        )
+    )
     out = {}
     for name, x in cases.items():
         x = x.astype("float32")
-        for k in (1, 10_000, 50_001, n - 1):
-            fn = compiled(lambda s, k=k: keras_ops.top_k_mask(ops.reshape(s, (1, n)), k))
+        for k, fn in exact.items():
             got = ops.convert_to_numpy(fn(ops.convert_to_tensor(x)))[0]
             out[f"{name}/exact k={k}"] = bool((got == numpy_ops.top_k_mask(x[None], k)[0]).all())
-        fn = compiled(lambda s: keras_ops.approx_top_mask(s, 10_000))
-        got = ops.convert_to_numpy(fn(ops.convert_to_tensor(x)))
+        got = ops.convert_to_numpy(approximate_top(ops.convert_to_tensor(x)))
         out[f"{name}/approximate"] = bool((got == numpy_ops.approx_top_mask(x, 10_000)).all())
         # the rules' entry point: signed updates, ranked by magnitude
         signed = np.where(rng.random(n) < 0.5, -x, x)
-        for approximate in (False, True):
-            fn = compiled(lambda s, a=approximate: keras_ops.top_magnitude_mask(s, 10_000, a))
+        for approximate, fn in magnitude.items():
             got = ops.convert_to_numpy(fn(ops.convert_to_tensor(signed)))
             want = numpy_ops.top_magnitude_mask(signed, 10_000, approximate)
             out[f"{name}/magnitude approximate={approximate}"] = bool((got == want).all())
-        # a step's proposal, unwritten: the selection reads after - before at each round
         after = rng.standard_normal(n).astype("float32")
         before = (after - signed).astype("float32")
-        # one k per case (one compile): the ties, bracket and count passes are the same
-        # code; each count pass sums slices of 1000 entries here (a loop, and the tail)
-        # and masked by an earlier rule (kept unwritten: zero outside the mask)
         keep = rng.random(n) < 0.3
-        fn = compiled(
-            lambda a, b, m: (
-                keras_ops.top_magnitude_mask(keras_ops_difference(a, b), 10_000),
-                keras_ops.top_magnitude_mask(keras_ops.keep(keras_ops_difference(a, b), m), 10_000),
-            )
-        )
+        # one k (one compile): the ties, bracket and count passes are the same code; each
+        # count pass sums slices of 1000 entries here (a loop, and the tail)
         chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 1000
         try:
-            got = fn(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
+            got = difference(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
         finally:
             keras_ops_module.MEASURE_CHUNK = chunk
         for key, mask, want in (
