@@ -126,12 +126,20 @@ class CachingVariables:
         decays = math.isfinite(self.caching.tau)
         weights = ops.reshape(final, (-1,)) if decays else ops.zeros(())
 
+        # On JAX the new store is written over the old one in the loop's carry: each
+        # slice is read there before it is written, so XLA updates the donated store in
+        # place (3.41x of the weights' bytes at the peak against 4.38x). TensorFlow
+        # then holds the variable and the carry both (4.42x against 3.73x), and eager
+        # torch writes a buffer in place: they get a buffer of their own.
+        in_place = one_slice(n) or keras.backend.backend() == "jax"
+        buffer = flat_store if in_place else ops.zeros_like(flat_store)
+
         def one(start: Any, size: int, carry: tuple) -> tuple:
             new_store, weights, *sums = carry
             new, w, figures = self._tensor_step(
                 cut(weights, start, size) if decays else None,
                 _kept_slice(kept, start, size),
-                cut(flat_store, start, size),
+                cut(new_store if in_place else flat_store, start, size),
                 go,
             )
             return (
@@ -141,8 +149,6 @@ class CachingVariables:
             )
 
         zero = ops.zeros((), "float32")
-        # the new store's buffer (one slice: the slice's result is the new store)
-        buffer = flat_store if one_slice(n) else ops.zeros_like(flat_store)
         carry = (buffer, weights, zero, ops.zeros((), "int32"), zero)
         new_store, weights, *sums = over_slices(n, one, carry)
         final = ops.reshape(weights, tuple(final.shape)) if decays else final
