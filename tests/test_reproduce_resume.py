@@ -120,10 +120,10 @@ def test_a_run_killed_twice_and_resumed_is_the_run_never_killed(digits, case, tm
 
 
 def test_a_sweep_resumes_its_unfinished_run_and_drops_the_checkpoint_once_kept(
-    digits, tmp_path, monkeypatch
+    digits, tmp_path, monkeypatch, capsys
 ):
-    """The sweep hands each run its checkpoint, keeps it while the run is unfinished and
-    deletes it once the run's row is written."""
+    """The sweep hands each run its checkpoint, keeps it while the run is unfinished, says
+    that it resumes from it, and deletes it once the run's row is written."""
     monkeypatch.setattr(resume, "CHECKPOINT_SECONDS", 0.0)
     x, y, xt, yt = digits
     sweep = Sweep(tmp_path, "resume")
@@ -153,6 +153,7 @@ def test_a_sweep_resumes_its_unfinished_run_and_drops_the_checkpoint_once_kept(
         sweep.run([spec], execute, show_progress=False)
     assert seen_paths[0] == sweep.checkpoint(spec.key) and seen_paths[0].exists()
     kill[0] = None
-    rows = sweep.run([spec], execute, show_progress=False)
+    rows = sweep.run([spec], execute)
+    assert f"N=30 resumes from {seen_paths[0]}\n" in capsys.readouterr().err
     assert rows[0]["samples"] == 200 and not seen_paths[0].exists()
     assert sweep.curves()[spec.key].samples == [50, 100, 150, 200]

@@ -209,6 +209,10 @@ class Sweep:
             for spec in todo:
                 progress.update(task, description=f"{self.experiment}: {spec.title}")
                 checkpoint = self.checkpoint(spec.key)
+                if show_progress and checkpoint.exists():
+                    console.print(
+                        f"{self.experiment}: {spec.title} resumes from {checkpoint}", soft_wrap=True
+                    )
                 result = execute(replace(spec, checkpoint=checkpoint))
                 row = {"key": spec.key, "experiment": self.experiment, **result.row}
                 if result.curve is not None:
