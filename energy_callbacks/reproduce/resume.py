@@ -7,7 +7,8 @@ sample stream's position and random state, the phase) at most every ``every``
 seconds, between two training steps. :func:`read_checkpoint` gives it back to
 ``fit_paper``, which carries on from there: the resumed run draws the same
 samples and ends with the same weights, energy totals and test points as one that
-was never stopped. Only its wall-clock figures include the restart.
+was never stopped. Its wall-clock figures add up the parts' times (the steps after
+the last checkpoint are counted once, when they are trained again).
 """
 
 from __future__ import annotations
