@@ -284,27 +284,25 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         # A step nobody learns from or with NaN/Inf gradients leaves the optimizer's
         # state (moments, count) as it was, decided from the gradients before the
         # update. Where the backend can branch (torch; TensorFlow without a strategy)
-        # the update does not run then. JAX selects the old state back in the same
-        # elementwise pass that computes the new one, which XLA fuses: no copy of the
-        # state is held (a jax.lax.cond cost 0.5-0.9 ms a step on the paper MLP).
-        # Either way no copy of the state is kept to undo a step that goes wrong after
-        # the update: its proposal is then undone, not the moments.
+        # the update does not run then; JAX runs the inner optimizer's stateless
+        # update under a jax.lax.cond. (Selecting the old state back after the update
+        # held a copy of a moment per tensor: XLA fused the new moment into both the
+        # select and the weights' update, which then read the old one after the select
+        # had overwritten it.) Either way no copy of the state is kept to undo a step
+        # that goes wrong after the update: its proposal is then undone, not the moments.
         jax = keras.backend.backend() == "jax"
-        branch = scaler_skips is None and can_branch()
-        select = scaler_skips is None and jax
-        state_before = None if branch or select else [_snapshot(v) for v in state]
+        branch = scaler_skips is None and (can_branch() or jax)
+        state_before = None if branch else [_snapshot(v) for v in state]
         grads_finite = ops.convert_to_tensor(True)
-        if branch or select:
+        if branch:
             grads_finite = (
                 _all_finite(grads) if self._host is None else self._host.all_finite(grads)
             )
         proceed = ops.logical_and(live, grads_finite)
-        if branch:  # NaN/Inf gradients: the update does not run, and the step is skipped
+        if branch and jax:
+            self._stateless_update_if(proceed, grads, variables)
+        elif branch:  # NaN/Inf gradients: the update does not run, and the step is skipped
             run_if(proceed, lambda: self.inner_optimizer.apply(grads, variables))
-        elif select:
-            old_state = [v.value for v in state]
-            self.inner_optimizer.apply(grads, variables)
-            restore_unless(proceed, list(zip(state, old_state, strict=True)))
         elif scaler_skips is not None and jax:
             # its stateful apply assigns inside a jax cond: run its stateless form instead
             new_values, new_state = self.inner_optimizer.stateless_apply(
@@ -340,6 +338,26 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 (v, ops.where(go, v.value, b)) for v, b in zip(state, state_before, strict=True)
             ]
         assign_all(assigned)
+
+    def _stateless_update_if(self, flag: Any, grads: Sequence[Any], variables: list[Any]) -> None:
+        """JAX: the inner optimizer's update of ``variables`` and of its state where
+        ``flag`` is True, both left as they are where it is False (one branch runs)."""
+        import jax
+
+        if not isinstance(flag, jax.core.Tracer):  # an eager step (jit_compile=False)
+            if bool(flag):
+                self.inner_optimizer.apply(grads, variables)
+            return
+        state = self.inner_optimizer.variables
+        old = ([v.value for v in variables], [v.value for v in state])
+
+        def update() -> Any:
+            return self.inner_optimizer.stateless_apply(old[1], grads, old[0])
+
+        new_values, new_state = jax.lax.cond(flag, update, lambda: old)
+        assign_all(
+            list(zip(variables, new_values, strict=True)) + list(zip(state, new_state, strict=True))
+        )
 
     @property
     def _writes_weights(self) -> bool:
