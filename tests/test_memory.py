@@ -1,4 +1,4 @@
-"""The extra memory of measuring stays at its floor on every path but JAX's, the torch
+"""The extra memory of measuring stays at its floor on every path, the torch
 adapter's exact top fraction adds no more than a mask (so does Keras's on torch, which
 runs the same kernels), and compiled Keras's holds no ``|dw|``.
 
@@ -28,18 +28,14 @@ spec.loader.exec_module(memory)
 
 FLOOR = 2.0
 MARGIN = 0.25
-# JAX holds more than the snapshot and w_0 (2.37-2.56x for tracking, 2.30x for the
-# exact top fraction in benchmarks/memory.py), but no copy of the optimizer's state:
-# a regression that held Adam's moments again would read 3.4x or more.
-CEILING = {"keras-jax": 2.5}
 # on a CUDA device w_0 is in host memory: the device holds the snapshot only
-CEILING.update(dict.fromkeys(memory.GPU_PATHS, 1.0))
+CEILING = dict.fromkeys(memory.GPU_PATHS, 1.0)
 EXACT = "TopFraction(0.1)"
 # the torch adapter's exact selection: the mask on top (the device holds the snapshot)
 EXACT_CEILING = dict.fromkeys(("torch-fp32", "torch-bf16"), 2.5)
 EXACT_CEILING.update(dict.fromkeys(memory.GPU_PATHS, 1.5))
-# compiled Keras: the selection reads after - before at each round, a slice at a time,
-# and holds no |dw| (TensorFlow 2.2x measured, JAX 2.3x)
+# compiled Keras: the selection reads after - before at each round, a slice (JAX: a
+# row) at a time, and holds no |dw| (TensorFlow 1.9x measured, JAX 2.2x)
 EXACT_CEILING["keras-tensorflow"] = EXACT_CEILING["keras-jax"] = 2.5
 # Keras on torch (CPU, float32): the torch adapter's fused step on the variables
 EXACT_CEILING["keras-torch"] = 2.5

@@ -1,6 +1,6 @@
-"""The Keras paths' share of ``test_memory.py`` (tracking at its floor, JAX at its
-ceiling; compiled Keras's exact top fraction under its own), in a file of its own so
-that another worker measures it."""
+"""The Keras paths' share of ``test_memory.py`` (tracking at its floor; compiled
+Keras's exact top fraction under its own ceiling), in a file of its own so that
+another worker measures it."""
 
 from __future__ import annotations
 

@@ -267,11 +267,10 @@ def change_totals(
     after: Array, before: Array, alpha: float, mask: Array | None = None
 ) -> tuple[Array, Array, Array, Array]:
     """``(sum |c|, count(c != 0), sum |c| ** alpha, sum |d|)`` of ``d = after - before``
-    and ``c = d`` where ``mask`` (all of it without one), one slice of at most
-    :data:`MEASURE_CHUNK` entries at a time, so that no difference of a whole tensor
-    is written (:func:`_sum_over_slices`). The last figure is finite exactly when ``d`` is,
-    masked out or not. A ``mask`` is for compiled backends: eager torch masks the
-    proposal it has written (the masked step)."""
+    and ``c = d`` where ``mask`` (all of it without one), summed without writing a
+    difference of the whole tensor (:func:`_sum_over_slices`). The last figure is
+    finite exactly when ``d`` is, masked out or not. A ``mask`` is for compiled
+    backends: eager torch masks the proposal it has written (the masked step)."""
     if keras.backend.backend() == "torch":
         if mask is not None:
             raise ValueError("change_totals: a mask on torch; sum the written proposal")
@@ -280,39 +279,100 @@ def change_totals(
     a, b = ops.reshape(after, (-1,)), ops.reshape(before, (-1,))
     keep = None if mask is None else ops.reshape(mask, (-1,))
 
-    def totals(a: Array, b: Array, keep: Array | None) -> tuple[Array, Array, Array, Array]:
+    def values(a: Array, b: Array, keep: Array | None) -> tuple[Array, ...]:
         m = ops.abs(a - b)
         c = m if keep is None else ops.where(keep, m, ops.zeros_like(m))
-        m1 = ops.sum(c)
-        m_alpha = m1 if alpha == 1.0 else ops.sum(ops.power(c, alpha))
-        return m1, _count(ops.not_equal(c, 0)), m_alpha, m1 if keep is None else ops.sum(m)
+        extra = () if alpha == 1.0 else (ops.power(c, alpha),)
+        return (c, ops.not_equal(c, 0), *extra, *(() if keep is None else (m,)))
 
     zero = ops.zeros((), "float32")
-    return _sum_over_slices(  # type: ignore[return-value]
-        totals, (a, b, keep), (zero, ops.zeros((), "int32"), zero, zero)
+    zeros = (zero, ops.zeros((), "int32")) + (() if alpha == 1.0 else (zero,))
+    m1, m0, *rest = _sum_over_slices(
+        values, (a, b, keep), zeros + ((zero,) if keep is not None else ())
     )
+    m_alpha = m1 if alpha == 1.0 else rest.pop(0)
+    return m1, m0, m_alpha, rest[0] if rest else m1
 
 
 def _sum_over_slices(
-    figures: Callable[..., tuple[Array, ...]],
+    values: Callable[..., tuple[Array, ...]],
     arrays: tuple[Array | None, ...],
     zeros: tuple[Array, ...],
 ) -> tuple[Array, ...]:
-    """The sums over the slices of :func:`over_slices` of ``figures(*slices)``
-    (scalars) of the 1-D ``arrays`` (None stays None); ``zeros`` gives the sums'
-    dtypes. XLA's CPU backend reduces through library calls that read a written
+    """The sums of ``values(*arrays)`` over the 1-D ``arrays`` (None stays None):
+    ``values`` gives elementwise figures, float32 values or boolean flags (counted);
+    ``zeros`` gives the sums' dtypes. No figure is written for a whole tensor.
+
+    JAX sums all figures in one pass, rows of :data:`_ROW` entries at a time
+    (:func:`_row_sums`). Elsewhere a loop over slices of :data:`MEASURE_CHUNK`
+    entries: XLA's CPU backend reduces through library calls that read a written
     input, and with slices side by side in one graph its scheduler kept them all
     alive (about 2x the tensor for ``Threshold`` on TensorFlow); a loop holds one
     slice's."""
     n = int(next(x for x in arrays if x is not None).shape[0])
-    if one_slice(n):
-        return figures(*arrays)
+    if keras.backend.backend() == "jax":
+        return _row_sums(values, arrays, zeros, n)
 
-    def add(start: Any, size: int, sums: tuple[Array, ...]) -> tuple[Array, ...]:
-        part = figures(*(None if x is None else cut(x, start, size) for x in arrays))
-        return tuple(ops.add(s, ops.cast(p, s.dtype)) for s, p in zip(sums, part, strict=True))
+    def sums(*slices: Array | None) -> tuple[Array, ...]:
+        return tuple(_total(v) for v in values(*slices))
+
+    if one_slice(n):
+        return tuple(ops.cast(s, z.dtype) for s, z in zip(sums(*arrays), zeros, strict=True))
+
+    def add(start: Any, size: int, acc: tuple[Array, ...]) -> tuple[Array, ...]:
+        part = sums(*(None if x is None else cut(x, start, size) for x in arrays))
+        return tuple(ops.add(s, ops.cast(p, s.dtype)) for s, p in zip(acc, part, strict=True))
 
     return over_slices(n, add, zeros)  # type: ignore[no-any-return]
+
+
+def _total(x: Array) -> Array:
+    """The sum of float values, or the count of boolean flags (int32)."""
+    return _count(x) if x.dtype == "bool" else ops.sum(x)
+
+
+_ROW = 1024
+"""Entries per row of :func:`_row_sums`: a row's float32 sum has a row's rounding,
+like a block of a library sum."""
+
+
+def _row_sums(
+    values: Callable[..., tuple[Array, ...]],
+    arrays: tuple[Array | None, ...],
+    zeros: tuple[Array, ...],
+    n: int,
+) -> tuple[Array, ...]:
+    """:func:`_sum_over_slices` on JAX: the arrays seen as rows of :data:`_ROW`
+    entries, every figure of a row summed by one variadic reduction, then the rows'
+    sums; the last ``n % _ROW`` entries apart. XLA fuses ``values`` into the
+    reduction, so nothing is written but one sum per row and figure (separate
+    reductions of the same values wrote them whole: 2x the tensor for a sum and a
+    count). Flags are counted in int32, which XLA vectorizes (counted in float32,
+    a pass took 3x longer)."""
+    from jax import lax
+
+    main = n - n % _ROW
+    sums = list(zeros)
+
+    def add(figures: Any) -> None:
+        for j, s in enumerate(figures):
+            sums[j] = sums[j] + ops.cast(s, sums[j].dtype)
+
+    if main:
+        rows = [None if x is None else ops.reshape(x[:main], (-1, _ROW)) for x in arrays]
+        per_entry = tuple(  # flags counted in int32, values summed in float32
+            ops.cast(v, "int32" if v.dtype == "bool" else "float32") for v in values(*rows)
+        )
+        per_row = lax.reduce(
+            per_entry,
+            tuple(np.zeros((), v.dtype) for v in per_entry),
+            lambda x, y: tuple(map(ops.add, x, y)),
+            (1,),
+        )
+        add(ops.sum(s) for s in per_row)
+    if main < n:
+        add(_total(v) for v in values(*(None if x is None else x[main:] for x in arrays)))
+    return tuple(sums)
 
 
 def over_slices(n: int, step: Callable[[Any, int, Any], Any], carry: Any) -> Any:
@@ -408,11 +468,11 @@ def _search_top(a: Array, b: Array | None, k: int, keep: Array | None = None) ->
     (zero where ``keep`` is False), without a sort.
 
     Non-negative float32 values order like their bit patterns read as int32,
-    so the k-th largest value is found by bisection over the bits: each
-    iteration is one compare-and-count pass, which reads ``a`` and ``b`` (no
-    array of scores lives through the loop). A strided sample brackets the
-    answer first (about 20 iterations instead of 31); a missed bracket falls
-    back to the full range, so the result is always exact.
+    so the cut is found by a search over the bits (:func:`_narrow`): each round
+    is one pass that counts the entries at or above its thresholds, reading ``a``
+    and ``b`` (no array of scores lives through the loop). A strided sample
+    brackets the cut first; a missed bracket falls back to the full range, so the
+    result is always exact.
     """
     n = int(a.shape[0])
     stride = approx_stride(n)  # a prime stride visits every column
@@ -424,32 +484,40 @@ def _search_top(a: Array, b: Array | None, k: int, keep: Array | None = None) ->
     margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
     rank_lo = min(m, int(np.ceil((q + margin) * m)))  # likely >= k entries at or above
     rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
-    lo = _kth_largest(lambda t: _count_at_least(sample, t), rank_lo, 0, FLOAT_BITS_END)
-    hi = _kth_largest(lambda t: _count_at_least(sample, t), rank_hi, 0, FLOAT_BITS_END) + 1
+    lo = _narrow(_counter(sample), rank_lo, 0, FLOAT_BITS_END)[0]
+    hi = _narrow(_counter(sample), rank_hi, 0, FLOAT_BITS_END)[2]
 
-    def count(t: Array) -> Array:
-        # slice by slice: a whole tensor's count would write its flags as int32 (XLA's
-        # library sum reads a written input). ``a`` read through a select on the
-        # round's ``t`` (never negative): otherwise XLA hoists |a - b| out of the loop
-        # and writes it whole.
-        def count_slice(a: Array, b: Array | None, keep: Array | None) -> tuple[Array]:
+    def count(*ts: Array) -> tuple[Array, ...]:
+        # slice by slice (rows on JAX): a whole tensor's count would write its flags
+        # (XLA's library sum reads a written input). ``a`` read through a select on
+        # the round's first threshold (never negative): otherwise XLA hoists |a - b|
+        # out of the loop and writes it whole.
+        def flags(a: Array, b: Array | None, keep: Array | None) -> tuple[Array, ...]:
             if b is None:
-                return (_count_at_least(_bits(a, None), t),)
-            return (_count_at_least(_bits(ops.where(ops.less(t, 0), b, a), b, keep), t),)
+                bits = _bits(a, None)
+            else:
+                bits = _bits(ops.where(ops.less(ts[0], 0), b, a), b, keep)
+            return tuple(ops.greater_equal(bits, t) for t in ts)
 
-        return _sum_over_slices(count_slice, (a, b, keep), (ops.zeros((), "int32"),))[0]
+        zeros = (ops.zeros((), "int32"),) * len(ts)
+        return _sum_over_slices(flags, (a, b, keep), zeros)
 
-    c_lo, c_hi = count(lo), count(hi)
+    c_lo, c_hi = count(lo, hi)
     lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)
     lo, c_lo = ops.where(lo_ok, lo, 0), ops.where(lo_ok, c_lo, n)
     hi, c_hi = ops.where(hi_ok, hi, FLOAT_BITS_END), ops.where(hi_ok, c_hi, 0)
-    t, c_t = _kth_largest(count, k, lo, hi, counts=(c_lo, c_hi), stop_at_k=True)
+    t, c_t, _, _ = _narrow(count, k, lo, hi, (c_lo, c_hi))
     # ties at t past the k-th entry are rare; only then pay for the cumulative count
     return ops.cond(
         ops.equal(c_t, k),
         lambda: ops.greater_equal(_bits(a, b, keep), t),
         lambda: _keep_above(ops.expand_dims(_bits(a, b, keep), 0), ops.reshape(t, (1, 1)), k)[0],
     )
+
+
+def _counter(bits: Array) -> Callable[..., tuple[Array, ...]]:
+    """The entries of a short ``bits`` at or above each of the thresholds."""
+    return lambda *ts: tuple(_count_at_least(bits, t) for t in ts)
 
 
 def _bits(a: Array, b: Array | None, keep: Array | None = None) -> Array:
@@ -470,7 +538,9 @@ def _approx_top(scores: Array, k: int) -> Array:
     r = min(m - 1, max(0, m - round(k * m / n)))
     # the r-th smallest of the sample (NumPy's partition) is its (m - r)-th largest
     if _compiled_loops():
-        t = _kth_largest(lambda t: _count_at_least(sample, t), m - r, 0, FLOAT_BITS_END)
+        lo = _narrow(_counter(sample), m - r, 0, FLOAT_BITS_END)[0]
+        # lo has m - r entries at or above it, or is the value itself: the smallest of them
+        t = ops.min(ops.where(ops.greater_equal(sample, lo), sample, FLOAT_BITS_END))
     else:
         t = ops.top_k(sample, m - r, sorted=True)[0][m - r - 1]
     return ops.where(ops.greater(t, 0), ops.greater_equal(bits, t), ops.greater(bits, 0))
@@ -501,54 +571,64 @@ def _count_at_least(bits: Array, t: Array) -> Array:
     return _count(ops.greater_equal(bits, t))
 
 
-def _kth_largest(
-    count: Callable[[Array], Array],
+def _narrow(
+    count: Callable[..., tuple[Array, ...]],
     k: int,
     lo: Any,
     hi: Any,
     counts: Any = None,
-    stop_at_k: bool = False,
-) -> Any:
-    """The largest ``t`` in ``[lo, hi)`` with ``count(t) >= k``: the k-th largest bits,
-    where ``count(t)`` is the number of bits ``>= t`` (one pass, traced in the loop).
+) -> tuple[Array, Array, Array, Array]:
+    """Narrows ``[lo, hi)`` down to a ``lo`` with exactly ``k`` bits at or above it, or,
+    where ties leave none, to ``hi = lo + 1`` (then ``lo`` is the k-th largest bits).
+    ``count(*ts)`` gives the number of bits ``>= t`` for each threshold, in one pass;
+    ``counts`` are those at ``lo`` and ``hi``, if known. Needs ``count(lo) >= k`` and
+    ``count(hi) < k``. Returns ``(lo, count(lo), hi, count(hi))``.
 
-    Returns ``t``, or ``(t, count(t))`` when ``counts`` (the counts at ``lo`` and
-    ``hi``, if known) is given. ``stop_at_k`` stops at the first ``t``
-    with exactly ``k`` entries at or above it: the same selection ``bits >= t``,
-    found in a few steps instead of narrowing down to the k-th value's bits.
-
-    Needs ``count(lo) >= k`` and ``count(hi) < k``. Three steps
-    interpolate the value linearly on the counts (few steps on smooth data), the
-    fourth halves the bits (at most 31 halvings on any data); each step is one
-    compare-and-count pass.
+    The probes are interpolated linearly on the counts (a few rounds on smooth
+    data), and regularly one halves the bits instead (at most 31 halvings on any
+    data). On JAX a round probes two values, aimed either side of ``k``: XLA counts
+    both in one fused pass. On TensorFlow each count is a library reduction of its
+    own, so a round probes one value, and every fourth round halves.
     """
+    two = keras.backend.backend() == "jax"
 
     def more(lo: Array, hi: Array, c_lo: Array, c_hi: Array, i: Array) -> Array:
-        wide = ops.greater(hi - lo, 1)
-        return ops.logical_and(wide, ops.not_equal(c_lo, k)) if stop_at_k else wide
+        return ops.logical_and(ops.greater(hi - lo, 1), ops.not_equal(c_lo, k))
 
     def narrow(lo: Array, hi: Array, c_lo: Array, c_hi: Array, i: Array) -> tuple:
-        # interpolate the values (not the bits) linearly on the counts; halve every 4th step
         lo_v, hi_v = ops.view(lo, "float32"), ops.view(hi, "float32")
-        share = ops.cast(c_lo - k, "float32") / ops.cast(ops.maximum(c_lo - c_hi, 1), "float32")
-        guess = ops.view(ops.cast(lo_v + (hi_v - lo_v) * share, "float32"), "int32")
-        mid = ops.where(ops.equal(i % 4, 3), lo + (hi - lo) // 2, guess)
-        mid = ops.clip(mid, lo + 1, hi - 1)
-        c_mid = count(mid)
-        enough = ops.greater_equal(c_mid, k)
-        return (
-            ops.where(enough, mid, lo),
-            ops.where(enough, hi, mid),
-            ops.where(enough, c_mid, c_lo),
-            ops.where(enough, c_hi, c_mid),
-            i + 1,
-        )
+        span = ops.maximum(c_lo - c_hi, 1)
+        mid = lo + (hi - lo) // 2
+
+        def at(target: Any) -> Array:
+            share = ops.cast(c_lo - target, "float32") / ops.cast(span, "float32")
+            share = ops.clip(share, 0.0, 1.0)
+            guess = ops.view(ops.cast(lo_v + (hi_v - lo_v) * share, "float32"), "int32")
+            return ops.clip(guess, lo + 1, hi - 1)
+
+        if two:
+            spread = span // 32  # aim the probes this many entries either side of k
+            t1 = at(k + spread)
+            t2 = ops.where(ops.equal(i % 2, 1), mid, at(k - spread - 1))
+            t2 = t2 + ops.cast(ops.equal(t2, t1), "int32")
+            probes: tuple[Array, ...] = (t1, ops.clip(t2, lo + 1, hi - 1))
+        else:
+            probes = (ops.clip(ops.where(ops.equal(i % 4, 3), mid, at(k)), lo + 1, hi - 1),)
+        for t, c in zip(probes, count(*probes), strict=True):  # each in [lo + 1, hi - 1]
+            enough = ops.greater_equal(c, k)
+            raise_lo = ops.logical_and(enough, ops.greater(t, lo))
+            lower_hi = ops.logical_and(ops.logical_not(enough), ops.less(t, hi))
+            lo, c_lo = ops.where(raise_lo, t, lo), ops.where(raise_lo, c, c_lo)
+            hi, c_hi = ops.where(lower_hi, t, hi), ops.where(lower_hi, c, c_hi)
+        return lo, hi, c_lo, c_hi, i + 1
 
     lo = ops.convert_to_tensor(lo, "int32")
     hi = ops.convert_to_tensor(hi, "int32")
-    c_lo, c_hi = (count(lo), count(hi)) if counts is None else counts
-    out = ops.while_loop(more, narrow, (lo, hi, c_lo, c_hi, ops.zeros((), "int32")))
-    return out[0] if counts is None else (out[0], out[2])
+    c_lo, c_hi = count(lo, hi) if counts is None else counts
+    lo, hi, c_lo, c_hi, _ = ops.while_loop(
+        more, narrow, (lo, hi, c_lo, c_hi, ops.zeros((), "int32"))
+    )
+    return lo, c_lo, hi, c_hi
 
 
 def _keep_above(s: Array, t: Array, k: int) -> Array:
