@@ -383,7 +383,14 @@ def over_slices(n: int, step: Callable[[Any, int, Any], Any], carry: Any) -> Any
     if one_slice(n):
         return step(0, n, carry)
     chunk, whole_slices = MEASURE_CHUNK, n // MEASURE_CHUNK
-    carry = ops.fori_loop(0, whole_slices, lambda i, c: step(i * chunk, chunk, c), carry)
+    if keras.backend.backend() == "torch":
+        # eager: a Python loop. Keras's fori_loop there flattens the carry through
+        # torch's pytree, whose reference cycles keep the carry's buffers (1.0x of
+        # a tensor) alive until the garbage collector runs.
+        for i in range(whole_slices):
+            carry = step(i * chunk, chunk, carry)
+    else:
+        carry = ops.fori_loop(0, whole_slices, lambda i, c: step(i * chunk, chunk, c), carry)
     done = whole_slices * chunk
     return carry if done == n else step(done, n - done, carry)
 

@@ -116,6 +116,12 @@ def test_wrapper_serializes_with_its_rules(results):
     }
 
 
+def test_the_slice_loop_steps_every_slice_and_frees_its_buffers_at_once(results):
+    r = results["slice_loop"]
+    assert r["written"] and r["total"] == sum(range(1050))
+    assert r["freed"]  # no reference cycle holds the carry until the collector runs
+
+
 def test_gradient_accumulation_updates_only_on_window_ends(results):
     r = results["accumulation"]
     assert r["steps"] == 12

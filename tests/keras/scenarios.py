@@ -565,6 +565,42 @@ def scenario_selection() -> None:
 
 
 # -- 6. the accumulators over 1e5 steps ------------------------------------------------
+def scenario_slice_loop() -> None:
+    """The loop over slices that sums and steps big tensors: its result, and that its
+    buffers go when the caller drops them, without the garbage collector (Keras's
+    fori_loop on torch left them in reference cycles: 1.0x of a tensor per step)."""
+    import gc
+    import weakref
+
+    from energy_callbacks.keras import ops as keras_ops_module
+
+    chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 100
+    gc.collect()
+    gc.disable()
+    try:
+        x = ops.convert_to_tensor(np.arange(1050, dtype="float32"))
+
+        def step(start, size, carry):
+            buffer, total = carry
+            part = keras_ops_module.cut(x, start, size)
+            return keras_ops_module.put(buffer, start, part * 2), total + ops.sum(part)
+
+        out = keras_ops_module.over_slices(1050, step, (ops.zeros_like(x), ops.zeros(())))
+        written = ops.convert_to_numpy(out[0]).tolist()
+        total = float(out[1])
+        buffer = weakref.ref(out[0])
+        del out
+        freed = buffer() is None
+    finally:
+        gc.enable()
+        keras_ops_module.MEASURE_CHUNK = chunk
+    RESULTS["slice_loop"] = {
+        "written": written == (2 * np.arange(1050)).tolist(),
+        "total": total,
+        "freed": freed,
+    }
+
+
 def scenario_accumulators() -> None:
     from energy_callbacks.keras.optimizer import COUNT_BITS, carry_count, two_sum
 
@@ -726,6 +762,7 @@ def main() -> None:
             ("misc", lambda: scenario_misc(tmp)),
             ("selection", scenario_selection),
             ("accumulators", scenario_accumulators),
+            ("slice_loop", scenario_slice_loop),
             ("caching", lambda: scenario_caching(tmp)),
             ("saved_file", scenario_saved_file),
             ("big_counts", scenario_big_counts),
