@@ -65,28 +65,32 @@ class CachingVariables:
     # -- in the train step -----------------------------------------------------
     def step(
         self,
-        final: list[Any],
+        final: list[Any] | None,
         covered: Sequence[int],
         kept: Sequence[Any],
         store: Sequence[Any],
         go: Any,
-    ) -> tuple[list[Any], list[Any], tuple[Any, Any, Any]]:
+    ) -> tuple[list[Any] | None, list[Any], tuple[Any, Any, Any]]:
         """The cached step as a pure function of tensors.
 
-        ``final`` are the new values of all variables (tensors of the step's own),
+        ``final`` are the new values of all variables (tensors of the step's own; None
+        when no rule masks and the store does not decay: the weights keep the update),
         ``kept`` the applied change of each covered one (a tensor, or compiled a
         ``(Difference, mask or None)`` that is read a slice at a time), ``store`` the
         store's values. Returns ``final``
         with the decay added, the new store values, and per tensor the consolidation
         energy, writes and maintenance of the step (zeros when it does not go ahead).
         """
-        final = list(final)
+        final = None if final is None else list(final)
         new_store, consolidated, writes, upkeep = [], [], [], []
         for j, i in enumerate(covered):
+            w = None if final is None else final[i]
             if self.caching.scope == "synapse":  # element by element: in slices
-                new, final[i], figures = self._in_slices(final[i], kept[j], store[j], go)
+                new, w, figures = self._in_slices(w, kept[j], store[j], go)
             else:
-                new, final[i], figures = self._tensor_step(final[i], _dense(kept[j]), store[j], go)
+                new, w, figures = self._tensor_step(w, _dense(kept[j]), store[j], go)
+            if final is not None:
+                final[i] = w
             new_store.append(new)
             consolidated.append(figures[0])
             writes.append(figures[1])

@@ -35,6 +35,7 @@ and the store's decay is part of the weights' new values
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -213,7 +214,8 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
                 w0.assign(ops.copy(v.value))  # a buffer of its own (JAX donates both)
         # XLA fuses the masks' passes on TensorFlow; measuring alone runs faster without
         # (its reductions of two inputs took 1.5 ms against 0.6 ms in TF's own kernels)
-        self._masked_step_fn = compiled_step(self._masked_step, self._writes_weights)
+        computes = self.plasticity.restricts or self._caching is not None
+        self._masked_step_fn = compiled_step(self._masked_step, computes)
         super().build(var_list)
 
     def _no_hidden_layer(self, topology: Topology, model: Any) -> None:
@@ -361,8 +363,10 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
 
     @property
     def _writes_weights(self) -> bool:
-        """True when the step computes the weights' values (masks or a caching decay)."""
-        return self.plasticity.restricts or self._caching is not None
+        """True when the step computes the weights' values (masks or a caching decay).
+        Otherwise they keep the inner optimizer's update, restored for a skipped step."""
+        decays = self._caching is not None and math.isfinite(self._caching.caching.tau)
+        return self.plasticity.restricts or decays
 
     def _masked_step(
         self,
@@ -373,8 +377,8 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         store: list[Any] | None = None,
     ) -> tuple:
         """The step as a pure function: new values of the variables (None when no rule
-        restricts and there is no caching: then they are ``after``, or ``before`` for a
-        skipped step), per-tensor M1, M0 and M_alpha of the real change, finiteness
+        restricts and no caching store decays: then they are ``after``, or ``before`` for
+        a skipped step), per-tensor M1, M0 and M_alpha of the real change, finiteness
         (of the proposal, and ``grads_finite``: the gradients' when the update ran
         under a branch),
         whether the step goes ahead, and the caching outputs (the store's new values and
@@ -382,7 +386,8 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         covered = self._covered
         if self._host is not None:  # torch on the CPU: masked and measured in place
             return self._host.step(self.plasticity, covered, before, after, live, grads_finite)
-        if not self._writes_weights:  # measuring only: totals slice by slice, nothing kept
+        caching = self._caching is not None and store is not None
+        if not self._writes_weights and not caching:  # measuring only: totals slice by slice
             alpha = self.plasticity.alpha
             figures = [change_totals(after[i], before[i], alpha) for i in covered]
             sums = ops.stack([f[0] for f in figures])
@@ -405,7 +410,6 @@ class PlasticityOptimizer(keras.optimizers.Optimizer):
         ]
         masks = self.plasticity.masks(proposed)
         alpha = self.plasticity.alpha
-        caching = self._caching is not None and store is not None
         # Per tensor, the figures of what it keeps (unmasked: all of it); a NaN/Inf
         # anywhere in the proposal makes the sum of all of it non-finite. Compiled, they
         # are read slice by slice from after and before; eager torch reads its proposal,

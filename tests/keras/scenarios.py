@@ -641,6 +641,10 @@ CACHING_RULES = {
         units=TopUnits(0.2, path=True), caching=Caching(0.5, math.inf, 1e-3, "layer_sum")
     ),
     "lazy + synapse": dict(samples="lazy", caching=Caching(0.004, 10.0, 1e-3)),
+    # no mask, no decay: the weights keep the update (restored for a skipped step)
+    "mistakes + synapse, no decay": dict(
+        samples="mistakes", caching=Caching(0.004, math.inf, 1e-3)
+    ),
 }
 CACHING_RESUME = dict(synapses=0.3, samples="mistakes", caching=Caching(0.2, 30.0, 1e-3))
 
