@@ -127,6 +127,25 @@ def test_the_largest_size_compares_its_saving_with_the_sweeps_largest(
     assert claim.ours.startswith("N = 10 000: ") and "; N = 3000: " in claim.ours
 
 
+def test_the_largest_size_says_when_the_rule_never_sustains_the_target():
+    runs = _sweep(0.5, 0.0)
+    key = "size-sweep|fashion-mnist/output-lr-scaled|full|N=10000|rule={}|seed=0"
+    run = dict(n_hidden=10000, seed=0, target=0.85, max_samples=300000, samples=300000)
+    big = [
+        dict(run, key=key.format("backprop"), rule="backprop", m1_sustained=100.0,
+             m0_sustained=1e8, samples_to_target=24000, epochs=5.0),
+        dict(run, key=key.format("combined"), rule="combined", m1_sustained="",
+             m0_sustained="", samples_to_target=250000, epochs=5.0),
+    ]  # fmt: skip
+    runs.append(Runs("size-sweep", "fashion-mnist/output-lr-scaled|full", big, {}))
+    claim = c.saving_at_the_largest_size(runs)
+    assert claim.verdict == c.MISSED
+    assert claim.ours == (
+        "N = 10 000: the combined rule does not sustain 85% in 5 epochs (first reaches 85% "
+        "at 4.17 epochs), backprop first reaches 85% at 0.4 epochs"
+    )
+
+
 def _mistakes(gated_share: float) -> list[Runs]:
     """Backprop and memorized mistakes curves: the gated rule spends ``gated_share`` of
     backprop's updates at every accuracy, after a lucky single point it must not count."""

@@ -313,6 +313,8 @@ def saving_at_the_largest_size(runs: Sequence[Runs]) -> Claim:
     smaller = [n for n in _sizes(rows, "combined") if n in _sizes(rows, "backprop")]
     ratios = {col: _paired_ratio(base, rule, f"{col}_sustained") for col in ("m1", "m0")}
     ours = f"N = {size}: {_ms(ratios['m1'], 3, 'x')} (M1), {_ms(ratios['m0'], 3, 'x')} (M0)"
+    if all(math.isnan(x) for x in ratios["m1"]):  # no run of the rule sustained the target
+        ours = f"N = {size}: {_unsustained(rule[0])}, backprop {_first_crossing(base[0])}"
     if any(math.isnan(x) for xs in ratios.values() for x in xs) or not smaller:
         return Claim(
             COMPETITIVE, claim, theirs, ours, _n_seeds(_seeds(rule)), MISSED, LARGEST_SWEEP
@@ -326,6 +328,21 @@ def saving_at_the_largest_size(runs: Sequence[Runs]) -> Claim:
     grew = [mean_sd(ratios[c])[0] > mean_sd(before[c])[0] for c in ("m1", "m0")]
     verdict = REPRODUCED if all(grew) else PARTLY if any(grew) else MISSED
     return Claim(COMPETITIVE, claim, theirs, ours, _n_seeds(_seeds(rule)), verdict, LARGEST_SWEEP)
+
+
+def _first_crossing(row: Row) -> str:
+    """``first reaches 85% at 0.4 epochs`` (the training set's epochs of its first crossing)."""
+    epochs = _num(row["samples_to_target"]) * _num(row["epochs"]) / _num(row["samples"])
+    return f"first reaches {_num(row['target']):.0%} at {epochs:.3g} epochs"
+
+
+def _unsustained(row: Row) -> str:
+    """What a run that never sustained its target did instead."""
+    budget = _num(row["max_samples"]) * _num(row["epochs"]) / _num(row["samples"])
+    sustained = f"does not sustain {_num(row['target']):.0%} in {budget:.3g} epochs"
+    if math.isnan(_num(row["samples_to_target"])):
+        return f"the combined rule {sustained}"
+    return f"the combined rule {sustained} ({_first_crossing(row)})"
 
 
 def plasticity_concentrates(runs: Sequence[Runs]) -> Claim:
