@@ -330,15 +330,20 @@ def saving_at_the_largest_size(runs: Sequence[Runs]) -> Claim:
     return Claim(COMPETITIVE, claim, theirs, ours, _n_seeds(_seeds(rule)), verdict, LARGEST_SWEEP)
 
 
+def _in_epochs(row: Row, samples_column: str) -> float:
+    """A run's ``samples_column`` in epochs of its training set."""
+    return _num(row[samples_column]) * _num(row["epochs"]) / _num(row["samples"])
+
+
 def _first_crossing(row: Row) -> str:
     """``first reaches 85% at 0.4 epochs`` (the training set's epochs of its first crossing)."""
-    epochs = _num(row["samples_to_target"]) * _num(row["epochs"]) / _num(row["samples"])
+    epochs = _in_epochs(row, "samples_to_target")
     return f"first reaches {_num(row['target']):.0%} at {epochs:.3g} epochs"
 
 
 def _unsustained(row: Row) -> str:
     """What a run that never sustained its target did instead."""
-    budget = _num(row["max_samples"]) * _num(row["epochs"]) / _num(row["samples"])
+    budget = _in_epochs(row, "max_samples")
     sustained = f"does not sustain {_num(row['target']):.0%} in {budget:.3g} epochs"
     if math.isnan(_num(row["samples_to_target"])):
         return f"the combined rule {sustained}"

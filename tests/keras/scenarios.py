@@ -564,7 +564,7 @@ def scenario_selection() -> None:
     RESULTS["selection"] = out
 
 
-# -- 6. the accumulators over 1e5 steps ------------------------------------------------
+# -- the loop over slices -------------------------------------------------------------
 def scenario_slice_loop() -> None:
     """The loop over slices that sums and steps big tensors: its result, and that its
     buffers go when the caller drops them, without the garbage collector (Keras's
@@ -601,6 +601,7 @@ def scenario_slice_loop() -> None:
     }
 
 
+# -- 6. the accumulators over 1e5 steps ------------------------------------------------
 def scenario_accumulators() -> None:
     from energy_callbacks.keras.optimizer import COUNT_BITS, carry_count, two_sum
 
