@@ -136,7 +136,7 @@ class KerasOps:
         n = int(np.prod(x.shape))
         if isinstance(x, Difference) and not approximate and 0 < k < n > _search_above():
             a, b, keep = x.flat()
-            return _xla(_search_top)(a, b, k, keep)
+            return _xla(_search_top)(a, b, k, keep, row_width(x.after.shape))
         s = ops.abs(_dense(x))
         if approximate:
             return self.approx_top_mask(s, k)
@@ -288,7 +288,7 @@ def change_totals(
     zero = ops.zeros((), "float32")
     zeros = (zero, ops.zeros((), "int32")) + (() if alpha == 1.0 else (zero,))
     m1, m0, *rest = _sum_over_slices(
-        values, (a, b, keep), zeros + ((zero,) if keep is not None else ())
+        values, (a, b, keep), zeros + ((zero,) if keep is not None else ()), row_width(after.shape)
     )
     m_alpha = m1 if alpha == 1.0 else rest.pop(0)
     return m1, m0, m_alpha, rest[0] if rest else m1
@@ -298,20 +298,21 @@ def _sum_over_slices(
     values: Callable[..., tuple[Array, ...]],
     arrays: tuple[Array | None, ...],
     zeros: tuple[Array, ...],
+    row: int = 0,
 ) -> tuple[Array, ...]:
     """The sums of ``values(*arrays)`` over the 1-D ``arrays`` (None stays None):
     ``values`` gives elementwise figures, float32 values or boolean flags (counted);
     ``zeros`` gives the sums' dtypes. No figure is written for a whole tensor.
 
-    JAX sums all figures in one pass, rows of :data:`_ROW` entries at a time
-    (:func:`_row_sums`). Elsewhere a loop over slices of :data:`MEASURE_CHUNK`
-    entries: XLA's CPU backend reduces through library calls that read a written
-    input, and with slices side by side in one graph its scheduler kept them all
-    alive (about 2x the tensor for ``Threshold`` on TensorFlow); a loop holds one
-    slice's."""
+    JAX sums the figures a row at a time (:func:`_row_sums`; ``row`` entries per
+    row, from :func:`row_width`, or :data:`_ROW`). Elsewhere a loop over slices of
+    :data:`MEASURE_CHUNK` entries: XLA's CPU backend reduces through library calls
+    that read a written input, and with slices side by side in one graph its
+    scheduler kept them all alive (about 2x the tensor for ``Threshold`` on
+    TensorFlow); a loop holds one slice's."""
     n = int(next(x for x in arrays if x is not None).shape[0])
     if keras.backend.backend() == "jax":
-        return _row_sums(values, arrays, zeros, n)
+        return _row_sums(values, arrays, zeros, n, row or _ROW)
 
     def sums(*slices: Array | None) -> tuple[Array, ...]:
         return tuple(_total(v) for v in values(*slices))
@@ -332,8 +333,24 @@ def _total(x: Array) -> Array:
 
 
 _ROW = 1024
-"""Entries per row of :func:`_row_sums`: a row's float32 sum has a row's rounding,
+"""Entries per row of :func:`_row_sums` unless the tensor's shape gives a row
+(:func:`row_width`): a row's float32 sum has a row's rounding,
 like a block of a library sum."""
+
+
+def row_width(shape: tuple[int, ...]) -> int:
+    """The row of :func:`_row_sums` for a tensor of ``shape``: its trailing dimensions,
+    as many as make at least 256 entries, when they make at most 8192 (else 0, for
+    :data:`_ROW`). A mask broadcast along an axis of the tensor (a unit rule's) then
+    lines up with the rows; read in rows of another length, each entry's place in
+    the mask took a division, and a pass over the paper MLP's kernel took 5x longer
+    (JAX, 784k entries: 1.3 ms against 0.25)."""
+    width = 1
+    for d in reversed(tuple(int(d) for d in shape)):
+        width *= d
+        if width >= 256:
+            break
+    return width if 256 <= width <= 8192 else 0
 
 
 def _row_sums(
@@ -341,17 +358,18 @@ def _row_sums(
     arrays: tuple[Array | None, ...],
     zeros: tuple[Array, ...],
     n: int,
+    row: int,
 ) -> tuple[Array, ...]:
-    """:func:`_sum_over_slices` on JAX: the arrays seen as rows of :data:`_ROW`
-    entries, every figure of a row summed by one variadic reduction, then the rows'
-    sums; the last ``n % _ROW`` entries apart. XLA fuses ``values`` into the
-    reduction, so nothing is written but one sum per row and figure (separate
-    reductions of the same values wrote them whole: 2x the tensor for a sum and a
-    count). Flags are counted in int32, which XLA vectorizes (counted in float32,
-    a pass took 3x longer)."""
+    """:func:`_sum_over_slices` on JAX: the arrays seen as rows of ``row``
+    entries, the figures of a row summed by variadic reductions (one per float32
+    figure, :func:`_reductions`), then the rows' sums; the last ``n % row`` entries
+    apart. XLA fuses ``values`` into each reduction, so nothing is written but one
+    sum per row and figure (separate plain reductions of the same values wrote them
+    whole: 2x the tensor for a sum and a count). Flags are counted in int32, which
+    XLA vectorizes (counted in float32, a pass took 3x longer)."""
     from jax import lax
 
-    main = n - n % _ROW
+    main = n - n % row
     sums = list(zeros)
 
     def add(figures: Any) -> None:
@@ -359,20 +377,42 @@ def _row_sums(
             sums[j] = sums[j] + ops.cast(s, sums[j].dtype)
 
     if main:
-        rows = [None if x is None else ops.reshape(x[:main], (-1, _ROW)) for x in arrays]
-        per_entry = tuple(  # flags counted in int32, values summed in float32
+        rows = [None if x is None else ops.reshape(x[:main], (-1, row)) for x in arrays]
+        per_entry = [  # flags counted in int32, values summed in float32
             ops.cast(v, "int32" if v.dtype == "bool" else "float32") for v in values(*rows)
-        )
-        per_row = lax.reduce(
-            per_entry,
-            tuple(np.zeros((), v.dtype) for v in per_entry),
-            lambda x, y: tuple(map(ops.add, x, y)),
-            (1,),
-        )
+        ]
+        per_row: list[Any] = [None] * len(per_entry)
+        for group in _reductions([v.dtype == "float32" for v in per_entry]):
+            figures = [per_entry[j] for j in group]
+            if len(group) == 1 and figures[0].dtype == "float32":
+                figures.append(ops.cast(ops.not_equal(figures[0], 0), "int32"))  # see _reductions
+            reduced = lax.reduce(
+                tuple(figures),
+                tuple(np.zeros((), v.dtype) for v in figures),
+                lambda x, y: tuple(map(ops.add, x, y)),
+                (1,),
+            )
+            for j, row_sums in zip(group, reduced, strict=False):
+                per_row[j] = row_sums
         add(ops.sum(s) for s in per_row)
     if main < n:
         add(_total(v) for v in values(*(None if x is None else x[main:] for x in arrays)))
     return tuple(sums)
+
+
+def _reductions(floats: list[bool]) -> list[list[int]]:
+    """The figures of :func:`_row_sums` (``floats[j]``: figure ``j`` is summed in
+    float32, else counted in int32) grouped into variadic reductions of at most one
+    float32 figure each, the counts with the first. XLA's CPU backend vectorizes such
+    a reduction; one with two float32 figures ran 5x slower than two passes of one
+    (784k entries: 0.75 ms against 0.27), and a lone float32 sum 2x slower than one
+    paired with a count, so a lone float gets a count it does not need."""
+    counts = [j for j, f in enumerate(floats) if not f]
+    groups = [[j] for j, f in enumerate(floats) if f]
+    if not groups:
+        return [counts]
+    groups[0] += counts
+    return groups
 
 
 def over_slices(n: int, step: Callable[[Any, int, Any], Any], carry: Any) -> Any:
@@ -470,29 +510,22 @@ def all_finite(grads: list[Any]) -> Array:
     return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in present]))
 
 
-def _search_top(a: Array, b: Array | None, k: int, keep: Array | None = None) -> Array:
+def _search_top(
+    a: Array, b: Array | None, k: int, keep: Array | None = None, row: int = 0
+) -> Array:
     """Exact top-``k`` of a long 1-D array of scores ``>= 0`` (``a``), or of ``|a - b|``
-    (zero where ``keep`` is False), without a sort.
+    (zero where ``keep`` is False), without a sort; ``row``: the passes' row
+    (:func:`row_width` of the tensor's shape; 0 for the default).
 
     Non-negative float32 values order like their bit patterns read as int32,
     so the cut is found by a search over the bits (:func:`_narrow`): each round
     is one pass that counts the entries at or above its thresholds, reading ``a``
-    and ``b`` (no array of scores lives through the loop). A strided sample
-    brackets the cut first; a missed bracket falls back to the full range, so the
-    result is always exact.
+    and ``b`` (no array of scores lives through the loop). On arrays long enough
+    for a strided sample to be shorter, the sample brackets the cut first; a missed
+    bracket falls back to the full range, so the result is always exact. Ties at
+    the cut are kept in index order (:func:`_last_tie`), as the core keeps them.
     """
     n = int(a.shape[0])
-    stride = approx_stride(n)  # a prime stride visits every column
-    sample = _bits(
-        a[::stride], None if b is None else b[::stride], None if keep is None else keep[::stride]
-    )
-    m = int(sample.shape[0])
-    q = k / n
-    margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
-    rank_lo = min(m, int(np.ceil((q + margin) * m)))  # likely >= k entries at or above
-    rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
-    lo = _narrow(_counter(sample), rank_lo, 0, FLOAT_BITS_END)[0]
-    hi = _narrow(_counter(sample), rank_hi, 0, FLOAT_BITS_END)[2]
 
     def count(*ts: Array) -> tuple[Array, ...]:
         # slice by slice (rows on JAX): a whole tensor's count would write its flags
@@ -507,19 +540,84 @@ def _search_top(a: Array, b: Array | None, k: int, keep: Array | None = None) ->
             return tuple(ops.greater_equal(bits, t) for t in ts)
 
         zeros = (ops.zeros((), "int32"),) * len(ts)
-        return _sum_over_slices(flags, (a, b, keep), zeros)
+        return _sum_over_slices(flags, (a, b, keep), zeros, row)
 
-    c_lo, c_hi = count(lo, hi)
-    lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)
-    lo, c_lo = ops.where(lo_ok, lo, 0), ops.where(lo_ok, c_lo, n)
-    hi, c_hi = ops.where(hi_ok, hi, FLOAT_BITS_END), ops.where(hi_ok, c_hi, 0)
-    t, c_t, _, _ = _narrow(count, k, lo, hi, (c_lo, c_hi))
-    # ties at t past the k-th entry are rare; only then pay for the cumulative count
-    return ops.cond(
-        ops.equal(c_t, k),
-        lambda: ops.greater_equal(_bits(a, b, keep), t),
-        lambda: _keep_above(ops.expand_dims(_bits(a, b, keep), 0), ops.reshape(t, (1, 1)), k)[0],
-    )
+    stride = approx_stride(n)  # a prime stride visits every column
+    if stride == 1:  # a sample would be all of it: the search starts from the full range
+        lo, hi = ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(FLOAT_BITS_END, "int32")
+        c_lo, c_hi = ops.convert_to_tensor(n, "int32"), ops.zeros((), "int32")
+    else:
+        sample = _bits(*(None if x is None else x[::stride] for x in (a, b, keep)))
+        m = int(sample.shape[0])
+        q = k / n
+        margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
+        rank_lo = min(m, int(np.ceil((q + margin) * m)))  # likely >= k entries at or above
+        rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
+        lo = _narrow(_counter(sample), rank_lo, 0, FLOAT_BITS_END)[0]
+        hi = _narrow(_counter(sample), rank_hi, 0, FLOAT_BITS_END)[2]
+        c_lo, c_hi = count(lo, hi)
+        lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)
+        lo, c_lo = ops.where(lo_ok, lo, 0), ops.where(lo_ok, c_lo, n)
+        hi, c_hi = ops.where(hi_ok, hi, FLOAT_BITS_END), ops.where(hi_ok, c_hi, 0)
+    t, c_t, _, c_above = _narrow(count, k, lo, hi, (c_lo, c_hi))
+
+    # More than k at or above t (common in training, where a step's changes are
+    # multiples of the weights' rounding): the c_above entries above t (its hi is
+    # t + 1) and the first k - c_above of those equal to t.
+    def with_ties() -> Array:
+        if keras.backend.backend() == "jax":
+            return _above_and_first_ties(a, b, keep, t, k - c_above, row)
+        # TensorFlow's XLA held 10x the tensor for those passes (350 MiB at 36 MiB)
+        return _keep_above(ops.expand_dims(_bits(a, b, keep), 0), ops.reshape(t, (1, 1)), k)[0]
+
+    return ops.cond(ops.equal(c_t, k), lambda: ops.greater_equal(_bits(a, b, keep), t), with_ties)
+
+
+def _above_and_first_ties(
+    a: Array, b: Array | None, keep: Array | None, t: Array, room: Array, row: int
+) -> Array:
+    """``bits > t`` and the first ``room`` entries whose bits equal ``t`` (by index)."""
+    last = _last_tie(a, b, keep, t, room, row)
+    bits = _bits(a, b, keep)
+    index = ops.arange(int(a.shape[0]), dtype="int32")
+    ties = ops.logical_and(ops.equal(bits, t), ops.less_equal(index, last))
+    return ops.logical_or(ops.greater(bits, t), ties)
+
+
+def _last_tie(
+    a: Array, b: Array | None, keep: Array | None, t: Array, room: Array, row: int = 0
+) -> Array:
+    """The index of the ``room``-th entry whose bits equal ``t`` (of the scores of
+    :func:`_search_top`; there are at least ``room`` of them).
+
+    One pass counts them per block of ``row`` entries (:func:`row_width`; else
+    :data:`_RANK_BLOCK`), the last block the remainder; then only the block that holds
+    the ``room``-th is ranked."""
+    n = int(a.shape[0])
+    width = min(row or _RANK_BLOCK, n)
+    main = n - n % width
+    arrays = (a, b, keep)
+
+    def ties(a: Array, b: Array | None, keep: Array | None) -> Array:
+        return ops.cast(ops.equal(_bits(a, b, keep), t), "int32")
+
+    rows = [None if x is None else ops.reshape(x[:main], (-1, width)) for x in arrays]
+    per_block = ops.sum(ties(*rows), axis=1)
+    if main < n:
+        tail = ties(*(None if x is None else x[main:] for x in arrays))
+        per_block = ops.concatenate([per_block, ops.sum(tail, keepdims=True)])
+    through = ops.cumsum(per_block)  # the ties up to and including each block
+    block = ops.cast(ops.argmax(ops.greater_equal(through, room)), "int32")
+    before_block = ops.take(through - per_block, block)
+    start = block * width
+    # the block as a slice of `width` entries ending no later than n (the remainder's
+    # slice reaches back into the block before it; those entries are left out)
+    first = ops.minimum(start, n - width)
+    in_block = ops.greater_equal(first + ops.arange(width, dtype="int32"), start)
+    seg = [None if x is None else ops.slice(x, (first,), (width,)) for x in arrays]
+    rank = ops.cumsum(ops.where(in_block, ties(*seg), 0)) + before_block
+    # the room-th tie is the first entry whose rank reaches room
+    return first + ops.cast(ops.argmax(ops.greater_equal(rank, room)), "int32")
 
 
 def _counter(bits: Array) -> Callable[..., tuple[Array, ...]]:

@@ -555,6 +555,35 @@ def scenario_selection() -> None:
             )
     finally:
         keras_ops_module.MEASURE_CHUNK = chunk
+    # kernels, whose passes read rows the shape's trailing axes give, with ties at the
+    # cut (a step's changes are multiples of the weights' rounding) and a unit rule's
+    # mask along an axis: plain, and masked (what the combined rule ranks)
+    for shape, axis in (((128, 300), 1), ((3, 3, 8, 40), 3), ((640, 7), 0)):
+        size = int(np.prod(shape))
+        step = (rng.integers(0, 6, shape) * 0.25).astype("float32")
+        new = rng.standard_normal(shape).astype("float32")
+        old = (new - np.where(rng.random(shape) < 0.5, -step, step)).astype("float32")
+        units = rng.random(shape[axis]) < 0.3
+        ranked = compiled(
+            lambda a, b, u, shape=shape, axis=axis, size=size: (
+                keras_ops.top_magnitude_mask(keras_ops_difference(a, b), size // 10),
+                keras_ops.top_magnitude_mask(
+                    keras_ops.keep(
+                        keras_ops_difference(a, b), keras_ops.expand_units(u, shape, axis)
+                    ),
+                    size // 10,
+                ),
+            )
+        )
+        got = ranked(*(ops.convert_to_tensor(v) for v in (new, old, units)))
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        d = (new - old).reshape(-1)
+        kept = np.where(np.broadcast_to(units.reshape(view), shape).reshape(-1), d, 0)
+        for key, mask, want in (("kernel", got[0], d), ("kernel, unit mask", got[1], kept)):
+            want = numpy_ops.top_magnitude_mask(want, size // 10)
+            same = (ops.convert_to_numpy(mask).reshape(-1) == want).all()
+            out[f"ties/{key} {shape}"] = bool(same)
     grads = [ops.convert_to_tensor(after), ops.convert_to_tensor(before)]
     bad = np.array(after)
     bad[n // 2] = np.inf
