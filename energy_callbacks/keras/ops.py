@@ -312,7 +312,7 @@ def _sum_over_slices(
     TensorFlow); a loop holds one slice's."""
     n = int(next(x for x in arrays if x is not None).shape[0])
     if keras.backend.backend() == "jax":
-        return _row_sums(values, arrays, zeros, n, row or _ROW)
+        return _row_sums(values, arrays, zeros, row or _ROW)
 
     def sums(*slices: Array | None) -> tuple[Array, ...]:
         return tuple(_total(v) for v in values(*slices))
@@ -357,7 +357,6 @@ def _row_sums(
     values: Callable[..., tuple[Array, ...]],
     arrays: tuple[Array | None, ...],
     zeros: tuple[Array, ...],
-    n: int,
     row: int,
 ) -> tuple[Array, ...]:
     """:func:`_sum_over_slices` on JAX: the arrays seen as rows of ``row``
@@ -367,17 +366,14 @@ def _row_sums(
     sum per row and figure (separate plain reductions of the same values wrote them
     whole: 2x the tensor for a sum and a count). Flags are counted in int32, which
     XLA vectorizes (counted in float32, a pass took 3x longer)."""
-    from jax import lax
-
-    main = n - n % row
+    rows, tail = _rows_and_tail(arrays, row)
     sums = list(zeros)
 
     def add(figures: Any) -> None:
         for j, s in enumerate(figures):
             sums[j] = sums[j] + ops.cast(s, sums[j].dtype)
 
-    if main:
-        rows = [None if x is None else ops.reshape(x[:main], (-1, row)) for x in arrays]
+    if rows is not None:
         per_entry = [  # flags counted in int32, values summed in float32
             ops.cast(v, "int32" if v.dtype == "bool" else "float32") for v in values(*rows)
         ]
@@ -386,18 +382,33 @@ def _row_sums(
             figures = [per_entry[j] for j in group]
             if len(group) == 1 and figures[0].dtype == "float32":
                 figures.append(ops.cast(ops.not_equal(figures[0], 0), "int32"))  # see _reductions
-            reduced = lax.reduce(
-                tuple(figures),
-                tuple(np.zeros((), v.dtype) for v in figures),
-                lambda x, y: tuple(map(ops.add, x, y)),
-                (1,),
-            )
-            for j, row_sums in zip(group, reduced, strict=False):
+            for j, row_sums in zip(group, _sum_rows(figures), strict=False):
                 per_row[j] = row_sums
         add(ops.sum(s) for s in per_row)
-    if main < n:
-        add(_total(v) for v in values(*(None if x is None else x[main:] for x in arrays)))
+    if tail is not None:
+        add(_total(v) for v in values(*tail))
     return tuple(sums)
+
+
+def _rows_and_tail(
+    arrays: tuple[Array | None, ...], row: int
+) -> tuple[list[Array | None] | None, list[Array | None] | None]:
+    """The 1-D ``arrays`` (None stays None) as rows of ``row`` entries, and their last
+    ``n % row`` entries apart; either is None when it holds nothing."""
+    n = int(next(x for x in arrays if x is not None).shape[0])
+    main = n - n % row
+    rows = [None if x is None else ops.reshape(x[:main], (-1, row)) for x in arrays]
+    tail = [None if x is None else x[main:] for x in arrays]
+    return (rows if main else None), (tail if main < n else None)
+
+
+def _sum_rows(figures: list[Array]) -> tuple[Array, ...]:
+    """Each ``(rows, row)`` figure summed along its rows by one variadic reduction,
+    into which XLA fuses the figures' expressions (JAX)."""
+    from jax import lax
+
+    zeros = tuple(np.zeros((), v.dtype) for v in figures)
+    return tuple(lax.reduce(tuple(figures), zeros, lambda x, y: tuple(map(ops.add, x, y)), (1,)))
 
 
 def _reductions(floats: list[bool]) -> list[list[int]]:
@@ -523,7 +534,8 @@ def _search_top(
     and ``b`` (no array of scores lives through the loop). On arrays long enough
     for a strided sample to be shorter, the sample brackets the cut first; a missed
     bracket falls back to the full range, so the result is always exact. Ties at
-    the cut are kept in index order (:func:`_last_tie`), as the core keeps them.
+    the cut are kept in index order (on JAX by :func:`_last_tie`), as the core keeps
+    them.
     """
     n = int(a.shape[0])
 
@@ -594,26 +606,21 @@ def _last_tie(
     :data:`_RANK_BLOCK`), the last block the remainder; then only the block that holds
     the ``room``-th is ranked. JAX only (TensorFlow ranks ties with :func:`_keep_above`).
     """
-    from jax import lax
-
     n = int(a.shape[0])
     width = min(row or _RANK_BLOCK, n)
-    main = n - n % width
     arrays = (a, b, keep)
 
     def ties(a: Array, b: Array | None, keep: Array | None) -> Array:
         return ops.cast(ops.equal(_bits(a, b, keep), t), "int32")
 
-    rows = [None if x is None else ops.reshape(x[:main], (-1, width)) for x in arrays]
+    rows, tail = _rows_and_tail(arrays, width)  # rows: width <= n
     bits = _bits(*rows)
     # the count above t beside it, unused: a lone count wrote its flags whole before
     # summing them (0.4 ms on the paper MLP's kernel); a pair is fused (0.16 ms)
-    flags = tuple(ops.cast(f(bits, t), "int32") for f in (ops.equal, ops.greater))
-    zeros = (np.int32(0),) * 2
-    per_block = lax.reduce(flags, zeros, lambda x, y: tuple(map(ops.add, x, y)), (1,))[0]
-    if main < n:
-        tail = ties(*(None if x is None else x[main:] for x in arrays))
-        per_block = ops.concatenate([per_block, ops.sum(tail, keepdims=True)])
+    flags = [ops.cast(f(bits, t), "int32") for f in (ops.equal, ops.greater)]
+    per_block = _sum_rows(flags)[0]
+    if tail is not None:
+        per_block = ops.concatenate([per_block, ops.sum(ties(*tail), keepdims=True)])
     through = ops.cumsum(per_block)  # the ties up to and including each block
     block = ops.cast(ops.argmax(ops.greater_equal(through, room)), "int32")
     before_block = ops.take(through - per_block, block)
