@@ -165,7 +165,7 @@ def caching_table(rows: list[dict[str, Any]]) -> str:
     ]
     body, savings = [], []
     groups = group(rows, "rule", "theta", "tau", "maintenance_cost")
-    for (rule, theta, tau, c), g in groups.items():
+    for (rule, theta, tau, c), g in sorted(groups.items(), key=_by_setting):
         reached = _stopped(g)
         energy = mean_sd(values(reached, "energy"))[0] if reached else math.nan
         saving = ratio(base_energy, energy) if len(reached) == len(g) else math.nan
@@ -200,8 +200,17 @@ def caching_table(rows: list[dict[str, Any]]) -> str:
         for s, n in savings:
             c = n.rsplit("c=", 1)[1]
             by_cost[c] = max(by_cost.get(c, 0.0), s)
-        text += "".join(f"- maintenance cost {c}: best {fmt(s)}x\n" for c, s in by_cost.items())
+        text += "".join(
+            f"- maintenance cost {c}: best {fmt(s)}x\n"
+            for c, s in sorted(by_cost.items(), key=lambda item: float(item[0]))
+        )
     return text
+
+
+def _by_setting(item: tuple[tuple, Any]) -> tuple:
+    """Every update first, then the caching runs by maintenance cost, tau and theta."""
+    rule, theta, tau, c = item[0]
+    return (0,) if rule == EVERY_UPDATE else (1, c, tau, theta)
 
 
 def _plot(figure: Any, rows: list[dict[str, Any]]) -> None:
@@ -214,7 +223,7 @@ def _plot(figure: Any, rows: list[dict[str, Any]]) -> None:
         ax.axhline(mean_sd(values(base, "energy"))[0], color="grey", label="every update")
         plotted = True
     cached = [r for r in rows if r["rule"] != EVERY_UPDATE]
-    for (tau, c), g in group(cached, "tau", "maintenance_cost").items():
+    for (tau, c), g in sorted(group(cached, "tau", "maintenance_cost").items()):
         points = []
         for (theta,), runs in sorted(group(g, "theta").items()):
             reached = _stopped(runs)
