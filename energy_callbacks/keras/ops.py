@@ -16,6 +16,7 @@ exact totals (see :mod:`energy_callbacks.keras.optimizer`).
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -230,12 +231,38 @@ def _search_above() -> int | float:
 def xla_on_tensorflow(fn: Callable[..., Array]) -> Callable[..., Array]:
     """``fn`` compiled with XLA on TensorFlow, whose Keras steps run without XLA on CPU:
     there every op is a pass of its own and a ``while_loop`` pays per op per iteration
-    (3x slower here). ``fn`` itself on the other backends (JAX compiles the whole step)."""
+    (3x slower here). ``fn`` itself on the other backends (JAX compiles the whole step).
+
+    While ``fn`` is traced, reductions over a tensor take XLA's variadic reduction
+    (:func:`_reduces_in_rows`). ``fn`` is traced as written (no AutoGraph): its loops
+    and branches are ``keras.ops``' own, as on JAX."""
     if keras.backend.backend() != "tensorflow":
         return fn
     import tensorflow as tf
 
-    return tf.function(fn, jit_compile=True)  # type: ignore[no-any-return]
+    @functools.wraps(fn)
+    def traced(*args: Any) -> Any:
+        depth = getattr(_XLA_TRACE, "depth", 0)
+        _XLA_TRACE.depth = depth + 1
+        try:
+            return fn(*args)
+        finally:
+            _XLA_TRACE.depth = depth
+
+    return tf.function(  # type: ignore[no-any-return]
+        tf.autograph.experimental.do_not_convert(traced), jit_compile=True
+    )
+
+
+_XLA_TRACE = threading.local()  # depth of xla_on_tensorflow's traces on this thread
+
+
+def _reduces_in_rows() -> bool:
+    """True where :func:`_reduce_over_slices` reduces rows by variadic reductions: JAX,
+    and TensorFlow inside :func:`xla_on_tensorflow`. A Keras step on TensorFlow
+    outside it runs TensorFlow's own kernels, which have no variadic reduction."""
+    backend = keras.backend.backend()
+    return backend == "jax" or (backend == "tensorflow" and getattr(_XLA_TRACE, "depth", 0) > 0)
 
 
 _xla = functools.cache(xla_on_tensorflow)
@@ -268,7 +295,7 @@ def change_totals(
 ) -> tuple[Array, Array, Array, Array]:
     """``(sum |c|, count(c != 0), sum |c| ** alpha, sum |d|)`` of ``d = after - before``
     and ``c = d`` where ``mask`` (all of it without one), summed without writing a
-    difference of the whole tensor (:func:`_sum_over_slices`). The last figure is
+    difference of the whole tensor (:func:`_reduce_over_slices`). The last figure is
     finite exactly when ``d`` is, masked out or not. A ``mask`` is for compiled
     backends: eager torch masks the proposal it has written (the masked step)."""
     if keras.backend.backend() == "torch":
@@ -287,44 +314,67 @@ def change_totals(
 
     zero = ops.zeros((), "float32")
     zeros = (zero, ops.zeros((), "int32")) + (() if alpha == 1.0 else (zero,))
-    m1, m0, *rest = _sum_over_slices(
+    m1, m0, *rest = _reduce_over_slices(
         values, (a, b, keep), zeros + ((zero,) if keep is not None else ()), row_width(after.shape)
     )
     m_alpha = m1 if alpha == 1.0 else rest.pop(0)
     return m1, m0, m_alpha, rest[0] if rest else m1
 
 
-def _sum_over_slices(
+SUM, MIN, MAX = "sum", "min", "max"
+"""How :func:`_reduce_over_slices` reduces a figure: float32 values and boolean flags
+(counted) are summed; int32 values can also take their least or greatest."""
+
+
+def _reduce_over_slices(
     values: Callable[..., tuple[Array, ...]],
     arrays: tuple[Array | None, ...],
-    zeros: tuple[Array, ...],
+    inits: tuple[Array, ...],
     row: int = 0,
+    kinds: tuple[str, ...] = (),
 ) -> tuple[Array, ...]:
-    """The sums of ``values(*arrays)`` over the 1-D ``arrays`` (None stays None):
-    ``values`` gives elementwise figures, float32 values or boolean flags (counted);
-    ``zeros`` gives the sums' dtypes. No figure is written for a whole tensor.
+    """The reductions of ``values(*arrays)`` over the 1-D ``arrays`` (None stays None):
+    ``values`` gives elementwise figures, each reduced as its ``kinds`` entry says
+    (:data:`SUM` when not given); ``inits`` give the reductions' dtypes and starting
+    values (0 for a sum, the identity for a least or greatest). No figure is written
+    for a whole tensor.
 
-    JAX sums the figures a row at a time (:func:`_row_sums`; ``row`` entries per
-    row, from :func:`row_width`, or :data:`_ROW`). Elsewhere a loop over slices of
+    JAX, and TensorFlow under XLA, reduce the figures a row at a time
+    (:func:`_row_reductions`; ``row`` entries per row, from :func:`row_width`, or
+    :data:`_ROW`). Elsewhere (TensorFlow's own kernels) a loop over slices of
     :data:`MEASURE_CHUNK` entries: XLA's CPU backend reduces through library calls
     that read a written input, and with slices side by side in one graph its
     scheduler kept them all alive (about 2x the tensor for ``Threshold`` on
     TensorFlow); a loop holds one slice's."""
+    kinds = kinds or (SUM,) * len(inits)
     n = int(next(x for x in arrays if x is not None).shape[0])
-    if keras.backend.backend() == "jax":
-        return _row_sums(values, arrays, zeros, row or _ROW)
+    if _reduces_in_rows():
+        return _row_reductions(values, arrays, inits, row or _ROW, kinds)
 
-    def sums(*slices: Array | None) -> tuple[Array, ...]:
-        return tuple(_total(v) for v in values(*slices))
+    def reduced(*slices: Array | None) -> tuple[Array, ...]:
+        return tuple(_reduce(v, kind) for v, kind in zip(values(*slices), kinds, strict=True))
 
     if one_slice(n):
-        return tuple(ops.cast(s, z.dtype) for s, z in zip(sums(*arrays), zeros, strict=True))
+        return tuple(ops.cast(r, i.dtype) for r, i in zip(reduced(*arrays), inits, strict=True))
 
     def add(start: Any, size: int, acc: tuple[Array, ...]) -> tuple[Array, ...]:
-        part = sums(*(None if x is None else cut(x, start, size) for x in arrays))
-        return tuple(ops.add(s, ops.cast(p, s.dtype)) for s, p in zip(acc, part, strict=True))
+        part = reduced(*(None if x is None else cut(x, start, size) for x in arrays))
+        return tuple(
+            _COMBINE[kind](r, ops.cast(p, r.dtype))
+            for r, p, kind in zip(acc, part, kinds, strict=True)
+        )
 
-    return over_slices(n, add, zeros)  # type: ignore[no-any-return]
+    return over_slices(n, add, inits)  # type: ignore[no-any-return]
+
+
+_COMBINE = {SUM: ops.add, MIN: ops.minimum, MAX: ops.maximum}
+
+
+def _reduce(x: Array, kind: str) -> Array:
+    """``x`` reduced whole as ``kind`` says (a sum counts boolean flags, :func:`_total`)."""
+    if kind == SUM:
+        return _total(x)
+    return ops.min(x) if kind == MIN else ops.max(x)
 
 
 def _total(x: Array) -> Array:
@@ -333,13 +383,13 @@ def _total(x: Array) -> Array:
 
 
 _ROW = 1024
-"""Entries per row of :func:`_row_sums` unless the tensor's shape gives a row
+"""Entries per row of :func:`_row_reductions` unless the tensor's shape gives a row
 (:func:`row_width`): a row's float32 sum has a row's rounding,
 like a block of a library sum."""
 
 
 def row_width(shape: tuple[int, ...]) -> int:
-    """The row of :func:`_row_sums` for a tensor of ``shape``: its trailing dimensions,
+    """The row of :func:`_row_reductions` for a tensor of ``shape``: its trailing dimensions,
     as many as make at least 256 entries, when they make at most 8192 (else 0, for
     :data:`_ROW`). A mask broadcast along an axis of the tensor (a unit rule's) then
     lines up with the rows; read in rows of another length, each entry's place in
@@ -353,41 +403,46 @@ def row_width(shape: tuple[int, ...]) -> int:
     return width if 256 <= width <= 8192 else 0
 
 
-def _row_sums(
+def _row_reductions(
     values: Callable[..., tuple[Array, ...]],
     arrays: tuple[Array | None, ...],
-    zeros: tuple[Array, ...],
+    inits: tuple[Array, ...],
     row: int,
+    kinds: tuple[str, ...],
 ) -> tuple[Array, ...]:
-    """:func:`_sum_over_slices` on JAX: the arrays seen as rows of ``row``
-    entries, the figures of a row summed by variadic reductions (one per float32
-    figure, :func:`_reductions`), then the rows' sums; the last ``n % row`` entries
+    """:func:`_reduce_over_slices` under XLA: the arrays seen as rows of ``row``
+    entries, the figures of a row reduced by variadic reductions (one per float32
+    figure, :func:`_reductions`), then the rows' figures; the last ``n % row`` entries
     apart. XLA fuses ``values`` into each reduction, so nothing is written but one
-    sum per row and figure (separate plain reductions of the same values wrote them
+    figure per row (separate plain reductions of the same values wrote them
     whole: 2x the tensor for a sum and a count). Flags are counted in int32, which
     XLA vectorizes (counted in float32, a pass took 3x longer)."""
     rows, tail = _rows_and_tail(arrays, row)
-    sums = list(zeros)
+    out = list(inits)
 
     def add(figures: Any) -> None:
-        for j, s in enumerate(figures):
-            sums[j] = sums[j] + ops.cast(s, sums[j].dtype)
+        for j, r in enumerate(figures):
+            out[j] = _COMBINE[kinds[j]](out[j], ops.cast(r, out[j].dtype))
 
     if rows is not None:
-        per_entry = [  # flags counted in int32, values summed in float32
-            ops.cast(v, "int32" if v.dtype == "bool" else "float32") for v in values(*rows)
+        per_entry = [  # flags counted in int32, values summed in float32, int32 kept
+            ops.cast(v, "int32" if v.dtype in ("bool", "int32") else "float32")
+            for v in values(*rows)
         ]
         per_row: list[Any] = [None] * len(per_entry)
         for group in _reductions([v.dtype == "float32" for v in per_entry]):
             figures = [per_entry[j] for j in group]
+            group_kinds = [kinds[j] for j in group]
             if len(group) == 1 and figures[0].dtype == "float32":
                 figures.append(ops.cast(ops.not_equal(figures[0], 0), "int32"))  # see _reductions
-            for j, row_sums in zip(group, _sum_rows(figures), strict=False):
-                per_row[j] = row_sums
-        add(ops.sum(s) for s in per_row)
+                group_kinds.append(SUM)
+            reduced = _reduce_rows(figures, group_kinds)
+            for j, row_figure in zip(group, reduced, strict=False):
+                per_row[j] = row_figure
+        add(_reduce(r, kind) for r, kind in zip(per_row, kinds, strict=True))
     if tail is not None:
-        add(_total(v) for v in values(*tail))
-    return tuple(sums)
+        add(_reduce(v, kind) for v, kind in zip(values(*tail), kinds, strict=True))
+    return tuple(out)
 
 
 def _rows_and_tail(
@@ -402,22 +457,47 @@ def _rows_and_tail(
     return (rows if main else None), (tail if main < n else None)
 
 
-def _sum_rows(figures: list[Array]) -> tuple[Array, ...]:
-    """Each ``(rows, row)`` figure summed along its rows by one variadic reduction,
-    into which XLA fuses the figures' expressions (JAX)."""
-    from jax import lax
+def _reduce_rows(figures: list[Array], kinds: list[str]) -> tuple[Array, ...]:
+    """Each ``(rows, row)`` figure reduced along its rows (as its ``kinds`` entry says)
+    by one variadic reduction, into which XLA fuses the figures' expressions."""
+    dtypes = [np.dtype(keras.backend.standardize_dtype(v.dtype)) for v in figures]
+    inits = [_identity(kind, dtype) for dtype, kind in zip(dtypes, kinds, strict=True)]
+    combine = [_COMBINE[kind] for kind in kinds]
+    count = len(figures)
 
-    zeros = tuple(np.zeros((), v.dtype) for v in figures)
-    return tuple(lax.reduce(tuple(figures), zeros, lambda x, y: tuple(map(ops.add, x, y)), (1,)))
+    def reducer(*pairs: Any) -> tuple:  # the accumulators, then the values
+        return tuple(f(x, y) for f, x, y in zip(combine, pairs[:count], pairs[count:], strict=True))
+
+    if keras.backend.backend() == "jax":
+        from jax import lax
+
+        return tuple(lax.reduce(tuple(figures), tuple(inits), lambda x, y: reducer(*x, *y), (1,)))
+    # TensorFlow has no public variadic reduction; this is XLA's own op, as TensorFlow
+    # wraps it for its XLA ops (checked against TensorFlow 2.21)
+    import tensorflow as tf
+    from tensorflow.compiler.tf2xla.python import xla
+
+    scalars = [tf.TensorSpec((), v.dtype) for v in figures] * 2
+    reduce = tf.function(reducer, autograph=False).get_concrete_function(*scalars)
+    return tuple(xla.variadic_reduce(list(figures), [tf.constant(i) for i in inits], [1], reduce))
+
+
+def _identity(kind: str, dtype: Any) -> np.ndarray:
+    """The starting value of a reduction of ``kind`` in ``dtype``."""
+    if kind == SUM:
+        return np.zeros((), dtype)
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else np.finfo(dtype)
+    return np.array(info.max if kind == MIN else info.min, dtype)
 
 
 def _reductions(floats: list[bool]) -> list[list[int]]:
-    """The figures of :func:`_row_sums` (``floats[j]``: figure ``j`` is summed in
-    float32, else counted in int32) grouped into variadic reductions of at most one
-    float32 figure each, the counts with the first. XLA's CPU backend vectorizes such
-    a reduction; one with two float32 figures ran 5x slower than two passes of one
-    (784k entries: 0.75 ms against 0.27), and a lone float32 sum 2x slower than one
-    paired with a count, so a lone float gets a count it does not need."""
+    """The figures of :func:`_row_reductions` (``floats[j]``: figure ``j`` is summed in
+    float32, else an int32 count, least or greatest) grouped into variadic reductions
+    of at most one float32 figure each, the int32 figures with the first. XLA's CPU
+    backend vectorizes such a reduction; one with two float32 figures ran 5x slower
+    than two passes of one (784k entries: 0.75 ms against 0.27), and a lone float32
+    sum 2x slower than one paired with a count, so a lone float gets a count it does
+    not need."""
     counts = [j for j, f in enumerate(floats) if not f]
     groups = [[j] for j, f in enumerate(floats) if f]
     if not groups:
@@ -530,48 +610,50 @@ def _search_top(
 
     Non-negative float32 values order like their bit patterns read as int32,
     so the cut is found by a search over the bits (:func:`_narrow`): each round
-    is one pass that counts the entries at or above its thresholds, reading ``a``
-    and ``b`` (no array of scores lives through the loop). On arrays long enough
-    for a strided sample to be shorter, the sample brackets the cut first; a missed
-    bracket falls back to the full range, so the result is always exact. Ties at
-    the cut are kept in index order (on JAX by :func:`_last_tie`), as the core keeps
-    them.
+    is one pass that counts the entries at or above its threshold and finds the
+    nearest scores either side of it, reading ``a`` and ``b`` (no array of scores
+    lives through the loop). The first pass also counts the scores above zero:
+    when fewer than ``k`` are (a unit rule's mask keeps whole rows), the cut is at
+    zero at once. On arrays long enough for a strided sample to be shorter, the
+    sample brackets the cut in that pass too; a missed bracket only narrows less,
+    so the result is always exact. Ties at the cut are kept in index order (on JAX
+    by :func:`_last_tie`), as the core keeps them.
     """
     n = int(a.shape[0])
 
-    def count(*ts: Array) -> tuple[Array, ...]:
-        # slice by slice (rows on JAX): a whole tensor's count would write its flags
-        # (XLA's library sum reads a written input). ``a`` read through a select on
-        # the round's first threshold (never negative): otherwise XLA hoists |a - b|
-        # out of the loop and writes it whole.
-        def flags(a: Array, b: Array | None, keep: Array | None) -> tuple[Array, ...]:
+    def probe(*ts: Array) -> tuple[tuple[Array, Array, Array], ...]:
+        # slice by slice (rows on JAX): a whole tensor's figures would be written
+        # (XLA's library reductions read a written input). ``a`` read through a select
+        # on the first threshold (never negative): otherwise XLA hoists |a - b| out
+        # of the loop and writes it whole.
+        def figures(a: Array, b: Array | None, keep: Array | None) -> tuple[Array, ...]:
             if b is None:
                 bits = _bits(a, None)
             else:
                 bits = _bits(ops.where(ops.less(ts[0], 0), b, a), b, keep)
-            return tuple(ops.greater_equal(bits, t) for t in ts)
+            return tuple(f for t in ts for f in _probe_figures(bits, t))
 
-        zeros = (ops.zeros((), "int32"),) * len(ts)
-        return _sum_over_slices(flags, (a, b, keep), zeros, row)
+        inits = tuple(i for _ in ts for i in _probe_inits())
+        out = _reduce_over_slices(figures, (a, b, keep), inits, row, _PROBE_KINDS * len(ts))
+        return tuple(tuple(out[3 * j : 3 * j + 3]) for j in range(len(ts)))  # type: ignore[misc]
 
+    # the first pass probes 1 (any score above zero) and the sample's bracket, or, with
+    # no sample, the end (its greatest bits below: the highest score)
+    first = [ops.convert_to_tensor(1, "int32")]
     stride = approx_stride(n)  # a prime stride visits every column
-    if stride == 1:  # a sample would be all of it: the search starts from the full range
-        lo, hi = ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(FLOAT_BITS_END, "int32")
-        c_lo, c_hi = ops.convert_to_tensor(n, "int32"), ops.zeros((), "int32")
-    else:
+    if stride == 1:
+        first.append(ops.convert_to_tensor(FLOAT_BITS_END, "int32"))
+    else:  # a sample shorter than the array brackets the cut
         sample = _bits(*(None if x is None else x[::stride] for x in (a, b, keep)))
         m = int(sample.shape[0])
         q = k / n
         margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
         rank_lo = min(m, int(np.ceil((q + margin) * m)))  # likely >= k entries at or above
         rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
-        lo = _narrow(_counter(sample), rank_lo, 0, FLOAT_BITS_END)[0]
-        hi = _narrow(_counter(sample), rank_hi, 0, FLOAT_BITS_END)[2]
-        c_lo, c_hi = count(lo, hi)
-        lo_ok, hi_ok = ops.greater_equal(c_lo, k), ops.less(c_hi, k)
-        lo, c_lo = ops.where(lo_ok, lo, 0), ops.where(lo_ok, c_lo, n)
-        hi, c_hi = ops.where(hi_ok, hi, FLOAT_BITS_END), ops.where(hi_ok, c_hi, 0)
-    t, c_t, _, c_above = _narrow(count, k, lo, hi, (c_lo, c_hi))
+        top = ops.max(sample) + 1
+        first.append(_narrow(_counter(sample), rank_lo, m, top=top)[0])
+        first.append(_narrow(_counter(sample), rank_hi, m, top=top)[2])
+    t, c_t, _, c_above = _narrow(probe, k, n, first)
 
     # More than k at or above t (common in training, where a step's changes are
     # multiples of the weights' rounding): the c_above entries above t (its hi is
@@ -583,6 +665,31 @@ def _search_top(
         return _keep_above(ops.expand_dims(_bits(a, b, keep), 0), ops.reshape(t, (1, 1)), k)[0]
 
     return ops.cond(ops.equal(c_t, k), lambda: ops.greater_equal(_bits(a, b, keep), t), with_ties)
+
+
+_PROBE_KINDS = (SUM, MIN, MAX)
+
+
+def _probe_figures(bits: Array, t: Array) -> tuple[Array, Array, Array]:
+    """Per entry, for a probe at ``t``: whether ``bits >= t``; the bits where so (else
+    :data:`FLOAT_BITS_END`), for the least of them; the bits where not (else -1), for
+    the greatest. Reduced as :data:`_PROBE_KINDS` from :func:`_probe_inits`."""
+    at_or_above = ops.greater_equal(bits, t)
+    end = ops.convert_to_tensor(FLOAT_BITS_END, "int32")
+    return (
+        at_or_above,
+        ops.where(at_or_above, bits, end),
+        ops.where(at_or_above, ops.convert_to_tensor(-1, "int32"), bits),
+    )
+
+
+def _probe_inits() -> tuple[Array, Array, Array]:
+    int32 = "int32"
+    return (
+        ops.zeros((), int32),
+        ops.convert_to_tensor(FLOAT_BITS_END, int32),
+        ops.convert_to_tensor(-1, int32),
+    )
 
 
 def _above_and_first_ties(
@@ -618,7 +725,7 @@ def _last_tie(
     # the count above t beside it, unused: a lone count wrote its flags whole before
     # summing them (0.4 ms on the paper MLP's kernel); a pair is fused (0.16 ms)
     flags = [ops.cast(f(bits, t), "int32") for f in (ops.equal, ops.greater)]
-    per_block = _sum_rows(flags)[0]
+    per_block = _reduce_rows(flags, [SUM, SUM])[0]
     if tail is not None:
         per_block = ops.concatenate([per_block, ops.sum(ties(*tail), keepdims=True)])
     through = ops.cumsum(per_block)  # the ties up to and including each block
@@ -635,9 +742,16 @@ def _last_tie(
     return first + ops.cast(ops.argmax(ops.greater_equal(rank, room)), "int32")
 
 
-def _counter(bits: Array) -> Callable[..., tuple[Array, ...]]:
-    """The entries of a short ``bits`` at or above each of the thresholds."""
-    return lambda *ts: tuple(_count_at_least(bits, t) for t in ts)
+def _counter(bits: Array) -> Callable[..., tuple[tuple[Array, Array, Array], ...]]:
+    """The probes of :func:`_narrow` on a short ``bits``: the count at or above each
+    threshold only (on a strided sample, finding the nearest bits cost more than the
+    rounds they saved)."""
+
+    def probe(*ts: Array) -> tuple[tuple[Array, Array, Array], ...]:
+        return tuple((_count(ops.greater_equal(bits, t)), t, t - 1) for t in ts)
+
+    probe.pair = keras.backend.backend() == "jax"  # type: ignore[attr-defined]
+    return probe
 
 
 def _bits(a: Array, b: Array | None, keep: Array | None = None) -> Array:
@@ -658,7 +772,7 @@ def _approx_top(scores: Array, k: int) -> Array:
     r = min(m - 1, max(0, m - round(k * m / n)))
     # the r-th smallest of the sample (NumPy's partition) is its (m - r)-th largest
     if _compiled_loops():
-        lo = _narrow(_counter(sample), m - r, 0, FLOAT_BITS_END)[0]
+        lo = _narrow(_counter(sample), m - r, m, top=ops.max(sample) + 1)[0]
         # lo has m - r entries at or above it, or is the value itself: the smallest of them
         t = ops.min(ops.where(ops.greater_equal(sample, lo), sample, FLOAT_BITS_END))
     else:
@@ -687,30 +801,45 @@ def _count(flags: Array) -> Array:
     return ops.sum(ops.cast(flags, "int32"))
 
 
-def _count_at_least(bits: Array, t: Array) -> Array:
-    return _count(ops.greater_equal(bits, t))
-
-
 def _narrow(
-    count: Callable[..., tuple[Array, ...]],
+    probe: Callable[..., tuple[tuple[Array, Array, Array], ...]],
     k: int,
-    lo: Any,
-    hi: Any,
-    counts: Any = None,
+    n: int,
+    first: list[Array] | tuple[()] = (),
+    top: Any = FLOAT_BITS_END,
 ) -> tuple[Array, Array, Array, Array]:
-    """Narrows ``[lo, hi)`` down to a ``lo`` with exactly ``k`` bits at or above it, or,
-    where ties leave none, to ``hi = lo + 1`` (then ``lo`` is the k-th largest bits).
-    ``count(*ts)`` gives the number of bits ``>= t`` for each threshold, in one pass;
-    ``counts`` are those at ``lo`` and ``hi``, if known. Needs ``count(lo) >= k`` and
-    ``count(hi) < k``. Returns ``(lo, count(lo), hi, count(hi))``.
+    """The bits ``lo`` of a score with exactly ``k`` of the ``n`` bits at or above it,
+    or, where ties leave none, ``lo`` the k-th largest bits and ``hi = lo + 1``.
+    Returns ``(lo, count(lo), hi, count(hi))``.
 
-    The probes are interpolated linearly on the counts (a few rounds on smooth
-    data), and regularly one halves the bits instead (at most 31 halvings on any
-    data). On JAX a round probes two values, aimed either side of ``k``: XLA counts
-    both in one fused pass. On TensorFlow each count is a library reduction of its
-    own, so a round probes one value, and every fourth round halves.
+    ``probe(*ts)`` gives, in one pass, for each threshold ``t``: the number of bits
+    ``>= t``, the least bits ``>= t`` and the greatest bits ``< t``
+    (:func:`_probe_figures`), or ``t`` and ``t - 1`` for those where finding them
+    costs more than a round (:func:`_counter`). The search starts from ``[0, top)``
+    (``top``: above every bits); ``first`` are probed together before the rounds.
+    Each probe moves an end of ``[lo, hi)`` onto the scores next to it: ``lo`` to the
+    least score at or above it, ``hi`` to just above the greatest below it, so that
+    a cut among a few scores, or at a tied score, is found in a round or two.
+
+    A round probes one threshold interpolated linearly on the counts, and every
+    fourth halves the bits (at most 31 halvings on any data). With :func:`_counter`
+    on JAX a round probes two, aimed either side of ``k`` (XLA counts both in one
+    fused pass), so that neither end stalls.
     """
-    two = keras.backend.backend() == "jax"
+    pair = getattr(probe, "pair", False)
+
+    def take(state: tuple, found: tuple[Array, Array, Array]) -> tuple:
+        lo, hi, c_lo, c_hi = state
+        c, least_above, greatest_below = found
+        enough = ops.greater_equal(c, k)
+        raise_lo = ops.logical_and(enough, ops.greater(least_above, lo))
+        lower_hi = ops.logical_and(ops.logical_not(enough), ops.less(greatest_below + 1, hi))
+        return (
+            ops.where(raise_lo, least_above, lo),
+            ops.where(lower_hi, greatest_below + 1, hi),
+            ops.where(raise_lo, c, c_lo),
+            ops.where(lower_hi, c, c_hi),
+        )
 
     def more(lo: Array, hi: Array, c_lo: Array, c_hi: Array, i: Array) -> Array:
         return ops.logical_and(ops.greater(hi - lo, 1), ops.not_equal(c_lo, k))
@@ -721,33 +850,33 @@ def _narrow(
         mid = lo + (hi - lo) // 2
 
         def at(target: Any) -> Array:
-            share = ops.cast(c_lo - target, "float32") / ops.cast(span, "float32")
-            share = ops.clip(share, 0.0, 1.0)
+            share = ops.clip(ops.cast(c_lo - target, "float32") / ops.cast(span, "float32"), 0, 1)
             guess = ops.view(ops.cast(lo_v + (hi_v - lo_v) * share, "float32"), "int32")
             return ops.clip(guess, lo + 1, hi - 1)
 
-        if two:
+        if pair:
             spread = span // 32  # aim the probes this many entries either side of k
             t1 = at(k + spread)
             t2 = ops.where(ops.equal(i % 2, 1), mid, at(k - spread - 1))
-            t2 = t2 + ops.cast(ops.equal(t2, t1), "int32")
-            probes: tuple[Array, ...] = (t1, ops.clip(t2, lo + 1, hi - 1))
+            t2 = ops.clip(t2 + ops.cast(ops.equal(t2, t1), "int32"), lo + 1, hi - 1)
+            probes = (t1, t2)
         else:
-            probes = (ops.clip(ops.where(ops.equal(i % 4, 3), mid, at(k)), lo + 1, hi - 1),)
-        for t, c in zip(probes, count(*probes), strict=True):  # each in [lo + 1, hi - 1]
-            enough = ops.greater_equal(c, k)
-            raise_lo = ops.logical_and(enough, ops.greater(t, lo))
-            lower_hi = ops.logical_and(ops.logical_not(enough), ops.less(t, hi))
-            lo, c_lo = ops.where(raise_lo, t, lo), ops.where(raise_lo, c, c_lo)
-            hi, c_hi = ops.where(lower_hi, t, hi), ops.where(lower_hi, c, c_hi)
-        return lo, hi, c_lo, c_hi, i + 1
+            probes = (ops.where(ops.equal(i % 4, 3), mid, at(k)),)
+        state = (lo, hi, c_lo, c_hi)
+        for found in probe(*probes):  # each probe in [lo + 1, hi - 1]
+            state = take(state, found)
+        return (*state, i + 1)
 
-    lo = ops.convert_to_tensor(lo, "int32")
-    hi = ops.convert_to_tensor(hi, "int32")
-    c_lo, c_hi = count(lo, hi) if counts is None else counts
-    lo, hi, c_lo, c_hi, _ = ops.while_loop(
-        more, narrow, (lo, hi, c_lo, c_hi, ops.zeros((), "int32"))
+    int32 = "int32"
+    state = (
+        ops.zeros((), int32),
+        ops.convert_to_tensor(top, int32),
+        ops.convert_to_tensor(n, int32),
+        ops.zeros((), int32),
     )
+    for found in probe(*first) if first else ():
+        state = take(state, found)
+    lo, hi, c_lo, c_hi, _ = ops.while_loop(more, narrow, (*state, ops.zeros((), int32)))
     return lo, c_lo, hi, c_hi
 
 

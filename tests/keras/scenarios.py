@@ -529,7 +529,48 @@ def scenario_selection() -> None:
         ):
             want = numpy_ops.top_magnitude_mask(want, 10_000)
             out[f"{name}/{key} k=10000"] = bool((ops.convert_to_numpy(mask) == want).all())
-    # a measure-only step's totals, summed slice by slice (1000 entries a slice here)
+    # how the adapter compiles: TensorFlow's measure-only step in its own kernels, its
+    # masked step under XLA (where a pass reduces rows by XLA's variadic reduction)
+    compilers = {"compiled": compiled}
+    if BACKEND == "tensorflow":
+        compilers = {
+            "graph": __import__("tensorflow").function,
+            "xla": keras_ops_module.xla_on_tensorflow,
+        }
+    # a pass's reductions (a sum, a count, a least and a greatest), in rows of 1000 and
+    # a tail of 3, or slices of 1000 entries
+    x = rng.standard_normal(n).astype("float32")
+    levels = (x * 1000).astype("int32")
+
+    def figures(a):
+        scaled = ops.cast(a * 1000, "int32")
+        return (ops.abs(a), ops.greater(a, 0.5), scaled, scaled)
+
+    inits = (np.float32(0), np.int32(0), np.int32(2**31 - 1), np.int32(-(2**31)))
+    chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 1000
+    try:
+        for how, compile_with in compilers.items():
+            fn = compile_with(
+                lambda a: keras_ops_module._reduce_over_slices(
+                    figures,
+                    (a,),
+                    tuple(ops.convert_to_tensor(i) for i in inits),
+                    1000,
+                    (keras_ops_module.SUM,) * 2 + (keras_ops_module.MIN, keras_ops_module.MAX),
+                )
+            )
+            total, count, least, greatest = (
+                ops.convert_to_numpy(r) for r in fn(ops.convert_to_tensor(x))
+            )
+            out[f"reductions ({how})"] = bool(
+                np.isclose(total, np.abs(x).sum(dtype=np.float64), rtol=1e-5)
+                and count == (x > 0.5).sum()
+                and least == levels.min()
+                and greatest == levels.max()
+            )
+    finally:
+        keras_ops_module.MEASURE_CHUNK = chunk
+    # a step's totals, summed slice by slice (1000 entries a slice here)
     chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 1000
     try:
         after = rng.standard_normal(n).astype("float32")
@@ -537,22 +578,23 @@ def scenario_selection() -> None:
         keep = rng.random(n) < 0.4
         d = np.abs(after.astype(np.float64) - before)
         for masked in (False, True) if BACKEND != "torch" else (False,):  # torch: no mask
-            fn = compiled(
-                lambda a, b, m, masked=masked: keras_ops_module.change_totals(
-                    a, b, 1.5, m if masked else None
+            for how, compile_with in compilers.items():
+                fn = compile_with(
+                    lambda a, b, m, masked=masked: keras_ops_module.change_totals(
+                        a, b, 1.5, m if masked else None
+                    )
                 )
-            )
-            m1, m0, m_alpha, whole = (
-                float(ops.convert_to_numpy(t))
-                for t in fn(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
-            )
-            c = np.where(keep, d, 0) if masked else d
-            out[f"change totals in slices, masked={masked}"] = bool(
-                m0 == np.count_nonzero(c)
-                and np.isclose(m1, c.sum(), rtol=1e-5)
-                and np.isclose(m_alpha, (c**1.5).sum(), rtol=1e-5)
-                and np.isclose(whole, d.sum(), rtol=1e-5)
-            )
+                m1, m0, m_alpha, whole = (
+                    float(ops.convert_to_numpy(t))
+                    for t in fn(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
+                )
+                c = np.where(keep, d, 0) if masked else d
+                out[f"change totals in slices, masked={masked} ({how})"] = bool(
+                    m0 == np.count_nonzero(c)
+                    and np.isclose(m1, c.sum(), rtol=1e-5)
+                    and np.isclose(m_alpha, (c**1.5).sum(), rtol=1e-5)
+                    and np.isclose(whole, d.sum(), rtol=1e-5)
+                )
     finally:
         keras_ops_module.MEASURE_CHUNK = chunk
     # kernels, whose passes read rows the shape's trailing axes give, with ties at the
