@@ -35,7 +35,7 @@ EXACT = "TopFraction(0.1)"
 EXACT_CEILING = dict.fromkeys(("torch-fp32", "torch-bf16"), 2.5)
 EXACT_CEILING.update(dict.fromkeys(memory.GPU_PATHS, 1.5))
 # compiled Keras: the selection reads after - before at each round, a slice (JAX: a
-# row) at a time, and holds no |dw| (TensorFlow 1.9x measured, JAX 2.2x)
+# row) at a time, and holds no |dw| (TensorFlow 2.0x measured, JAX 2.3x)
 EXACT_CEILING["keras-tensorflow"] = EXACT_CEILING["keras-jax"] = 2.5
 # Keras on torch (CPU, float32): the torch adapter's fused step on the variables
 EXACT_CEILING["keras-torch"] = 2.5
