@@ -616,12 +616,12 @@ def _search_top(
     when fewer than ``k`` are (a unit rule's mask keeps whole rows), the cut is at
     zero at once. On arrays long enough for a strided sample to be shorter, the
     sample brackets the cut in that pass too; a missed bracket only narrows less,
-    so the result is always exact. Ties at the cut are kept in index order (on JAX
-    by :func:`_last_tie`), as the core keeps them.
+    so the result is always exact. Ties at the cut are kept in index order
+    (:func:`_last_tie`), as the core keeps them.
     """
     n = int(a.shape[0])
 
-    def probe(*ts: Array) -> tuple[tuple[Array, Array, Array], ...]:
+    def probe(*ts: Array, nearest: bool = True) -> tuple[tuple[Array, Array, Array], ...]:
         # slice by slice (rows on JAX): a whole tensor's figures would be written
         # (XLA's library reductions read a written input). ``a`` read through a select
         # on the first threshold (never negative): otherwise XLA hoists |a - b| out
@@ -631,8 +631,14 @@ def _search_top(
                 bits = _bits(a, None)
             else:
                 bits = _bits(ops.where(ops.less(ts[0], 0), b, a), b, keep)
+            if not nearest:
+                return tuple(ops.greater_equal(bits, t) for t in ts)
             return tuple(f for t in ts for f in _probe_figures(bits, t))
 
+        if not nearest:  # counts only: each threshold is its own nearest
+            zeros = (ops.zeros((), "int32"),) * len(ts)
+            counts = _reduce_over_slices(figures, (a, b, keep), zeros, row)
+            return tuple((c, t, t - 1) for c, t in zip(counts, ts, strict=True))
         inits = tuple(i for _ in ts for i in _probe_inits())
         out = _reduce_over_slices(figures, (a, b, keep), inits, row, _PROBE_KINDS * len(ts))
         return tuple(tuple(out[3 * j : 3 * j + 3]) for j in range(len(ts)))  # type: ignore[misc]
@@ -653,16 +659,15 @@ def _search_top(
         top = ops.max(sample) + 1
         first.append(_narrow(_counter(sample), rank_lo, m, top=top)[0])
         first.append(_narrow(_counter(sample), rank_hi, m, top=top)[2])
-    t, c_t, _, c_above = _narrow(probe, k, n, first)
+    # the sample's bracket counted only (finding its nearest scores cost more than the
+    # rounds it saved); with no sample the end's nearest score below is the highest
+    t, c_t, _, c_above = _narrow(probe, k, n, probe(*first, nearest=stride == 1))
 
     # More than k at or above t (common in training, where a step's changes are
     # multiples of the weights' rounding): the c_above entries above t (its hi is
     # t + 1) and the first k - c_above of those equal to t.
     def with_ties() -> Array:
-        if keras.backend.backend() == "jax":
-            return _above_and_first_ties(a, b, keep, t, k - c_above, row)
-        # TensorFlow's XLA held 10x the tensor for those passes (350 MiB at 36 MiB)
-        return _keep_above(ops.expand_dims(_bits(a, b, keep), 0), ops.reshape(t, (1, 1)), k)[0]
+        return _above_and_first_ties(a, b, keep, t, k - c_above, row)
 
     return ops.cond(ops.equal(c_t, k), lambda: ops.greater_equal(_bits(a, b, keep), t), with_ties)
 
@@ -711,7 +716,8 @@ def _last_tie(
 
     One pass counts them per block of ``row`` entries (:func:`row_width`; else
     :data:`_RANK_BLOCK`), the last block the remainder; then only the block that holds
-    the ``room``-th is ranked. JAX only (TensorFlow ranks ties with :func:`_keep_above`).
+    the ``room``-th is ranked. Under XLA only (JAX, or TensorFlow inside
+    :func:`xla_on_tensorflow`): the blocks are counted by a variadic reduction.
     """
     n = int(a.shape[0])
     width = min(row or _RANK_BLOCK, n)
@@ -736,7 +742,9 @@ def _last_tie(
     # slice reaches back into the block before it; those entries are left out)
     first = ops.minimum(start, n - width)
     in_block = ops.greater_equal(first + ops.arange(width, dtype="int32"), start)
-    seg = [None if x is None else ops.slice(x, (first,), (width,)) for x in arrays]
+    # gathered: TensorFlow's XLA took 1.7 ms for a slice at a computed start (0.1 here)
+    at = first + ops.arange(width, dtype="int32")
+    seg = [None if x is None else ops.take(x, at) for x in arrays]
     rank = ops.cumsum(ops.where(in_block, ties(*seg), 0)) + before_block
     # the room-th tie is the first entry whose rank reaches room
     return first + ops.cast(ops.argmax(ops.greater_equal(rank, room)), "int32")
@@ -805,7 +813,7 @@ def _narrow(
     probe: Callable[..., tuple[tuple[Array, Array, Array], ...]],
     k: int,
     n: int,
-    first: list[Array] | tuple[()] = (),
+    found: tuple[tuple[Array, Array, Array], ...] = (),
     top: Any = FLOAT_BITS_END,
 ) -> tuple[Array, Array, Array, Array]:
     """The bits ``lo`` of a score with exactly ``k`` of the ``n`` bits at or above it,
@@ -874,8 +882,8 @@ def _narrow(
         ops.convert_to_tensor(n, int32),
         ops.zeros((), int32),
     )
-    for found in probe(*first) if first else ():
-        state = take(state, found)
+    for figures in found:
+        state = take(state, figures)
     lo, hi, c_lo, c_hi, _ = ops.while_loop(more, narrow, (*state, ops.zeros((), int32)))
     return lo, c_lo, hi, c_hi
 
