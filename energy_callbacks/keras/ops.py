@@ -657,8 +657,9 @@ def _search_top(
         rank_lo = min(m, int(np.ceil((q + margin) * m)))  # likely >= k entries at or above
         rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
         top = ops.max(sample) + 1
-        first.append(_narrow(_counter(sample), rank_lo, m, top=top)[0])
-        first.append(_narrow(_counter(sample), rank_hi, m, top=top)[2])
+        pair = _counts_in_pairs()
+        first.append(_narrow(_counter(sample), rank_lo, m, top=top, pair=pair)[0])
+        first.append(_narrow(_counter(sample), rank_hi, m, top=top, pair=pair)[2])
     # the sample's bracket counted only (finding its nearest scores cost more than the
     # rounds it saved); with no sample the end's nearest score below is the highest
     t, c_t, _, c_above = _narrow(probe, k, n, probe(*first, nearest=stride == 1))
@@ -758,8 +759,13 @@ def _counter(bits: Array) -> Callable[..., tuple[tuple[Array, Array, Array], ...
     def probe(*ts: Array) -> tuple[tuple[Array, Array, Array], ...]:
         return tuple((_count(ops.greater_equal(bits, t)), t, t - 1) for t in ts)
 
-    probe.pair = keras.backend.backend() == "jax"  # type: ignore[attr-defined]
     return probe
+
+
+def _counts_in_pairs() -> bool:
+    """True where a round of :func:`_counter`'s counts probes two thresholds: JAX,
+    where XLA counts both in one fused pass."""
+    return keras.backend.backend() == "jax"
 
 
 def _bits(a: Array, b: Array | None, keep: Array | None = None) -> Array:
@@ -780,7 +786,8 @@ def _approx_top(scores: Array, k: int) -> Array:
     r = min(m - 1, max(0, m - round(k * m / n)))
     # the r-th smallest of the sample (NumPy's partition) is its (m - r)-th largest
     if _compiled_loops():
-        lo = _narrow(_counter(sample), m - r, m, top=ops.max(sample) + 1)[0]
+        top = ops.max(sample) + 1
+        lo = _narrow(_counter(sample), m - r, m, top=top, pair=_counts_in_pairs())[0]
         # lo has m - r entries at or above it, or is the value itself: the smallest of them
         t = ops.min(ops.where(ops.greater_equal(sample, lo), sample, FLOAT_BITS_END))
     else:
@@ -815,6 +822,7 @@ def _narrow(
     n: int,
     found: tuple[tuple[Array, Array, Array], ...] = (),
     top: Any = FLOAT_BITS_END,
+    pair: bool = False,
 ) -> tuple[Array, Array, Array, Array]:
     """The bits ``lo`` of a score with exactly ``k`` of the ``n`` bits at or above it,
     or, where ties leave none, ``lo`` the k-th largest bits and ``hi = lo + 1``.
@@ -824,21 +832,20 @@ def _narrow(
     ``>= t``, the least bits ``>= t`` and the greatest bits ``< t``
     (:func:`_probe_figures`), or ``t`` and ``t - 1`` for those where finding them
     costs more than a round (:func:`_counter`). The search starts from ``[0, top)``
-    (``top``: above every bits); ``first`` are probed together before the rounds.
+    (``top``: above every bits), narrowed by the probes already ``found``.
     Each probe moves an end of ``[lo, hi)`` onto the scores next to it: ``lo`` to the
     least score at or above it, ``hi`` to just above the greatest below it, so that
     a cut among a few scores, or at a tied score, is found in a round or two.
 
     A round probes one threshold interpolated linearly on the counts, and every
-    fourth halves the bits (at most 31 halvings on any data). With :func:`_counter`
-    on JAX a round probes two, aimed either side of ``k`` (XLA counts both in one
-    fused pass), so that neither end stalls.
+    fourth halves the bits (at most 31 halvings on any data). With ``pair`` a round
+    probes two, aimed either side of ``k``, so that neither end stalls (for counts
+    only, where :func:`_counts_in_pairs`).
     """
-    pair = getattr(probe, "pair", False)
 
-    def take(state: tuple, found: tuple[Array, Array, Array]) -> tuple:
+    def take(state: tuple, probed: tuple[Array, Array, Array]) -> tuple:
         lo, hi, c_lo, c_hi = state
-        c, least_above, greatest_below = found
+        c, least_above, greatest_below = probed
         enough = ops.greater_equal(c, k)
         raise_lo = ops.logical_and(enough, ops.greater(least_above, lo))
         lower_hi = ops.logical_and(ops.logical_not(enough), ops.less(greatest_below + 1, hi))
@@ -871,8 +878,8 @@ def _narrow(
         else:
             probes = (ops.where(ops.equal(i % 4, 3), mid, at(k)),)
         state = (lo, hi, c_lo, c_hi)
-        for found in probe(*probes):  # each probe in [lo + 1, hi - 1]
-            state = take(state, found)
+        for probed in probe(*probes):  # each probe in [lo + 1, hi - 1]
+            state = take(state, probed)
         return (*state, i + 1)
 
     int32 = "int32"
@@ -882,8 +889,8 @@ def _narrow(
         ops.convert_to_tensor(n, int32),
         ops.zeros((), int32),
     )
-    for figures in found:
-        state = take(state, figures)
+    for probed in found:
+        state = take(state, probed)
     lo, hi, c_lo, c_hi, _ = ops.while_loop(more, narrow, (*state, ops.zeros((), int32)))
     return lo, c_lo, hi, c_hi
 
