@@ -681,15 +681,17 @@ def _probe_figures(bits: Array, t: Array) -> tuple[Array, Array, Array]:
     :data:`FLOAT_BITS_END`), for the least of them; the bits where not (else -1), for
     the greatest. Reduced as :data:`_PROBE_KINDS` from :func:`_probe_inits`."""
     at_or_above = ops.greater_equal(bits, t)
-    end = ops.convert_to_tensor(FLOAT_BITS_END, "int32")
+    none_above, none_below = _probe_inits()[1:]
     return (
         at_or_above,
-        ops.where(at_or_above, bits, end),
-        ops.where(at_or_above, ops.convert_to_tensor(-1, "int32"), bits),
+        ops.where(at_or_above, bits, none_above),
+        ops.where(at_or_above, none_below, bits),
     )
 
 
 def _probe_inits() -> tuple[Array, Array, Array]:
+    """The starting values of a probe's reductions: no entry counted, none at or above
+    the threshold (:data:`FLOAT_BITS_END`), none below it (-1)."""
     int32 = "int32"
     return (
         ops.zeros((), int32),
