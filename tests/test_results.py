@@ -168,6 +168,51 @@ def _mistakes(gated_share: float) -> list[Runs]:
     return [Runs("mistakes", "fashion-mnist|full", rows, curves)]
 
 
+def _shares(reached: dict[float, int], saving: dict[float, float]) -> list[Runs]:
+    """Lazy learning and backprop on shares of the training set at batch 32, 2 seeds:
+    lazy learning sustains the target in ``reached[f]`` seeds on share ``f``, with
+    ``saving[f]`` times fewer backward passes than backprop where it does."""
+    rows = []
+    for f, n in reached.items():
+        for s in range(2):
+            for rule in ("backprop", "lazy"):
+                done = rule == "backprop" or s < n
+                rows.append(
+                    dict(
+                        key=f"lazy|fashion-mnist|full|f={f}|rule={rule}|seed={s}",
+                        stage="test" if f == 1.0 else "fraction",
+                        rule=rule,
+                        seed=s,
+                        batch_size=32,
+                        fraction=f,
+                        target=0.85,
+                        backward_sustained=(
+                            (1e4 if rule == "backprop" else 1e4 / saving[f]) if done else ""
+                        ),
+                    )
+                )
+    return [Runs("lazy", "fashion-mnist|full", rows, {})]
+
+
+@pytest.mark.parametrize(
+    "reached, saving, verdict",
+    [
+        ({0.1: 0, 0.5: 1, 1.0: 2}, {0.1: 1, 0.5: 2, 1.0: 2}, c.REPRODUCED),
+        ({0.1: 2, 1.0: 2}, {0.1: 1.5, 1.0: 2}, c.REPRODUCED),  # as many reach: more saved
+        ({0.1: 2, 1.0: 2}, {0.1: 2, 1.0: 1.5}, c.MISSED),
+        ({0.1: 2, 1.0: 0}, {0.1: 2, 1.0: 2}, c.MISSED),
+    ],
+)
+def test_the_large_data_claim_follows_lazy_learning_over_shares(reached, saving, verdict):
+    claim = c.lazy_suits_large_datasets(_shares(reached, saving))
+    assert claim.verdict == verdict and claim.runs == "2 seeds"
+    if verdict == c.REPRODUCED and reached[0.1] == 0:
+        assert claim.ours.endswith(
+            "batch 32: 10%: 0 of 2, 50%: 1 of 2, 100%: 2 of 2 (2x ± 0 fewer backward passes)"
+        )
+    assert c.lazy_suits_large_datasets([]).verdict == c.NOT_RUN
+
+
 def test_the_mistakes_claim_compares_updates_along_the_curve():
     claim = c.mistakes_save_updates(_mistakes(0.4))
     assert claim.verdict == c.REPRODUCED and "60 ± 0% fewer" in claim.ours

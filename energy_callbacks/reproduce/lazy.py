@@ -224,10 +224,11 @@ class Lazy(Experiment):
             text += "\n" + _speedups(test, "batch_size")
         else:
             text += "\nThe test stage has not run yet.\n"
-        fb = s["fraction_batch"]
-        shares = [r for r in rows if r["stage"] in ("fraction", "test") and r["batch_size"] == fb]
-        if any(r["stage"] == "fraction" for r in shares):
-            text += f"\n## Smaller training sets (batch {fb})\n\n" + _speedups(shares, "fraction")
+        for b in sorted({r["batch_size"] for r in rows if r["stage"] == "fraction"}):
+            shares = [
+                r for r in rows if r["stage"] in ("fraction", "test") and r["batch_size"] == b
+            ]
+            text += f"\n## Smaller training sets (batch {b})\n\n" + _speedups(shares, "fraction")
         shown = test or [r for r in rows if r["stage"] == "lr"]  # until the race has run
         return Summary(text, lambda fig: _plot(fig, shown, curves))
 
@@ -324,11 +325,19 @@ def _speedups(rows: list[dict[str, Any]], by: str) -> str:
                 "-" if not ok else f"{fmt(m)}x" + (f" ± {fmt(sd, 2)}" if len(xs) > 1 else "")
             )
         label = f"{value:.0%}" if by == "fraction" else str(value)
-        body.append([label, str(len(lazy)), *cells])
+        reached = sum(r["seconds_sustained"] != "" for r in lazy)
+        body.append([label, str(len(lazy)), f"{reached}/{len(lazy)}", *cells])
     if not body:
         return ""
     name = "training set" if by == "fraction" else "batch"
-    header = [name, "seeds", "time to target", "time to high", "backward passes to target"]
+    header = [
+        name,
+        "seeds",
+        "lazy sustains target",
+        "time to target",
+        "time to high",
+        "backward passes to target",
+    ]
     return (
         "Backprop over lazy learning, same seed (above 1x: lazy learning is faster):\n\n"
         + markdown(header, body)
