@@ -616,7 +616,8 @@ def _search_top(
     when fewer than ``k`` are (a unit rule's mask keeps whole rows), the cut is at
     zero at once. On arrays long enough for a strided sample to be shorter, the
     sample brackets the cut in that pass too; a missed bracket only narrows less,
-    so the result is always exact. Ties at the cut are kept in index order
+    so the result is always exact. Shorter arrays are searched on their bits,
+    written once, by counts alone. Ties at the cut are kept in index order
     (:func:`_last_tie`), as the core keeps them.
     """
     n = int(a.shape[0])
@@ -643,26 +644,31 @@ def _search_top(
         out = _reduce_over_slices(figures, (a, b, keep), inits, row, _PROBE_KINDS * len(ts))
         return tuple(tuple(out[3 * j : 3 * j + 3]) for j in range(len(ts)))  # type: ignore[misc]
 
-    # the first pass probes 1 (any score above zero) and the sample's bracket, or, with
-    # no sample, the end (its greatest bits below: the highest score)
-    first = [ops.convert_to_tensor(1, "int32")]
+    one = ops.convert_to_tensor(1, "int32")  # a probe at 1 counts the scores above zero
     stride = approx_stride(n)  # a prime stride visits every column
+    pair = _counts_in_pairs()
     if stride == 1:
-        first.append(ops.convert_to_tensor(FLOAT_BITS_END, "int32"))
+        # short (no sample): the bits written once and counted only. A pass is a few
+        # microseconds here, where finding the nearest scores made it 3-5x longer than
+        # the rounds it saved (JAX, 10k entries: 100 us a search against 250)
+        bits = _bits(a, b, keep)
+        counts = _counter(bits)
+        t, c_t, _, c_above = _narrow(counts, k, n, counts(one), ops.max(bits) + 1, pair)
     else:  # a sample shorter than the array brackets the cut
         sample = _bits(*(None if x is None else x[::stride] for x in (a, b, keep)))
         m = int(sample.shape[0])
         q = k / n
-        margin = 5.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
+        margin = 3.0 * float(np.sqrt(q * (1 - q) / m)) + 1.0 / m
         rank_lo = min(m, int(np.ceil((q + margin) * m)))  # likely >= k entries at or above
         rank_hi = max(1, int(np.floor((q - margin) * m)))  # likely < k entries at or above
-        top = ops.max(sample) + 1
-        pair = _counts_in_pairs()
-        first.append(_narrow(_counter(sample), rank_lo, m, top=top, pair=pair)[0])
-        first.append(_narrow(_counter(sample), rank_hi, m, top=top, pair=pair)[2])
-    # the sample's bracket counted only (finding its nearest scores cost more than the
-    # rounds it saved); with no sample the end's nearest score below is the highest
-    t, c_t, _, c_above = _narrow(probe, k, n, probe(*first, nearest=stride == 1))
+        top, counts = ops.max(sample) + 1, _counter(sample)
+        lo, c_lo, hi, c_hi = _narrow(counts, rank_lo, m, top=top, pair=pair)
+        # rank_hi <= rank_lo: the second search starts from where the first ended
+        ends = ((c_lo, lo, lo - 1), (c_hi, hi, hi - 1))
+        hi = _narrow(counts, rank_hi, m, ends, top=top, pair=pair)[2]
+        # the first pass probes 1 and the sample's bracket, counted only (finding the
+        # bracket's nearest scores cost more than the rounds it saved)
+        t, c_t, _, c_above = _narrow(probe, k, n, probe(one, lo, hi, nearest=False))
 
     # More than k at or above t (common in training, where a step's changes are
     # multiples of the weights' rounding): the c_above entries above t (its hi is
@@ -839,8 +845,11 @@ def _narrow(
     least score at or above it, ``hi`` to just above the greatest below it, so that
     a cut among a few scores, or at a tied score, is found in a round or two.
 
-    A round probes one threshold interpolated linearly on the counts, and every
-    fourth halves the bits (at most 31 halvings on any data). With ``pair`` a round
+    A round probes one threshold interpolated linearly on the counts between the
+    ends' bits, and every fourth halves the bits (at most 31 halvings on any data).
+    The bits of a float grow like its logarithm, so the interpolation follows scores
+    spread over decades: interpolated on the scores' values, a search of the top tenth
+    of 10k changes took 20 rounds, on their bits 8. With ``pair`` a round
     probes two, aimed either side of ``k``, so that neither end stalls (for counts
     only, where :func:`_counts_in_pairs`).
     """
@@ -862,14 +871,13 @@ def _narrow(
         return ops.logical_and(ops.greater(hi - lo, 1), ops.not_equal(c_lo, k))
 
     def narrow(lo: Array, hi: Array, c_lo: Array, c_hi: Array, i: Array) -> tuple:
-        lo_v, hi_v = ops.view(lo, "float32"), ops.view(hi, "float32")
+        width = ops.cast(hi - lo, "float32")
         span = ops.maximum(c_lo - c_hi, 1)
         mid = lo + (hi - lo) // 2
 
         def at(target: Any) -> Array:
             share = ops.clip(ops.cast(c_lo - target, "float32") / ops.cast(span, "float32"), 0, 1)
-            guess = ops.view(ops.cast(lo_v + (hi_v - lo_v) * share, "float32"), "int32")
-            return ops.clip(guess, lo + 1, hi - 1)
+            return ops.clip(lo + ops.cast(width * share, "int32"), lo + 1, hi - 1)
 
         if pair:
             spread = span // 32  # aim the probes this many entries either side of k

@@ -529,6 +529,26 @@ def scenario_selection() -> None:
         ):
             want = numpy_ops.top_magnitude_mask(want, 10_000)
             out[f"{name}/{key} k=10000"] = bool((ops.convert_to_numpy(mask) == want).all())
+    # tensors too short for a strided sample: their bits searched by counts alone
+    short = 10_007
+    short_difference = compiled(
+        lambda a, b, m: (
+            keras_ops.top_magnitude_mask(keras_ops_difference(a, b), 1000),
+            keras_ops.top_magnitude_mask(keras_ops.keep(keras_ops_difference(a, b), m), 1000),
+        )
+    )
+    for name, x in cases.items():
+        signed = np.where(rng.random(short) < 0.5, -x[:short], x[:short]).astype("float32")
+        after = rng.standard_normal(short).astype("float32")
+        before = (after - signed).astype("float32")
+        keep = rng.random(short) < 0.3
+        got = short_difference(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
+        for key, mask, want in (
+            ("difference", got[0], after - before),
+            ("masked difference", got[1], np.where(keep, after - before, 0)),
+        ):
+            want = numpy_ops.top_magnitude_mask(want, 1000)
+            out[f"{name}/short {key} k=1000"] = bool((ops.convert_to_numpy(mask) == want).all())
     # how the adapter compiles: TensorFlow's measure-only step in its own kernels, its
     # masked step under XLA (where a pass reduces rows by XLA's variadic reduction)
     compilers = {"compiled": compiled}
