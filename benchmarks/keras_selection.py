@@ -4,8 +4,10 @@ What the compiled step spends on ``TopFraction(0.1)``'s selection: the mask of t
 top tenth of ``|after - before|`` for each tensor of the 784-1000-10 MLP, compiled
 as the step compiles it (JAX's jit; XLA on TensorFlow). A change is one SGD step of
 a batch of 32 (``lr * x^T delta``, float32, so that changes tie at the weights'
-rounding as in training, :func:`draw`). Prints the median milliseconds per tensor over several
-draws, and in how many draws the cut fell on tied scores (the slower case).
+rounding as in training, :func:`draw`); the last row keeps the kernel's change in
+a tenth of its units only, as the combined rule's unit rule does. Prints the median
+milliseconds per tensor over several draws, and in how many draws the cut fell on
+tied scores (the slower case).
 
     KERAS_BACKEND=jax python benchmarks/keras_selection.py
     KERAS_BACKEND=tensorflow python benchmarks/keras_selection.py --draws 8 --repeats 30
@@ -27,6 +29,9 @@ from keras import ops  # noqa: E402
 from energy_callbacks.keras.ops import Difference, keras_ops, xla_on_tensorflow  # noqa: E402
 
 SHAPES = {"kernel 784x1000": (784, 1000), "bias 1000": (1000,), "kernel 1000x10": (1000, 10)}
+UNITS_KEPT = 0.1
+"""The combined rule's case, in the row ``+ 10% of units``: the kernel's change kept
+in a tenth of its units (columns) only, as a unit rule leaves it."""
 
 
 def draw(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -63,22 +68,35 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"keras {keras.__version__} on {keras.backend.backend()}, top {args.fraction:.0%}")
     print(f"{'tensor':<18} {'ms (median)':>11} {'min-max over draws':>19} {'ties at the cut':>16}")
-    for name, shape in SHAPES.items():
+    rows = [(name, shape, False) for name, shape in SHAPES.items()]
+    rows.append(("kernel + 10% units", SHAPES["kernel 784x1000"], True))
+    for name, shape, unit_rule in rows:
         n = int(np.prod(shape))
         k = int(args.fraction * n)
-        select = compiled(lambda a, b, k=k: keras_ops.top_magnitude_mask(Difference(a, b), k))
+
+        def selection(a, b, m, k=k, unit_rule=unit_rule):
+            change = Difference(a, b)
+            return keras_ops.top_magnitude_mask(
+                keras_ops.keep(change, m) if unit_rule else change, k
+            )
+
+        select = compiled(selection)
         per_draw, ties = [], 0
         for _ in range(args.draws):
-            after, before = (ops.convert_to_tensor(x) for x in draw(shape, rng))
-            mask = np.asarray(ops.convert_to_numpy(select(after, before)))
-            scores = np.abs(np.asarray(after) - np.asarray(before)).ravel()
+            after, before = draw(shape, rng)
+            keep = np.ones(shape, bool)
+            if unit_rule:
+                keep = np.broadcast_to(rng.random(shape[-1]) < UNITS_KEPT, shape).copy()
+            inputs = [ops.convert_to_tensor(x) for x in (after, before, keep)]
+            mask = np.asarray(ops.convert_to_numpy(select(*inputs)))
+            scores = np.where(keep, np.abs(after - before), 0).ravel()
             cut = np.sort(scores)[-k]
             ties += int((scores > cut).sum() + (scores == cut).sum() > k)
             assert int(mask.sum()) == k
             times = []
             for _ in range(args.repeats):
                 t = time.perf_counter()
-                wait(select(after, before))
+                wait(select(*inputs))
                 times.append(time.perf_counter() - t)
             per_draw.append(statistics.median(times) * 1e3)
         print(
