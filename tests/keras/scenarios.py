@@ -491,15 +491,31 @@ def scenario_selection() -> None:
         a: compiled(lambda s, a=a: keras_ops.top_magnitude_mask(s, 10_000, a))
         for a in (False, True)
     }
-    # a step's proposal, unwritten: the selection reads after - before at each round,
-    # plain and masked by an earlier rule (kept unwritten: zero outside the mask)
-    difference = compiled(
-        lambda a, b, m: (
-            keras_ops.top_magnitude_mask(keras_ops_difference(a, b), 10_000),
-            keras_ops.top_magnitude_mask(keras_ops.keep(keras_ops_difference(a, b), m), 10_000),
-        )
-    )
     out = {}
+
+    def of_a_change(k):
+        """A step's proposal, unwritten: the selection reads after - before at each round,
+        plain and masked by an earlier rule (kept unwritten: zero outside the mask)."""
+        return compiled(
+            lambda a, b, m: (
+                keras_ops.top_magnitude_mask(keras_ops_difference(a, b), k),
+                keras_ops.top_magnitude_mask(keras_ops.keep(keras_ops_difference(a, b), m), k),
+            )
+        )
+
+    def check_change(label, select, signed, k):
+        after = rng.standard_normal(len(signed)).astype("float32")
+        before = (after - signed).astype("float32")
+        keep = rng.random(len(signed)) < 0.3
+        got = select(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
+        for key, mask, want in (
+            ("difference", got[0], after - before),
+            ("masked difference", got[1], np.where(keep, after - before, 0)),
+        ):
+            want = numpy_ops.top_magnitude_mask(want, k)
+            out[f"{label}{key} k={k}"] = bool((ops.convert_to_numpy(mask) == want).all())
+
+    difference = of_a_change(10_000)
     for name, x in cases.items():
         x = x.astype("float32")
         for k, fn in exact.items():
@@ -513,42 +529,18 @@ def scenario_selection() -> None:
             got = ops.convert_to_numpy(fn(ops.convert_to_tensor(signed)))
             want = numpy_ops.top_magnitude_mask(signed, 10_000, approximate)
             out[f"{name}/magnitude approximate={approximate}"] = bool((got == want).all())
-        after = rng.standard_normal(n).astype("float32")
-        before = (after - signed).astype("float32")
-        keep = rng.random(n) < 0.3
         # one k (one compile): the ties, bracket and count passes are the same code; each
         # count pass sums slices of 1000 entries here (a loop, and the tail)
         chunk, keras_ops_module.MEASURE_CHUNK = keras_ops_module.MEASURE_CHUNK, 1000
         try:
-            got = difference(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
+            check_change(f"{name}/", difference, signed, 10_000)
         finally:
             keras_ops_module.MEASURE_CHUNK = chunk
-        for key, mask, want in (
-            ("difference", got[0], after - before),
-            ("masked difference", got[1], np.where(keep, after - before, 0)),
-        ):
-            want = numpy_ops.top_magnitude_mask(want, 10_000)
-            out[f"{name}/{key} k=10000"] = bool((ops.convert_to_numpy(mask) == want).all())
     # tensors too short for a strided sample: their bits searched by counts alone
-    short = 10_007
-    short_difference = compiled(
-        lambda a, b, m: (
-            keras_ops.top_magnitude_mask(keras_ops_difference(a, b), 1000),
-            keras_ops.top_magnitude_mask(keras_ops.keep(keras_ops_difference(a, b), m), 1000),
-        )
-    )
+    short, short_difference = 10_007, of_a_change(1000)
     for name, x in cases.items():
         signed = np.where(rng.random(short) < 0.5, -x[:short], x[:short]).astype("float32")
-        after = rng.standard_normal(short).astype("float32")
-        before = (after - signed).astype("float32")
-        keep = rng.random(short) < 0.3
-        got = short_difference(*(ops.convert_to_tensor(v) for v in (after, before, keep)))
-        for key, mask, want in (
-            ("difference", got[0], after - before),
-            ("masked difference", got[1], np.where(keep, after - before, 0)),
-        ):
-            want = numpy_ops.top_magnitude_mask(want, 1000)
-            out[f"{name}/short {key} k=1000"] = bool((ops.convert_to_numpy(mask) == want).all())
+        check_change(f"{name}/short ", short_difference, signed, 1000)
     # how the adapter compiles: TensorFlow's measure-only step in its own kernels, its
     # masked step under XLA (where a pass reduces rows by XLA's variadic reduction)
     compilers = {"compiled": compiled}
