@@ -797,8 +797,11 @@ def _approx_top(scores: Array, k: int) -> Array:
     r = min(m - 1, max(0, m - round(k * m / n)))
     # the r-th smallest of the sample (NumPy's partition) is its (m - r)-th largest
     if _compiled_loops():
-        top = ops.max(sample) + 1
-        lo = _narrow(_counter(sample), m - r, m, top=top, pair=_counts_in_pairs())[0]
+        top, counts = ops.max(sample) + 1, _counter(sample)
+        # from the count above zero, as _search_top's searches: a cut among a unit
+        # mask's zeros is then found at once
+        one = ops.convert_to_tensor(1, "int32")
+        lo = _narrow(counts, m - r, m, counts(one), top, _counts_in_pairs())[0]
         # lo has m - r entries at or above it, or is the value itself: the smallest of them
         t = ops.min(ops.where(ops.greater_equal(sample, lo), sample, FLOAT_BITS_END))
     else:
