@@ -26,7 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from energy_callbacks.keras.ops import Difference, keras_ops, xla_on_tensorflow  # noqa: E402
+from energy_callbacks.keras.ops import Difference, compiled_step, keras_ops  # noqa: E402
 
 SHAPES = {"kernel 784x1000": (784, 1000), "bias 1000": (1000,), "kernel 1000x10": (1000, 10)}
 UNITS_KEPT = 0.1
@@ -45,14 +45,6 @@ def draw(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, 
     delta = 0.05 * rng.standard_normal((32, units))
     change = (x.T @ delta / 32).reshape(shape).astype("float32")
     return (before - np.float32(0.01) * change).astype("float32"), before
-
-
-def compiled(fn):
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.jit(fn)
-    return xla_on_tensorflow(fn)
 
 
 def wait(x) -> None:
@@ -80,7 +72,7 @@ def main() -> None:
                 keras_ops.keep(change, m) if unit_rule else change, k
             )
 
-        select = compiled(selection)
+        select = compiled_step(selection, restricts=True)  # as the masked step
         per_draw, ties = [], 0
         for _ in range(args.draws):
             after, before = draw(shape, rng)
